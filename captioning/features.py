@@ -1,0 +1,201 @@
+"""Feature cache: pooled and grid features of every image, fp16, resumable, keyed by weights.
+
+Layout: ``<cache>/<encoder>-<sha12>-<precision>/`` holds ``manifest.json`` and shards
+``shard-00000.safetensors`` (``pooled`` [n, D], ``grid`` [n, HW, C], image names in metadata).
+Each shard and then the manifest are written atomically, so a killed run resumes where it stopped.
+A cache whose recorded weights sha256 differs from the encoder's is refused, never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from captioning.encoders import LoadedEncoder, preprocess
+from captioning.fileio import atomic_save_safetensors, atomic_write_json, read_json
+from captioning.images import ImageLoadError, load_image
+
+CACHE_ENV = "CAPTIONING_CACHE"
+FORMAT = "captioning-features"
+PREPROCESS = "resize224"  # encoders.preprocess(mode="features")
+
+
+def default_cache_dir() -> Path:
+    """``$CAPTIONING_CACHE``, else ``$XDG_CACHE_HOME/captioning``, else ``~/.cache/captioning``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "captioning"
+
+
+def cache_key(encoder: LoadedEncoder) -> str:
+    return f"{encoder.spec.name}-{encoder.sha256[:12]}-{encoder.precision.label}"
+
+
+class StaleCacheError(RuntimeError):
+    """The cache was made with other weights or settings than the encoder in use."""
+
+
+@dataclass
+class Features:
+    """Features of a set of images: rows of ``pooled`` [N, D] and ``grid`` [N, HW, C] (fp16)."""
+
+    names: list[str]
+    pooled: torch.Tensor  # [N, D] fp16
+    grid: torch.Tensor  # [N, HW, C] fp16
+    index: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.index = {n: i for i, n in enumerate(self.names)}
+
+    def rows(self, names: Sequence[str]) -> torch.Tensor:
+        missing = [n for n in names if n not in self.index]
+        if missing:
+            raise KeyError(f"{len(missing)} images have no cached features, e.g. {missing[:3]}")
+        return torch.tensor([self.index[n] for n in names], dtype=torch.long)
+
+
+@dataclass
+class FeatureCache:
+    """One encoder's cache directory."""
+
+    directory: Path
+    encoder_name: str
+    weights_sha256: str
+    precision: str
+
+    @classmethod
+    def for_encoder(cls, encoder: LoadedEncoder, root: Path | None = None) -> FeatureCache:
+        root = Path(root) if root else default_cache_dir()
+        return cls(root / cache_key(encoder), encoder.spec.name, encoder.sha256,
+                   encoder.precision.label)  # fmt: skip
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / "manifest.json"
+
+    def manifest(self) -> dict:
+        if not self.manifest_path.exists():
+            return {"format": FORMAT, "encoder": self.encoder_name, "shards": [],
+                    "weights_sha256": self.weights_sha256, "precision": self.precision,
+                    "preprocess": PREPROCESS, "failed": {}}  # fmt: skip
+        m = read_json(self.manifest_path)
+        want = (FORMAT, self.encoder_name, self.weights_sha256, self.precision, PREPROCESS)
+        got = tuple(m.get(k) for k in ("format", "encoder", "weights_sha256", "precision",
+                                        "preprocess"))  # fmt: skip
+        if got != want:
+            raise StaleCacheError(
+                f"feature cache {self.directory} was made with {got}, not {want}; "
+                "delete it or choose another --cache"
+            )
+        return m
+
+    def cached_names(self) -> set[str]:
+        return {n for s in self.manifest()["shards"] for n in s["images"]}
+
+    def load(self, names: Sequence[str] | None = None) -> Features:
+        """Read the cached features (all of them, or just ``names``)."""
+        m = self.manifest()
+        want = set(names) if names is not None else None
+        out_names, pooled, grid = [], [], []
+        for shard in m["shards"]:
+            imgs = shard["images"]
+            keep = [i for i, n in enumerate(imgs) if want is None or n in want]
+            if not keep:
+                continue
+            with safe_open(str(self.directory / shard["file"]), "pt") as f:
+                p, g = f.get_tensor("pooled"), f.get_tensor("grid")
+            if len(keep) < len(imgs):
+                idx = torch.tensor(keep)
+                p, g = p[idx], g[idx]
+            out_names += [imgs[i] for i in keep]
+            pooled.append(p)
+            grid.append(g)
+        if want is not None and len(out_names) < len(want):
+            missing = sorted(want - set(out_names))
+            raise KeyError(
+                f"{len(missing)} images are not in the feature cache {self.directory}, e.g. "
+                f"{missing[:3]}; run `python -m captioning extract` first"
+            )
+        if not out_names:
+            raise KeyError(f"the feature cache {self.directory} is empty")
+        return Features(out_names, torch.cat(pooled), torch.cat(grid))
+
+
+@dataclass
+class ExtractReport:
+    directory: Path
+    new_images: int
+    total_images: int
+    failed: dict[str, str]
+    seconds: float
+    bytes_on_disk: int
+
+    @property
+    def images_per_s(self) -> float:
+        return self.new_images / self.seconds if self.seconds > 0 else float("nan")
+
+
+def extract(
+    encoder: LoadedEncoder,
+    images: Sequence[tuple[str, Path]],
+    cache: FeatureCache,
+    *,
+    batch_size: int = 32,
+    shard_size: int = 256,
+    progress: bool = True,
+) -> ExtractReport:
+    """Encode every (name, path) not yet cached; resumable at shard granularity."""
+    m = cache.manifest()
+    done = {n for s in m["shards"] for n in s["images"]} | set(m.get("failed", {}))
+    todo = [(n, p) for n, p in images if n not in done]
+    cache.directory.mkdir(parents=True, exist_ok=True)
+    start, n_done = time.perf_counter(), 0
+    bar = tqdm(total=len(images), initial=len(images) - len(todo), unit="img",
+               desc=f"extract {cache_key_label(cache)}", disable=not progress)  # fmt: skip
+    for s0 in range(0, len(todo), shard_size):
+        chunk = todo[s0 : s0 + shard_size]
+        names, pooled, grid = [], [], []
+        for b0 in range(0, len(chunk), batch_size):
+            batch, batch_names = [], []
+            for name, path in chunk[b0 : b0 + batch_size]:
+                try:
+                    batch.append(preprocess(load_image(path)))
+                    batch_names.append(name)
+                except ImageLoadError as e:
+                    m.setdefault("failed", {})[name] = str(e)
+                    tqdm.write(f"skipped {name}: {e}")
+            if batch:
+                out = encoder.encode(torch.stack(batch))  # pooled [b,D], grid [b,HW,C]
+                names += batch_names
+                pooled.append(out.pooled.half())
+                grid.append(out.grid.half())
+            n_done += len(chunk[b0 : b0 + batch_size])
+            bar.update(len(chunk[b0 : b0 + batch_size]))
+            bar.set_postfix(img_s=f"{n_done / (time.perf_counter() - start):.1f}")
+        if names:
+            fname = f"shard-{len(m['shards']):05d}.safetensors"
+            atomic_save_safetensors(
+                cache.directory / fname,
+                {"pooled": torch.cat(pooled), "grid": torch.cat(grid)},
+                metadata={"images": json.dumps(names)},
+            )
+            m["shards"].append({"file": fname, "images": names})
+        atomic_write_json(cache.manifest_path, m)
+    bar.close()
+    seconds = time.perf_counter() - start
+    size = sum(f.stat().st_size for f in cache.directory.glob("*.safetensors"))
+    total = sum(len(s["images"]) for s in m["shards"])
+    return ExtractReport(cache.directory, len(todo), total, m.get("failed", {}), seconds, size)
+
+
+def cache_key_label(cache: FeatureCache) -> str:
+    return f"{cache.encoder_name}/{cache.precision}"
