@@ -101,8 +101,8 @@ class FeatureCache:
     def cached_names(self) -> set[str]:
         return {n for s in self.manifest()["shards"] for n in s["images"]}
 
-    def load(self, names: Sequence[str] | None = None) -> Features:
-        """Read the cached features (all of them, or just ``names``)."""
+    def load(self, names: Sequence[str] | None = None, *, with_grid: bool = True) -> Features:
+        """Read the cached features (all of them, or just ``names``); ``with_grid=False`` skips grids."""
         m = self.manifest()
         want = set(names) if names is not None else None
         out_names, pooled, grid = [], [], []
@@ -112,7 +112,8 @@ class FeatureCache:
             if not keep:
                 continue
             with safe_open(str(self.directory / shard["file"]), "pt") as f:
-                p, g = f.get_tensor("pooled"), f.get_tensor("grid")
+                p = f.get_tensor("pooled")
+                g = f.get_tensor("grid") if with_grid else torch.empty(len(imgs), 0, 0, dtype=p.dtype)
             if len(keep) < len(imgs):
                 idx = torch.tensor(keep)
                 p, g = p[idx], g[idx]

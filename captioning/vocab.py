@@ -17,6 +17,7 @@ START = "<start>"
 END = "<end>"
 UNK = "<unk>"
 SPECIALS = (PAD, START, END, UNK)
+PAD_ID, START_ID, END_ID, UNK_ID = range(4)  # the ids of SPECIALS, fixed by the format
 VOCAB_FORMAT = "captioning-vocab"
 VOCAB_VERSION = 1
 

@@ -1,0 +1,224 @@
+"""LSTM caption decoders: show-and-tell ``inject``, Keras-style ``merge``, and soft ``attention``.
+
+All three share one interface so that training and decoding never look at the kind:
+
+* ``context(feats)``: per-image work, done once per image (not once per caption);
+  ``feats`` is pooled [N, D] for inject/merge and the grid [N, L, C] for attention.
+* ``init_state(ctx)`` -> a tuple of [B, ...] tensors; ``step(ctx, state, word)`` -> log-probs
+  [B, V], new state, attention [B, L] or None. Beam search reorders states with ``index_select``.
+* ``forward(ctx, tokens)``: teacher forcing; tokens [B, T] start with ``<start>``; returns
+  logits [B, T-1, V] for the next words and the attention weights [B, T-1, L] (or None).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DECODER_KINDS = ("inject", "merge", "attention")
+
+
+@dataclass
+class DecoderConfig:
+    kind: str = "attention"
+    vocab_size: int = 0
+    feat_dim: int = 2048  # pooled dim (inject/merge) or grid channels (attention)
+    embed_dim: int = 256
+    hidden_dim: int = 512
+    attn_dim: int = 512
+    merge_dim: int = 256
+    dropout: float = 0.4
+    feat_dropout: float = 0.0
+    alpha_c: float = 1.0  # λ of the doubly stochastic attention regulariser
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DecoderConfig:
+        known = cls.__dataclass_fields__
+        unknown = set(d) - set(known)
+        if unknown:
+            raise ValueError(f"unknown decoder config keys {sorted(unknown)}")
+        return cls(**d)
+
+    @property
+    def uses_grid(self) -> bool:
+        return self.kind == "attention"
+
+
+class Decoder(nn.Module):
+    """Shared parts: word embedding, dropout and the output layer."""
+
+    def __init__(self, cfg: DecoderConfig, out_in: int) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 4:
+            raise ValueError("vocab_size must be set (> 4) in the decoder config")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=0)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.feat_drop = nn.Dropout(cfg.feat_dropout)
+        self.out = nn.Linear(out_in, cfg.vocab_size)
+
+    def context(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def init_state(self, ctx: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def step(self, ctx, state, word):
+        raise NotImplementedError
+
+    def forward(self, ctx, tokens):
+        raise NotImplementedError
+
+    @staticmethod
+    def select(ctx: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows of the per-image context for each caption/beam (idx [B] into N images)."""
+        return {k: v.index_select(0, idx) for k, v in ctx.items()}
+
+
+class InjectDecoder(Decoder):
+    """Show and Tell, with the image injected into the LSTM's initial h and c."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__(cfg, cfg.hidden_dim)
+        self.init_hc = nn.Linear(cfg.feat_dim, 2 * cfg.hidden_dim)
+        self.lstm = nn.LSTM(cfg.embed_dim, cfg.hidden_dim, batch_first=True)
+
+    def context(self, feats):  # pooled [N, D]
+        return {"feat": self.feat_drop(feats.float())}
+
+    def init_state(self, ctx):
+        h, c = torch.tanh(self.init_hc(ctx["feat"])).chunk(2, dim=-1)  # [B, H] each
+        return h.contiguous(), c.contiguous()
+
+    def forward(self, ctx, tokens):  # tokens [B, T]
+        h, c = self.init_state(ctx)
+        x = self.drop(self.embed(tokens[:, :-1]))  # [B, T-1, E]
+        out, _ = self.lstm(x, (h[None], c[None]))  # [B, T-1, H]
+        return self.out(self.drop(out)), None
+
+    def step(self, ctx, state, word):  # word [B]
+        h, c = state
+        out, (h2, c2) = self.lstm(self.embed(word)[:, None], (h[None], c[None]))
+        return F.log_softmax(self.out(out[:, 0]).float(), -1), (h2[0], c2[0]), None
+
+
+class MergeDecoder(Decoder):
+    """Keras-style merge: LSTM over words only; its state and the image meet after the LSTM."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__(cfg, cfg.merge_dim)
+        self.img_proj = nn.Linear(cfg.feat_dim, cfg.merge_dim)
+        self.txt_proj = nn.Linear(cfg.hidden_dim, cfg.merge_dim)
+        self.dense = nn.Linear(cfg.merge_dim, cfg.merge_dim)
+        self.lstm = nn.LSTM(cfg.embed_dim, cfg.hidden_dim, batch_first=True)
+
+    def context(self, feats):  # pooled [N, D]
+        return {"img": self.img_proj(self.drop(self.feat_drop(feats.float())))}  # [N, M]
+
+    def init_state(self, ctx):
+        b, dev = ctx["img"].shape[0], ctx["img"].device
+        zero = torch.zeros(b, self.cfg.hidden_dim, device=dev)
+        return zero, zero.clone()
+
+    def _head(self, img: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        z = F.relu(img + self.txt_proj(self.drop(h)))  # [..., M]
+        return self.out(self.drop(F.relu(self.dense(z))))
+
+    def forward(self, ctx, tokens):
+        x = self.drop(self.embed(tokens[:, :-1]))  # [B, T-1, E]
+        out, _ = self.lstm(x)  # [B, T-1, H]
+        return self._head(ctx["img"][:, None], out), None
+
+    def step(self, ctx, state, word):
+        h, c = state
+        out, (h2, c2) = self.lstm(self.embed(word)[:, None], (h[None], c[None]))
+        return F.log_softmax(self._head(ctx["img"], out[:, 0]).float(), -1), (h2[0], c2[0]), None
+
+
+class AttentionDecoder(Decoder):
+    """Show, Attend and Tell (soft): additive attention over the grid, gate β, deep output."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__(cfg, cfg.embed_dim)
+        c, h, a = cfg.feat_dim, cfg.hidden_dim, cfg.attn_dim
+        self.feat_att = nn.Linear(c, a)
+        self.hid_att = nn.Linear(h, a)
+        self.att_v = nn.Linear(a, 1)
+        self.init_h = nn.Linear(c, h)
+        self.init_c = nn.Linear(c, h)
+        self.gate = nn.Linear(h, c)
+        self.cell = nn.LSTMCell(cfg.embed_dim + c, h)
+        # deep output (Xu et al. eq. 7): L_o(E y + L_h h + L_z z)
+        self.out_h = nn.Linear(h, cfg.embed_dim)
+        self.out_z = nn.Linear(c, cfg.embed_dim)
+
+    def context(self, feats):  # grid [N, L, C]
+        grid = self.feat_drop(feats.float())
+        return {"grid": grid, "proj": self.feat_att(grid), "mean": grid.mean(1)}
+
+    def init_state(self, ctx):
+        return torch.tanh(self.init_h(ctx["mean"])), torch.tanh(self.init_c(ctx["mean"]))
+
+    def _attend(self, ctx, h):  # h [B, H] -> z [B, C], alpha [B, L]
+        e = self.att_v(torch.tanh(ctx["proj"] + self.hid_att(h)[:, None])).squeeze(-1)  # [B, L]
+        alpha = e.float().softmax(-1)
+        z = torch.bmm(alpha.to(ctx["grid"].dtype)[:, None], ctx["grid"]).squeeze(1)  # [B, C]
+        return torch.sigmoid(self.gate(h)) * z, alpha
+
+    def _logits(self, emb, h, z):
+        return self.out(self.drop(emb + self.out_h(self.drop(h)) + self.out_z(z)))
+
+    def step(self, ctx, state, word):
+        h, c = state
+        z, alpha = self._attend(ctx, h)
+        emb = self.embed(word)  # [B, E]
+        h, c = self.cell(torch.cat([emb, z], -1), (h, c))
+        return F.log_softmax(self._logits(emb, h, z).float(), -1), (h, c), alpha
+
+    def forward(self, ctx, tokens):
+        h, c = self.init_state(ctx)
+        emb = self.drop(self.embed(tokens[:, :-1]))  # [B, T-1, E]
+        logits, alphas = [], []
+        for t in range(emb.shape[1]):
+            z, alpha = self._attend(ctx, h)
+            h, c = self.cell(torch.cat([emb[:, t], z], -1), (h, c))
+            logits.append(self._logits(emb[:, t], h, z))
+            alphas.append(alpha)
+        return torch.stack(logits, 1), torch.stack(alphas, 1)  # [B,T-1,V], [B,T-1,L]
+
+
+def build_decoder(cfg: DecoderConfig) -> Decoder:
+    kinds = {"inject": InjectDecoder, "merge": MergeDecoder, "attention": AttentionDecoder}
+    if cfg.kind not in kinds:
+        raise ValueError(f"unknown decoder {cfg.kind!r}; choose from {', '.join(kinds)}")
+    return kinds[cfg.kind](cfg)
+
+
+def caption_loss(
+    logits: torch.Tensor,  # [B, T-1, V]
+    tokens: torch.Tensor,  # [B, T]
+    alphas: torch.Tensor | None,  # [B, T-1, L]
+    alpha_c: float,
+    pad_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy on the next words (pads ignored) + λ·mean_l (1 - Σ_t α_tl)² for attention.
+
+    The regulariser averages over the L grid cells (λ·Σ_l(...)²/L), so one λ suits 49 and 196
+    cells alike.
+
+    Returns (loss to optimise, cross-entropy alone).
+    """
+    target = tokens[:, 1:]  # [B, T-1]
+    ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=pad_id)
+    if alphas is None or alpha_c == 0:
+        return ce, ce.detach()
+    mask = (target != pad_id).float()[..., None]  # [B, T-1, 1]
+    coverage = (alphas.float() * mask).sum(1)  # [B, L]
+    reg = alpha_c * ((1.0 - coverage) ** 2).mean()
+    return ce + reg, ce.detach()
