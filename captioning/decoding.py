@@ -84,8 +84,15 @@ def greedy_decode(
         ids = seq[i].tolist()
         words = ids[: ids.index(END_ID)] if END_ID in ids else [x for x in ids if x != PAD_ID]
         lp = float(logprob[i])
-        out.append(Hypothesis(words, lp, _length_score(lp, len(words) + 1, cfg.length_alpha),
-                              True, att[i, : len(words)].clone() if att is not None else None))  # fmt: skip
+        out.append(
+            Hypothesis(
+                words,
+                lp,
+                _length_score(lp, len(words) + 1, cfg.length_alpha),
+                True,
+                att[i, : len(words)].clone() if att is not None else None,
+            )
+        )
     return out
 
 
@@ -160,4 +167,3 @@ def decode(decoder: Decoder, feats: torch.Tensor, cfg: DecodeConfig) -> list[lis
     if cfg.beam_size <= 1:
         return [[h] for h in greedy_decode(decoder, feats, cfg)]
     return beam_search(decoder, feats, cfg)
-

@@ -165,9 +165,15 @@ class Encoder(nn.Module):
         if spec.arch.startswith("resnet50"):
             net = resnet50_v1() if spec.arch == "resnet50" else models.resnet50(weights=None)
             self.body = nn.Sequential(
-                net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
+                net.conv1,
+                net.bn1,
+                net.relu,
+                net.maxpool,
+                net.layer1,
+                net.layer2,
+                net.layer3,
                 net.layer4,
-            )  # fmt: skip
+            )
             self.fc = net.fc
         elif spec.arch == "vgg16":
             # drop the last max-pool: conv5_3 + ReLU is the 14x14 grid

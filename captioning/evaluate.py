@@ -43,9 +43,18 @@ def split_features(cap: Captioner, ds: Flickr8k, names: list[str], cache_root: P
     return feats.grid if cap.uses_grid else feats.pooled  # [N, L, C] or [N, D] fp16
 
 
-def evaluate(cap: Captioner, ds: Flickr8k, split: str, beam: int, *, limit: int = 0,
-             cache_root: Path | None = None, batch: int = 100, meteor: bool = True,
-             **decode_overrides) -> Evaluation:  # fmt: skip
+def evaluate(
+    cap: Captioner,
+    ds: Flickr8k,
+    split: str,
+    beam: int,
+    *,
+    limit: int = 0,
+    cache_root: Path | None = None,
+    batch: int = 100,
+    meteor: bool = True,
+    **decode_overrides,
+) -> Evaluation:
     names = ds.splits[split][:limit] if limit else ds.splits[split]
     feats = split_features(cap, ds, names, cache_root)
     cfg = cap.decode_config(beam, **decode_overrides)
@@ -56,21 +65,32 @@ def evaluate(cap: Captioner, ds: Flickr8k, split: str, beam: int, *, limit: int 
             hyps[name] = cap.vocab.decode(nbest[0].tokens)
             logps[name] = nbest[0].logprob
     refs = {n: ds.captions[n] for n in names}
-    metrics = evaluate_captions(hyps, refs, meteor=meteor)
-    metrics.update(n_images=len(names), beam=beam, split=split,
-                   length_alpha=cfg.length_alpha)  # fmt: skip
+    metrics = {
+        k: round(v, 4) if isinstance(v, float) else v
+        for k, v in evaluate_captions(hyps, refs, meteor=meteor).items()
+    }
+    metrics.update(n_images=len(names), beam=beam, split=split, length_alpha=cfg.length_alpha)
     preds = []
     for n in names:
         s = sentence_bleu_smoothed(hyps[n], refs[n])
-        preds.append({"image": n, "caption": hyps[n], "logprob": round(logps[n], 4),
-                      **{k: round(v, 2) for k, v in s.items()}})  # fmt: skip
+        preds.append(
+            {
+                "image": n,
+                "caption": hyps[n],
+                "logprob": round(logps[n], 4),
+                **{k: round(v, 2) for k, v in s.items()},
+            }
+        )
     return Evaluation(split, beam, metrics, preds)
 
 
 def write_predictions(path: Path, preds: list[dict]) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["image", "caption", "logprob", "bleu1", "bleu2",
-                                        "bleu3", "bleu4"], lineterminator="\n")  # fmt: skip
+    w = csv.DictWriter(
+        buf,
+        fieldnames=["image", "caption", "logprob", "bleu1", "bleu2", "bleu3", "bleu4"],
+        lineterminator="\n",
+    )
     w.writeheader()
     w.writerows(preds)
     atomic_write_text(path, buf.getvalue())
@@ -81,12 +101,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ds = load_flickr8k(args.data)
     t0 = time.perf_counter()
     overrides = {} if args.length_alpha is None else {"length_alpha": args.length_alpha}
-    ev = evaluate(cap, ds, args.split, args.beam, limit=args.limit,
-                  cache_root=Path(args.cache) if args.cache else None, **overrides)  # fmt: skip
+    ev = evaluate(
+        cap,
+        ds,
+        args.split,
+        args.beam,
+        limit=args.limit,
+        cache_root=Path(args.cache) if args.cache else None,
+        **overrides,
+    )
     out = Path(args.out) if args.out else cap.path
     suffix = f"_limit{args.limit}" if args.limit else ""
-    write_predictions(out / f"predictions_{args.split}_beam{args.beam}{suffix}.csv",
-                      ev.predictions)  # fmt: skip
+    write_predictions(out / f"predictions_{args.split}_beam{args.beam}{suffix}.csv", ev.predictions)
     if args.record and not args.limit and out == cap.path:
         record_metrics(cap.path, args.split, args.beam, ev.metrics)
     label = f"{cap.name} {args.split} beam={args.beam} n={ev.metrics['n_images']}"
@@ -95,27 +121,40 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"METEOR unavailable: {ev.metrics['meteor_error']}")
     print(f"({time.perf_counter() - t0:.0f} s)")
     if args.json:
-        print(json.dumps({k: ev.metrics.get(k) for k in
-                          (*METRIC_KEYS, "n_images", "beam", "split", "length_alpha")}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    k: ev.metrics.get(k)
+                    for k in (*METRIC_KEYS, "n_images", "beam", "split", "length_alpha")
+                }
+            )
+        )
     return 0
 
 
 def register_cli(sub) -> None:
-    p = sub.add_parser("evaluate", help="score a bundle on the dev or test split",
-                       description="Corpus BLEU-1..4, CIDEr-D, METEOR and ROUGE-L of a bundle on "
-                       "a Flickr8k split; writes predictions_<split>_beam<K>.csv.")  # fmt: skip
+    p = sub.add_parser(
+        "evaluate",
+        help="score a bundle on the dev or test split",
+        description="Corpus BLEU-1..4, CIDEr-D, METEOR and ROUGE-L of a bundle on "
+        "a Flickr8k split; writes predictions_<split>_beam<K>.csv.",
+    )
     p.add_argument("--model", required=True, help="bundle name or path")
     p.add_argument("--data", help="Flickr8k directory (default: $CAPTIONING_DATA)")
     p.add_argument("--split", choices=("dev", "test"), default="dev")
     p.add_argument("--beam", type=int, default=3)
-    p.add_argument("--length-alpha", type=float, default=None,
-                   help="length normalisation (default: the bundle's)")  # fmt: skip
+    p.add_argument(
+        "--length-alpha",
+        type=float,
+        default=None,
+        help="length normalisation (default: the bundle's)",
+    )
     p.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
     p.add_argument("--out", help="where predictions go (default: the bundle)")
     p.add_argument("--cache", help="feature cache root")
     p.add_argument("--limit", type=int, default=0, help="only the first N images of the split")
-    p.add_argument("--no-record", dest="record", action="store_false",
-                   help="do not write metrics.json")  # fmt: skip
+    p.add_argument(
+        "--no-record", dest="record", action="store_false", help="do not write metrics.json"
+    )
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.set_defaults(func=cmd_evaluate)
-

@@ -75,8 +75,9 @@ class FeatureCache:
     @classmethod
     def for_encoder(cls, encoder: LoadedEncoder, root: Path | None = None) -> FeatureCache:
         root = Path(root) if root else default_cache_dir()
-        return cls(root / cache_key(encoder), encoder.spec.name, encoder.sha256,
-                   encoder.precision.label)  # fmt: skip
+        return cls(
+            root / cache_key(encoder), encoder.spec.name, encoder.sha256, encoder.precision.label
+        )
 
     @property
     def manifest_path(self) -> Path:
@@ -84,13 +85,20 @@ class FeatureCache:
 
     def manifest(self) -> dict:
         if not self.manifest_path.exists():
-            return {"format": FORMAT, "encoder": self.encoder_name, "shards": [],
-                    "weights_sha256": self.weights_sha256, "precision": self.precision,
-                    "preprocess": PREPROCESS, "failed": {}}  # fmt: skip
+            return {
+                "format": FORMAT,
+                "encoder": self.encoder_name,
+                "shards": [],
+                "weights_sha256": self.weights_sha256,
+                "precision": self.precision,
+                "preprocess": PREPROCESS,
+                "failed": {},
+            }
         m = read_json(self.manifest_path)
         want = (FORMAT, self.encoder_name, self.weights_sha256, self.precision, PREPROCESS)
-        got = tuple(m.get(k) for k in ("format", "encoder", "weights_sha256", "precision",
-                                        "preprocess"))  # fmt: skip
+        got = tuple(
+            m.get(k) for k in ("format", "encoder", "weights_sha256", "precision", "preprocess")
+        )
         if got != want:
             raise StaleCacheError(
                 f"feature cache {self.directory} was made with {got}, not {want}; "
@@ -102,7 +110,7 @@ class FeatureCache:
         return {n for s in self.manifest()["shards"] for n in s["images"]}
 
     def load(self, names: Sequence[str] | None = None, *, with_grid: bool = True) -> Features:
-        """Read the cached features (all of them, or just ``names``); ``with_grid=False`` skips grids."""
+        """Read cached features (all, or just ``names``); ``with_grid=False`` skips grids."""
         m = self.manifest()
         want = set(names) if names is not None else None
         out_names, pooled, grid = [], [], []
@@ -113,7 +121,11 @@ class FeatureCache:
                 continue
             with safe_open(str(self.directory / shard["file"]), "pt") as f:
                 p = f.get_tensor("pooled")
-                g = f.get_tensor("grid") if with_grid else torch.empty(len(imgs), 0, 0, dtype=p.dtype)
+                g = (
+                    f.get_tensor("grid")
+                    if with_grid
+                    else torch.empty(len(imgs), 0, 0, dtype=p.dtype)
+                )
             if len(keep) < len(imgs):
                 idx = torch.tensor(keep)
                 p, g = p[idx], g[idx]
@@ -160,8 +172,13 @@ def extract(
     todo = [(n, p) for n, p in images if n not in done]
     cache.directory.mkdir(parents=True, exist_ok=True)
     start, n_done = time.perf_counter(), 0
-    bar = tqdm(total=len(images), initial=len(images) - len(todo), unit="img",
-               desc=f"extract {cache_key_label(cache)}", disable=not progress)  # fmt: skip
+    bar = tqdm(
+        total=len(images),
+        initial=len(images) - len(todo),
+        unit="img",
+        desc=f"extract {cache_key_label(cache)}",
+        disable=not progress,
+    )
     for s0 in range(0, len(todo), shard_size):
         chunk = todo[s0 : s0 + shard_size]
         names, pooled, grid = [], [], []

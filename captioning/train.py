@@ -1,4 +1,4 @@
-"""Training on cached features: teacher forcing, AdamW, warmup + cosine LR, clipping, early stopping.
+"""Training on cached features: teacher forcing, AdamW, warmup + cosine LR, early stopping.
 
 Shaped like torchvision's references: ``train_one_epoch``, ``evaluate_dev`` and ``main``.
 Batches are groups of images with all their captions, so per-image work (projecting the grid,
@@ -70,8 +70,13 @@ class TrainData:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5)  # fmt: skip
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -202,13 +207,18 @@ def train_one_epoch(model, opt, sched, data, cfg, epoch, start_step, acc, on_ste
         acc["loss_sum"] += float(ce) * len(owner)
         acc["n"] += len(owner)
         acc["seconds"] = time.perf_counter() - t0
-        bar.set_postfix(loss=f"{acc['loss_sum'] / acc['n']:.3f}",
-                        lr=f"{sched.get_last_lr()[0]:.1e}")  # fmt: skip
+        bar.set_postfix(
+            loss=f"{acc['loss_sum'] / acc['n']:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}"
+        )
         if on_step(step + 1):
             bar.close()
             return {"stopped": True}
-    return {"train_loss": acc["loss_sum"] / max(acc["n"], 1), "samples": acc["n"],
-            "seconds": acc["seconds"], "stopped": False}  # fmt: skip
+    return {
+        "train_loss": acc["loss_sum"] / max(acc["n"], 1),
+        "samples": acc["n"],
+        "seconds": acc["seconds"],
+        "stopped": False,
+    }
 
 
 @torch.inference_mode()
@@ -226,8 +236,9 @@ def evaluate_dev(model: Decoder, data: TrainData, beam: int = 1, chunk: int = 25
         _, ce = caption_loss(logits, tokens, alphas, 0.0)
         tot += float(ce) * len(owner)
         n += len(owner)
-        for name, best in zip(names, decode(model, feats, DecodeConfig(beam_size=beam)),
-                              strict=True):  # fmt: skip
+        for name, best in zip(
+            names, decode(model, feats, DecodeConfig(beam_size=beam)), strict=True
+        ):
             hyps[name] = best[0].tokens
     texts = {k: data.vocab.decode(v) for k, v in hyps.items()}
     bleu = corpus_bleu_scores(texts, data.dev_refs)
@@ -235,8 +246,9 @@ def evaluate_dev(model: Decoder, data: TrainData, beam: int = 1, chunk: int = 25
     return {"dev_loss": tot / n, **{f"dev_{k}": v for k, v in bleu.items()}, "dev_cider": cider}
 
 
-def main(cfg: TrainConfig, data_dir: str | None, out: Path, cache: Path | None,
-         resume: bool) -> dict:  # fmt: skip
+def main(
+    cfg: TrainConfig, data_dir: str | None, out: Path, cache: Path | None, resume: bool
+) -> dict:
     """Train (or resume), then export the best epoch as a bundle in ``out``."""
     from captioning.bundle import export_bundle
 
@@ -247,21 +259,33 @@ def main(cfg: TrainConfig, data_dir: str | None, out: Path, cache: Path | None,
     model = build_decoder(dcfg)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)  # fmt: skip
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+    )
     n_batches = batches_per_epoch(cfg, data)
     total = n_batches * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total, cfg.warmup_steps)
-    )
-    meta = {"epoch": 1, "step": 0, "history": [], "best_bleu4": -1.0, "best_epoch": 0,
-            "bad_epochs": 0, "train_config": asdict(cfg)}  # fmt: skip
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_steps))
+    meta = {
+        "epoch": 1,
+        "step": 0,
+        "history": [],
+        "best_bleu4": -1.0,
+        "best_epoch": 0,
+        "bad_epochs": 0,
+        "train_config": asdict(cfg),
+    }
     if resume and (out / STATE_DIR / "state.json").exists():
         meta = load_state(out, model, opt, sched)
         saved = {k: v for k, v in meta["train_config"].items() if k not in RESUME_FREE}
         if saved != {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}:
-            raise ValueError(f"{out} was trained with other settings: {meta['train_config']}; "
-                             "resume with the same flags")  # fmt: skip
+            raise ValueError(
+                f"{out} was trained with other settings: {meta['train_config']}; "
+                "resume with the same flags"
+            )
         meta["train_config"] = asdict(cfg)
         print(f"resumed at epoch {meta['epoch']}, batch {meta['step']}", file=sys.stderr)
     elif (out / STATE_DIR).exists() and not resume:
@@ -288,11 +312,15 @@ def main(cfg: TrainConfig, data_dir: str | None, out: Path, cache: Path | None,
             return {"stopped": True, **meta}
         t_eval = time.perf_counter()
         dev = evaluate_dev(model, data, cfg.dev_beam)
-        record = {"epoch": epoch, "train_loss": round(stats["train_loss"], 4),
-                  **{k: round(v, 4) for k, v in dev.items()},
-                  "lr": sched.get_last_lr()[0], "epoch_seconds": round(stats["seconds"], 1),
-                  "eval_seconds": round(time.perf_counter() - t_eval, 1),
-                  "samples_per_s": round(stats["samples"] / stats["seconds"], 1)}  # fmt: skip
+        record = {
+            "epoch": epoch,
+            "train_loss": round(stats["train_loss"], 4),
+            **{k: round(v, 4) for k, v in dev.items()},
+            "lr": sched.get_last_lr()[0],
+            "epoch_seconds": round(stats["seconds"], 1),
+            "eval_seconds": round(time.perf_counter() - t_eval, 1),
+            "samples_per_s": round(stats["samples"] / stats["seconds"], 1),
+        }
         meta["history"].append(record)
         tqdm.write(json.dumps(record))
         if dev["dev_bleu4"] > meta["best_bleu4"]:
@@ -307,8 +335,16 @@ def main(cfg: TrainConfig, data_dir: str | None, out: Path, cache: Path | None,
         last_ckpt[0] = time.monotonic()
     best = load_file(str(out / STATE_DIR / "best.safetensors"))
     model.load_state_dict(best)
-    export_bundle(out, model, data.vocab, cfg=cfg, dcfg=dcfg, history=meta["history"],
-                  best_epoch=meta["best_epoch"], commit=git_commit())  # fmt: skip
+    export_bundle(
+        out,
+        model,
+        data.vocab,
+        cfg=cfg,
+        dcfg=dcfg,
+        history=meta["history"],
+        best_epoch=meta["best_epoch"],
+        commit=git_commit(),
+    )
     return {"stopped": False, **meta}
 
 
@@ -316,8 +352,11 @@ def main(cfg: TrainConfig, data_dir: str | None, out: Path, cache: Path | None,
 
 
 def register_cli(sub) -> None:
-    p = sub.add_parser("train", help="train a decoder on cached features",
-                       description="Train a decoder on cached encoder features; writes a bundle.")  # fmt: skip
+    p = sub.add_parser(
+        "train",
+        help="train a decoder on cached features",
+        description="Train a decoder on cached encoder features; writes a bundle.",
+    )
     p.add_argument("--encoder", default="resnet50")
     p.add_argument("--decoder", default="attention", choices=DECODER_KINDS)
     p.add_argument("--data", help="Flickr8k directory (default: $CAPTIONING_DATA)")
@@ -330,12 +369,23 @@ def register_cli(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--max-minutes", type=float, help="stop resumably after M minutes")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--train-precision", choices=("fp32", "bf16"),
-                   help="decoder numerics in training (bf16 = autocast; default fp32)")  # fmt: skip
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
-                   help="encoder precision of the feature cache (default auto)")  # fmt: skip
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="decoder config override, e.g. --set dropout=0.5 --set hidden_dim=768")  # fmt: skip
+    p.add_argument(
+        "--train-precision",
+        choices=("fp32", "bf16"),
+        help="decoder numerics in training (bf16 = autocast; default fp32)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        help="encoder precision of the feature cache (default auto)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="decoder config override, e.g. --set dropout=0.5 --set hidden_dim=768",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -351,15 +401,32 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = TrainConfig(encoder=args.encoder, decoder=args.decoder,
-                      decoder_cfg=parse_overrides(args.set))  # fmt: skip
-    for key in ("epochs", "lr", "batch_images", "patience", "seed", "max_minutes",
-                "train_precision", "precision"):  # fmt: skip
+    cfg = TrainConfig(
+        encoder=args.encoder, decoder=args.decoder, decoder_cfg=parse_overrides(args.set)
+    )
+    for key in (
+        "epochs",
+        "lr",
+        "batch_images",
+        "patience",
+        "seed",
+        "max_minutes",
+        "train_precision",
+        "precision",
+    ):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
-    result = main(cfg, args.data, Path(args.out), Path(args.cache) if args.cache else None,
-                  args.resume)  # fmt: skip
+    result = main(
+        cfg, args.data, Path(args.out), Path(args.cache) if args.cache else None, args.resume
+    )
     if not result["stopped"]:
-        print(json.dumps({"out": args.out, "best_epoch": result["best_epoch"],
-                          "best_dev_bleu4": result["best_bleu4"]}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "out": args.out,
+                    "best_epoch": result["best_epoch"],
+                    "best_dev_bleu4": result["best_bleu4"],
+                }
+            )
+        )
     return 0

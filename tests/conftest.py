@@ -27,3 +27,11 @@ def flickr8k_dir() -> Path:
     if found is None:
         pytest.skip(f"Flickr8k not found: set CAPTIONING_DATA or provide {SHARED_FLICKR8K}")
     return found
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """Synthetic Flickr8k + four tiny trained bundles (see tests/tiny_world.py)."""
+    from tests.tiny_world import build_tiny_world
+
+    return build_tiny_world(tmp_path_factory.mktemp("tiny_world"))

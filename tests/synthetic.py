@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,3 +71,33 @@ class TinyEncoder:
         coords = torch.stack([ys, xs])[None].expand(grid.shape[0], -1, -1, -1)  # [N, 2, 4, 4]
         grid = torch.cat([grid, coords], 1)  # [N, 66, 4, 4]
         return pooled, grid.flatten(2).transpose(1, 2).contiguous()  # [N,256], [N,16,66]
+
+
+TEMPLATES = (
+    "a {} {} above a {} {}",
+    "A {} {} is above a {} {} .",
+    "the {} {} sits over the {} {}",
+    "a {} {} on top of a {} {}",
+    "there is a {} {} above a {} {}",
+)
+
+
+def make_tiny_flickr(root: Path, sizes: dict[str, int] | None = None, seed: int = 0) -> Path:
+    """A Flickr8k-shaped folder (official layout) of synthetic pictures, 5 captions each."""
+    sizes = sizes or {"train": 48, "dev": 8, "test": 8}
+    (root / "Images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    lines, i = [], 0
+    for split, n in sizes.items():
+        names = []
+        for _ in range(n):
+            c1, c2 = rng.choice(list(COLOURS)), rng.choice(list(COLOURS))
+            s1, s2 = rng.choice(SHAPES), rng.choice(SHAPES)
+            name = f"{i:04d}_synthetic.png"
+            draw(c1, s1, c2, s2, rng).resize((96, 96)).save(root / "Images" / name)
+            lines += [f"{name}#{k}\t{t.format(c1, s1, c2, s2)}" for k, t in enumerate(TEMPLATES)]
+            names.append(name)
+            i += 1
+        (root / f"Flickr_8k.{split}Images.txt").write_text("\n".join(names) + "\n")
+    (root / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+    return root

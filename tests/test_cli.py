@@ -18,8 +18,12 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "captioning", *args],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
 
 
 def subcommands() -> list[str]:
@@ -79,12 +83,37 @@ def test_data_summary_on_real_data(flickr8k_dir, capsys):
 
 
 def test_extract_cli_on_real_data(flickr8k_dir, tmp_path):
-    out = run("extract", "--encoder", "resnet50", "--data", str(flickr8k_dir),
-              "--cache", str(tmp_path), "--limit", "3", "--precision", "fp32")  # fmt: skip
+    out = run(
+        "extract",
+        "--encoder",
+        "resnet50",
+        "--data",
+        str(flickr8k_dir),
+        "--cache",
+        str(tmp_path),
+        "--limit",
+        "3",
+        "--precision",
+        "fp32",
+    )
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["new_images"] == 3 and summary["total_images"] == 3
-    again = json.loads(run("extract", "--encoder", "resnet50", "--data", str(flickr8k_dir),
-                           "--cache", str(tmp_path), "--limit", "3", "--precision",
-                           "fp32").stdout.strip().splitlines()[-1])  # fmt: skip
+    again = json.loads(
+        run(
+            "extract",
+            "--encoder",
+            "resnet50",
+            "--data",
+            str(flickr8k_dir),
+            "--cache",
+            str(tmp_path),
+            "--limit",
+            "3",
+            "--precision",
+            "fp32",
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     assert again["new_images"] == 0

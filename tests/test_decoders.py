@@ -43,9 +43,16 @@ def train_decoder(kind: str, task, steps: int | None = None, seed: int = 0):
     steps = STEPS[kind] if steps is None else steps
     pooled, grid, seqs = task["train"]
     feats = grid if kind == "attention" else pooled
-    cfg = DecoderConfig(kind=kind, vocab_size=len(task["vocab"]), feat_dim=feats.shape[-1],
-                        embed_dim=32, hidden_dim=64, attn_dim=32, merge_dim=64,
-                        dropout=0.1)  # fmt: skip
+    cfg = DecoderConfig(
+        kind=kind,
+        vocab_size=len(task["vocab"]),
+        feat_dim=feats.shape[-1],
+        embed_dim=32,
+        hidden_dim=64,
+        attn_dim=32,
+        merge_dim=64,
+        dropout=0.1,
+    )
     model = build_decoder(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     g = torch.Generator().manual_seed(seed)
@@ -102,8 +109,7 @@ def test_beam_search_nbest_and_scores(trained, task):
         assert len({tuple(h.tokens) for h in nbest}) == len(nbest)
         if kind == "attention":
             assert nbest[0].attention.shape == (len(nbest[0].tokens), 16)
-            torch.testing.assert_close(nbest[0].attention.sum(-1),
-                                       torch.ones(len(nbest[0].tokens)))  # fmt: skip
+            torch.testing.assert_close(nbest[0].attention.sum(-1), torch.ones(len(nbest[0].tokens)))
         else:
             assert nbest[0].attention is None
 
@@ -132,8 +138,15 @@ def test_unk_is_blocked_and_min_len(task):
 
 def test_attention_loss_has_doubly_stochastic_term(task):
     pooled, grid, seqs = task["train"]
-    cfg = DecoderConfig(kind="attention", vocab_size=len(task["vocab"]), feat_dim=66,
-                        embed_dim=16, hidden_dim=16, attn_dim=16, alpha_c=1.0)  # fmt: skip
+    cfg = DecoderConfig(
+        kind="attention",
+        vocab_size=len(task["vocab"]),
+        feat_dim=66,
+        embed_dim=16,
+        hidden_dim=16,
+        attn_dim=16,
+        alpha_c=1.0,
+    )
     model = build_decoder(cfg).eval()
     tokens, _ = pad_batch(seqs[:4])
     logits, alphas = model(model.context(grid[:4]), tokens)

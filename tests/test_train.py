@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -11,41 +10,29 @@ from safetensors.torch import load_file
 
 from captioning.bundle import Captioner, list_bundles
 from captioning.train import TrainConfig, main
-from tests.synthetic import COLOURS, SHAPES, draw
-
-SPLITS = {"train": 48, "dev": 8, "test": 8}
+from tests.synthetic import make_tiny_flickr
 
 
 @pytest.fixture(scope="module")
 def tiny_flickr(tmp_path_factory):
-    """Official layout: token file, split files, Images/ (synthetic shapes, 5 captions each)."""
-    root = tmp_path_factory.mktemp("flickr")
-    (root / "Images").mkdir()
-    rng = random.Random(0)
-    lines, i = [], 0
-    for split, n in SPLITS.items():
-        names = []
-        for _ in range(n):
-            c1, c2 = rng.choice(list(COLOURS)), rng.choice(list(COLOURS))
-            s1, s2 = rng.choice(SHAPES), rng.choice(SHAPES)
-            name = f"{i:04d}_synthetic.png"
-            draw(c1, s1, c2, s2, rng).resize((96, 96)).save(root / "Images" / name)
-            templates = ["a {} {} above a {} {}", "A {} {} is above a {} {} .",
-                         "the {} {} sits over the {} {}", "a {} {} on top of a {} {}",
-                         "there is a {} {} above a {} {}"]  # fmt: skip
-            lines += [f"{name}#{k}\t{t.format(c1, s1, c2, s2)}" for k, t in enumerate(templates)]
-            names.append(name)
-            i += 1
-        (root / f"Flickr_8k.{split}Images.txt").write_text("\n".join(names) + "\n")
-    (root / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
-    return root
+    return make_tiny_flickr(tmp_path_factory.mktemp("flickr"))
 
 
 def config(**kw) -> TrainConfig:
     small = {"embed_dim": 32, "hidden_dim": 64, "attn_dim": 32, "dropout": 0.1}
-    base = dict(encoder="resnet50", decoder="attention", epochs=3, batch_images=8, lr=3e-3,
-                warmup_steps=2, patience=5, min_freq=1, precision="fp32", decoder_cfg=small,
-                checkpoint_minutes=100.0)  # fmt: skip
+    base = dict(
+        encoder="resnet50",
+        decoder="attention",
+        epochs=3,
+        batch_images=8,
+        lr=3e-3,
+        warmup_steps=2,
+        patience=5,
+        min_freq=1,
+        precision="fp32",
+        decoder_cfg=small,
+        checkpoint_minutes=100.0,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -60,8 +47,16 @@ def test_train_writes_history_checkpoint_and_bundle(tiny_flickr, cache_dir, tmp_
     assert not result["stopped"]
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    for key in ("train_loss", "dev_loss", "dev_bleu1", "dev_bleu4", "dev_cider", "lr",
-                "epoch_seconds", "samples_per_s"):  # fmt: skip
+    for key in (
+        "train_loss",
+        "dev_loss",
+        "dev_bleu1",
+        "dev_bleu4",
+        "dev_cider",
+        "lr",
+        "epoch_seconds",
+        "samples_per_s",
+    ):
         assert key in history[0]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     for f in ("decoder.safetensors", "config.json", "vocab.json", "metrics.json", "card.md"):
@@ -104,5 +99,6 @@ def test_resume_refuses_other_settings(tiny_flickr, cache_dir, tmp_path):
     out = tmp_path / "run"
     main(config(decoder="merge", epochs=1), str(tiny_flickr), out, cache_dir, resume=False)
     with pytest.raises(ValueError, match="other settings"):
-        main(config(decoder="merge", epochs=1, lr=1.0), str(tiny_flickr), out, cache_dir,
-             resume=True)  # fmt: skip
+        main(
+            config(decoder="merge", epochs=1, lr=1.0), str(tiny_flickr), out, cache_dir, resume=True
+        )

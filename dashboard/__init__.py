@@ -1,0 +1,1 @@
+"""The Streamlit dashboard: ``python -m streamlit run dashboard/app.py``."""

@@ -1,0 +1,111 @@
+"""Caption page: one photo through one model; caption, n-best list, timings and attention."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from captioning.bundle import BundleError
+from dashboard import components, state, tables
+from dashboard.attention import attention_overlay
+
+THUMB_SIDE = 220
+WORDS_PER_ROW = 4
+
+st.title("Caption a photo", anchor=False)
+st.markdown(
+    "An open image captioner trained on Flickr8k. A pretrained ImageNet CNN (ResNet50 or VGG16) "
+    "encodes the photo and an LSTM decoder writes the caption word by word; *attention* "
+    "decoders also show where they look. Everything runs locally on the CPU."
+)
+
+bundles = components.require_bundles()
+by_name = {b.name: b for b in bundles}
+
+left, right = st.columns([5, 6], gap="large")
+with left:
+    picked = components.image_picker("caption")
+    if picked is not None:
+        st.image(picked.display(), caption=picked.name)
+
+with right:
+    c_model, c_beam = st.columns([3, 2])
+    attention_first = next((b.name for b in bundles if b.decoder == "attention"), bundles[0].name)
+    name = c_model.selectbox(
+        "Model", list(by_name), index=list(by_name).index(attention_first), key="caption-model"
+    )
+    bundle = by_name[name]
+    beam = c_beam.slider("Beam size", 1, 5, tables.default_beam(bundle), key="caption-beam")
+    st.caption(components.model_blurb(bundle))
+
+    if picked is None:
+        st.info("Pick a sample photo or upload one to see its caption.", icon=":material/image:")
+        st.stop()
+    try:
+        with st.spinner(f"Captioning with {bundle.name}…"):
+            result = state.caption(bundle, picked.image, picked.digest, beam)
+    except (BundleError, OSError) as e:
+        st.error(f"Cannot use the model {bundle.name}: {e}")
+        st.stop()
+
+    with st.container(border=True, key="caption-result"):
+        st.caption(f"{bundle.name} · beam {beam}")
+        st.subheader(f"“{result.text}”" if result.text else "(empty caption)", anchor=False)
+        with st.container(horizontal=True, gap="large"):
+            components.timing_metrics(result.timings)
+            st.metric("Log-prob", f"{result.score:.2f}", width="content", help="Sum of the "
+                      "log-probabilities of the words and the end token; closer to 0 = more "
+                      "confident.")  # fmt: skip
+
+    st.markdown(f"**Beam search n-best** ({len(result.nbest)} of beam {beam})")
+    st.dataframe(
+        tables.nbest_table(result.nbest),
+        hide_index=True,
+        column_config={
+            "rank": st.column_config.NumberColumn("#", width="small"),
+            "caption": st.column_config.TextColumn("caption", width="large"),
+            "log-prob": st.column_config.NumberColumn("log-prob", format="%.2f"),
+            "per token": st.column_config.NumberColumn(
+                "per token", format="%.2f", help="log-prob / (words + 1)"
+            ),
+        },
+    )
+
+if result.attention is None:
+    st.caption(
+        f"{bundle.name} has no attention: its decoder sees one pooled vector for the whole "
+        "photo. Choose an *attention* model to see where it looks for each word."
+    )
+    st.stop()
+if not result.tokens:
+    st.stop()
+
+st.divider()
+st.subheader("Where the model looks", anchor=False)
+words = result.tokens[: result.attention.shape[0]]
+gh, gw = result.attention.shape[1:]
+i = 0
+if len(words) > 1:
+    i = st.select_slider(
+        "Word",
+        options=list(range(len(words))),
+        format_func=lambda j: f"{j + 1}. {words[j]}",
+        key=f"caption-word-{bundle.name}-{picked.digest}-{beam}",
+    )
+heat_col, word_col = st.columns([5, 6], gap="large")
+with heat_col:
+    st.image(attention_overlay(picked.image, result.attention[i]), caption=f"“{words[i]}”")
+with word_col:
+    st.markdown(
+        "#### " + " ".join(f":orange-background[{w}]" if j == i else w for j, w in enumerate(words))
+    )
+    st.caption(
+        f"Attention weights over the encoder's {gh}×{gw} grid when the decoder wrote word "
+        f"{i + 1} of {len(words)}, upsampled smoothly over the photo: bright = looked at, "
+        "dark = ignored."
+    )
+    with st.expander("All words at once"):
+        for start in range(0, len(words), WORDS_PER_ROW):
+            stop = min(start + WORDS_PER_ROW, len(words))
+            for col, j in zip(st.columns(WORDS_PER_ROW), range(start, stop), strict=False):
+                thumb = attention_overlay(picked.image, result.attention[j], max_side=THUMB_SIDE)
+                col.image(thumb, caption=f"{j + 1}. {words[j]}")

@@ -1,0 +1,58 @@
+"""Training page: loss, dev BLEU-4, dev CIDEr-D and learning rate per epoch, models overlaid."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import charts, components, state, tables
+
+st.title("Training curves", anchor=False)
+st.markdown(
+    "Each bundle's `history.json`: one point per epoch. Dev scores are corpus scores on the dev "
+    "split, decoded during training; the checkpoint kept is the one with the best dev BLEU-4."
+)
+
+bundles = components.require_bundles()
+history = state.history()
+if history.empty:
+    st.info("No bundle has a training history (history.json) yet.", icon=":material/show_chart:")
+    st.stop()
+
+colors = charts.model_colors([(b.name, b.encoder, b.decoder) for b in bundles])
+available = list(dict.fromkeys(history["model"]))
+chosen = st.multiselect("Models", available, default=available, key="training-models")
+if not chosen:
+    st.info("Select at least one model.")
+    st.stop()
+shown = history[history["model"].isin(chosen)]
+dev_beams = sorted(
+    {int(b.config.get("train_config", {}).get("dev_beam", 1)) for b in bundles if b.name in chosen}
+)
+decoding = "greedy" if dev_beams == [1] else "beam " + "/".join(map(str, dev_beams))
+
+specs = [
+    ({"train_loss": "train loss", "dev_loss": "dev loss"}, "Loss (solid: train, dashed: dev)",
+     "cross-entropy per word", False),
+    ({"dev_bleu4": "dev BLEU-4"}, f"Dev corpus BLEU-4 ({decoding})", "BLEU-4 (0–100)", False),
+    ({"dev_cider": "dev CIDEr-D"}, f"Dev CIDEr-D ({decoding})", "CIDEr-D (×100)", False),
+    ({"lr": "lr"}, "Learning rate (end of epoch)", "learning rate", True),
+]  # fmt: skip
+for row in (specs[:2], specs[2:]):
+    for col, (columns, title, ytitle, exponent) in zip(st.columns(2), row, strict=True):
+        fig = charts.history_chart(
+            shown, columns, colors, title=title, ytitle=ytitle, exponent=exponent
+        )
+        col.plotly_chart(fig, key=f"training-{next(iter(columns))}")
+
+st.subheader("Summary", anchor=False)
+st.dataframe(
+    tables.training_summary(shown, bundles),
+    hide_index=True,
+    column_config={
+        "dev BLEU-4": st.column_config.NumberColumn(format="%.1f"),
+        "dev CIDEr-D": st.column_config.NumberColumn(format="%.1f"),
+        "s / epoch": st.column_config.NumberColumn(format="%.1f"),
+        "samples / s": st.column_config.NumberColumn(format="%.0f"),
+    },
+)
+st.caption("Best epoch = the checkpoint exported in the bundle. Test-split scores are on Compare.")

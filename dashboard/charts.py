@@ -1,0 +1,113 @@
+"""Plotly figures: corpus-metric bars and training curves, one colour per model everywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from dashboard.tables import DECODER_ORDER, METRIC_LABELS, encoder_family
+
+# ResNet models in blues, VGG models in oranges; darker = richer decoder.
+FAMILY_SHADES = {
+    "resnet": ("#8DB8E3", "#4C8CCB", "#1F5A96"),
+    "vgg": ("#F5BE82", "#EC9443", "#C0571B"),
+}
+FALLBACK = ("#0F766E", "#7C3AED", "#DB2777", "#65A30D", "#0891B2", "#A16207", "#475569")
+
+
+def model_colors(models: Sequence[tuple[str, str, str]]) -> dict[str, str]:
+    """``{name: colour}`` for ``(name, encoder, decoder)`` triples, stable across pages."""
+    colors: dict[str, str] = {}
+    spare = iter(FALLBACK * 4)
+    for name, encoder, decoder in models:
+        shades = FAMILY_SHADES.get(encoder_family(encoder))
+        if shades and decoder in DECODER_ORDER and not encoder.endswith("-tv"):
+            colors[name] = shades[DECODER_ORDER.index(decoder)]
+        else:
+            colors[name] = next(spare)
+    return colors
+
+
+def _layout(fig: go.Figure, *, title: str, ytitle: str, height: int) -> go.Figure:
+    fig.update_layout(
+        title={"text": title, "font": {"size": 15}},
+        height=height,
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+        legend={"orientation": "h", "yanchor": "top", "y": -0.2, "xanchor": "left", "x": 0},
+        legend_title_text="",
+        hovermode="x unified",
+    )
+    fig.update_yaxes(title_text=ytitle, rangemode="tozero")
+    return fig
+
+
+def metrics_bars(long: pd.DataFrame, colors: dict[str, str], *, title: str) -> go.Figure:
+    """Grouped bars: one group per metric, one bar per model (``tables.metrics_long`` rows).
+
+    Metrics missing for every model (METEOR without Java) are left out.
+    """
+    fig = go.Figure()
+    present = long.groupby("metric", sort=False)["value"].apply(lambda v: v.notna().any())
+    long = long[long["metric"].isin(present[present].index)]
+    labels = [METRIC_LABELS[m] for m in dict.fromkeys(long["metric"])]
+    for model, g in long.groupby("model", sort=False):
+        fig.add_bar(
+            name=str(model),
+            x=g["label"],
+            y=g["value"],
+            marker_color=colors.get(str(model)),
+            text=[f"{v:.1f}" if pd.notna(v) else "n/a" for v in g["value"]],
+            textposition="outside",
+            textfont={"size": 10},
+            cliponaxis=False,
+            hovertemplate="%{x}: %{y:.2f}<extra>" + str(model) + "</extra>",
+        )
+    fig.update_layout(barmode="group", bargap=0.25, bargroupgap=0.05)
+    fig.update_xaxes(categoryorder="array", categoryarray=labels)
+    _layout(fig, title=title, ytitle="score (0–100)", height=420)
+    fig.update_layout(hovermode="closest")
+    return fig
+
+
+def history_chart(
+    history: pd.DataFrame,
+    columns: dict[str, str],
+    colors: dict[str, str],
+    *,
+    title: str,
+    ytitle: str,
+    exponent: bool = False,
+) -> go.Figure:
+    """Lines vs epoch, one colour per model; ``columns`` maps history column -> hover label.
+
+    With several columns (train and dev loss) the line style tells them apart: solid for
+    train, dashed for dev; the legend has one entry per model (toggling both lines).
+    """
+    fig = go.Figure()
+    for model, g in history.groupby("model", sort=False):
+        g = g.sort_values("epoch")
+        first = True
+        for col in columns:
+            if col not in g or g[col].isna().all():
+                continue
+            dev = col.startswith("dev") and len(columns) > 1
+            fig.add_scatter(
+                x=g["epoch"],
+                y=g[col],
+                name=str(model),
+                legendgroup=str(model),
+                showlegend=first,
+                mode="lines+markers",
+                line={"color": colors.get(str(model)), "dash": "dash" if dev else "solid",
+                      "width": 2},
+                marker={"size": 6},
+                hovertemplate=f"{columns[col]}: %{{y:.4g}}<extra>{model}</extra>",
+            )  # fmt: skip
+            first = False
+    _layout(fig, title=title, ytitle=ytitle, height=360)
+    fig.update_xaxes(title_text="epoch", dtick=1 if history["epoch"].nunique() <= 15 else None)
+    if exponent:
+        fig.update_yaxes(tickformat=".1e")
+    return fig

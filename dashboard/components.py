@@ -1,0 +1,201 @@
+"""UI pieces shared by the pages: empty states, the image picker, model labels."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import streamlit as st
+from PIL import Image
+
+from captioning.bundle import BundleInfo
+from captioning.data import Flickr8k
+from captioning.images import ImageLoadError, load_image
+from dashboard import state
+from dashboard.tables import default_beam, metrics_entry, pretty_encoder
+
+UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif"]
+SOURCES = {"sample": "Sample photo", "upload": "Upload", "dataset": "Flickr8k image"}
+DISPLAY_BOX = (760, 520)  # photos are shown at most this large (width, height)
+TRAIN_HELP = """\
+```bash
+export CAPTIONING_DATA=/path/to/flickr8k
+python -m captioning train --encoder resnet50 --decoder attention \\
+    --out artifacts/models/resnet50-attention
+python -m captioning evaluate --model resnet50-attention --split test --beam 3 --record
+```"""
+DATA_HELP = """\
+Set the data folder before starting the dashboard:
+
+```bash
+export CAPTIONING_DATA=/path/to/flickr8k
+python -m streamlit run dashboard/app.py
+```"""
+
+
+@dataclass
+class PickedImage:
+    """The photo chosen on a page: decoded RGB image, a content digest and its provenance."""
+
+    image: Image.Image
+    name: str
+    digest: str
+    references: list[str] = field(default_factory=list)
+    split: str | None = None
+
+    def display(self, box: tuple[int, int] = DISPLAY_BOX) -> Image.Image:
+        """A copy no larger than ``box`` (width, height), small enough to send to the browser."""
+        out = self.image.copy()
+        out.thumbnail(box)
+        return out
+
+
+def require_bundles() -> list[BundleInfo]:
+    """The bundles, or an empty state with training instructions (and the page stops)."""
+    found = state.bundles()
+    if not found:
+        empty_state(state.models_dir())
+        st.stop()
+    return found
+
+
+def empty_state(root: Path) -> None:
+    """What to do when no model bundle exists yet."""
+    with st.container(border=True):
+        st.markdown("#### No trained models yet")
+        st.markdown(
+            f"The dashboard looks for model bundles in `{root}` (set `CAPTIONING_MODELS` to use "
+            "another folder). Train and evaluate one, then reload this page:"
+        )
+        st.markdown(TRAIN_HELP)
+        st.caption("`python -m captioning models` lists the bundles it finds.")
+
+
+def data_note(message: str | None = None) -> None:
+    """How to point the dashboard at Flickr8k."""
+    st.info(
+        "Flickr8k images and reference captions need the data folder. "
+        + (f"({message})" if message else ""),
+        icon=":material/folder_off:",
+    )
+    st.markdown(DATA_HELP)
+
+
+def model_label(bundle: BundleInfo) -> str:
+    """``resnet50-attention`` -> ``resnet50-attention (ResNet50 + attention)``."""
+    return f"{bundle.name} ({pretty_encoder(bundle.encoder)} + {bundle.decoder})"
+
+
+def model_blurb(bundle: BundleInfo) -> str:
+    """One line about a model: architecture and its test score, if evaluated."""
+    m = metrics_entry(bundle, "test")
+    score = (
+        f"test corpus BLEU-4 {m['bleu4']:.1f}, CIDEr-D {m['cider']:.1f} (beam {m.get('beam')})"
+        if m and m.get("bleu4") is not None and m.get("cider") is not None
+        else "not evaluated on test yet"
+    )
+    return (
+        f"{pretty_encoder(bundle.encoder)} encoder, {bundle.decoder} LSTM decoder · {score} · "
+        f"default beam {default_beam(bundle)}"
+    )
+
+
+def image_picker(key: str, *, allow_dataset: bool = False) -> PickedImage | None:
+    """Source switch (sample, upload, and optionally a Flickr8k dev/test image) and its input.
+
+    Unusable uploads show ``st.error`` with the reason and give None.
+    """
+    options = [k for k in SOURCES if allow_dataset or k != "dataset"]
+    source = st.segmented_control(
+        "Image", options, format_func=SOURCES.__getitem__, default="sample", required=True,
+        key=f"{key}-source",
+    )  # fmt: skip
+    if source == "upload":
+        return _pick_upload(key)
+    if source == "dataset":
+        return _pick_dataset(key)
+    return _pick_sample(key)
+
+
+def _decode(data: bytes, name: str, **extra) -> PickedImage | None:
+    try:
+        image = load_image(data, name=name)
+    except ImageLoadError as e:
+        st.error(str(e), icon=":material/broken_image:")
+        return None
+    return PickedImage(image, name, state.digest_bytes(data), **extra)
+
+
+def _pick_upload(key: str) -> PickedImage | None:
+    up = st.file_uploader(
+        "Upload a photo",
+        type=UPLOAD_TYPES,
+        key=f"{key}-upload",
+        help="JPEG, PNG, WebP, BMP or GIF (first frame), up to 10 MB.",
+    )
+    if up is None:
+        st.caption("Drop a photo above to caption it.")
+        return None
+    return _decode(up.getvalue(), up.name)
+
+
+def _pick_sample(key: str) -> PickedImage | None:
+    files = state.samples()
+    if not files:
+        st.warning("No sample photos in artifacts/samples; upload one instead.")
+        return None
+    path = st.selectbox(
+        "Sample photo", files, format_func=lambda p: p.stem.replace("_", " ").title(),
+        key=f"{key}-sample",
+    )  # fmt: skip
+    return _decode(path.read_bytes(), path.name)
+
+
+def _pick_dataset(key: str) -> PickedImage | None:
+    status = state.dataset()
+    ds = status.dataset
+    if ds is None:
+        data_note(status.message)
+        return None
+    splits = [s for s in ("dev", "test") if ds.splits.get(s)]
+    if not splits:
+        st.warning("The data set has no dev or test images.")
+        return None
+    c1, c2 = st.columns([1, 3], vertical_alignment="bottom")
+    split = c1.selectbox("Split", splits, key=f"{key}-split")
+    names = ds.splits[split]
+    name_key = f"{key}-image-{split}"
+    c2.button(
+        "Random image", icon=":material/casino:", key=f"{key}-random",
+        on_click=_random_choice, args=(name_key, names),
+    )  # fmt: skip
+    name = st.selectbox(f"{split} image ({len(names)})", names, key=name_key)
+    return _read_dataset_image(ds, name, split)
+
+
+def _random_choice(key: str, names: list[str]) -> None:
+    st.session_state[key] = random.choice(names)
+
+
+def _read_dataset_image(ds: Flickr8k, name: str, split: str) -> PickedImage | None:
+    try:
+        data = ds.image_path(name).read_bytes()
+    except OSError as e:
+        st.error(f"{name}: cannot read the image ({e.strerror or e})")
+        return None
+    return _decode(data, name, references=list(ds.captions.get(name, [])), split=split)
+
+
+def timing_metrics(timings: dict[str, float]) -> None:
+    """Encode and decode time as two compact ``st.metric`` (inside a horizontal container)."""
+    st.metric("Encode", f"{timings.get('encode_ms', 0.0):.0f} ms", width="content")
+    st.metric("Decode", f"{timings.get('decode_ms', 0.0):.0f} ms", width="content")
+
+
+def references_list(refs: list[str]) -> None:
+    """The human reference captions of a data-set image, numbered."""
+    if refs:
+        st.markdown("\n".join(f"{i}. {r}" for i, r in enumerate(refs, start=1)))
+    else:
+        st.caption("No reference captions for this image.")

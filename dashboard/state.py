@@ -1,0 +1,137 @@
+"""Cached access to bundles, captioners, the data set and the tables of the dashboard.
+
+Captioners and the data set are loaded once per process (``st.cache_resource``); tables and
+caption results are cached with ``st.cache_data``. Every cache key includes the folder and a
+stamp of its files, so new or retrained bundles show up without restarting the app.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+from PIL import Image
+
+from captioning.bundle import BundleInfo, Captioner, CaptionResult, list_bundles, models_dir_default
+from captioning.data import DataError, Flickr8k, load_flickr8k, resolve_data_dir
+from dashboard import tables
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLES_DIR = REPO_ROOT / "artifacts" / "samples"
+SAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+@dataclass(frozen=True)
+class DataStatus:
+    """The Flickr8k data set if ``$CAPTIONING_DATA`` points at a usable folder, else why not."""
+
+    dataset: Flickr8k | None
+    message: str | None = None
+
+
+def models_dir() -> Path:
+    """``$CAPTIONING_MODELS`` or ``artifacts/models`` (read on every run)."""
+    return models_dir_default()
+
+
+def folder_stamp(root: Path) -> tuple:
+    """(relative path, mtime, size) of the files of every bundle in ``root``: a cache key."""
+    if not root.is_dir():
+        return ()
+    out = []
+    for bundle in sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sorted(bundle.iterdir()):
+            if f.is_file() and f.suffix in (".json", ".csv", ".safetensors"):
+                st_ = f.stat()
+                out.append((f"{bundle.name}/{f.name}", st_.st_mtime_ns, st_.st_size))
+    return tuple(out)
+
+
+def _bundle_stamp(path: Path) -> int:
+    files = (path / "config.json", path / "decoder.safetensors", path / "vocab.json")
+    return sum(f.stat().st_mtime_ns for f in files if f.exists())
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _bundles(root: str, stamp: tuple) -> list[BundleInfo]:
+    return tables.order_bundles(list_bundles(Path(root)))
+
+
+def bundles() -> list[BundleInfo]:
+    """Every complete bundle, ordered by encoder then decoder (inject before attention)."""
+    root = models_dir()
+    return _bundles(str(root), folder_stamp(root))
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _captioner(path: str, stamp: int) -> Captioner:
+    return Captioner.load(Path(path))
+
+
+def captioner(bundle: BundleInfo) -> Captioner:
+    """The bundle's ``Captioner``, loaded once per process (encoders are shared)."""
+    return _captioner(str(bundle.path), _bundle_stamp(bundle.path))
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _caption(path: str, stamp: int, digest: str, beam: int, _image: Image.Image) -> CaptionResult:
+    return _captioner(path, stamp).caption(_image, beam_size=beam)
+
+
+def caption(bundle: BundleInfo, image: Image.Image, digest: str, beam: int) -> CaptionResult:
+    """Caption ``image`` (identified by ``digest``) with ``bundle``; cached per image and beam.
+
+    A cached result keeps the timings measured when it was computed.
+    """
+    return _caption(str(bundle.path), _bundle_stamp(bundle.path), digest, beam, image)
+
+
+def digest_bytes(data: bytes) -> str:
+    """A short content hash identifying an image for the caption cache."""
+    return hashlib.sha1(data).hexdigest()[:20]
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _dataset(root: str, stamp: int) -> Flickr8k:
+    return load_flickr8k(root)
+
+
+def dataset() -> DataStatus:
+    """Flickr8k from ``$CAPTIONING_DATA`` (loaded once), or the reason it is unavailable."""
+    try:
+        root = resolve_data_dir(None)
+        return DataStatus(_dataset(str(root), root.stat().st_mtime_ns))
+    except (DataError, OSError) as e:
+        return DataStatus(None, str(e))
+
+
+def samples() -> list[Path]:
+    """The sample photos shipped in ``artifacts/samples``."""
+    if not SAMPLES_DIR.is_dir():
+        return []
+    return sorted(p for p in SAMPLES_DIR.iterdir() if p.suffix.lower() in SAMPLE_SUFFIXES)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _predictions(root: str, stamp: tuple) -> pd.DataFrame:
+    return tables.read_predictions(_bundles(root, stamp))
+
+
+def predictions() -> pd.DataFrame:
+    """All predictions CSVs of all bundles in one table (see ``tables.read_predictions``)."""
+    root = models_dir()
+    return _predictions(str(root), folder_stamp(root))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _history(root: str, stamp: tuple) -> pd.DataFrame:
+    return tables.read_history(_bundles(root, stamp))
+
+
+def history() -> pd.DataFrame:
+    """All bundles' training histories (see ``tables.read_history``)."""
+    root = models_dir()
+    return _history(str(root), folder_stamp(root))

@@ -1,0 +1,153 @@
+"""Bundles and the Captioner API, plus CLI smoke tests, on the tiny world's real bundles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import skimage.data
+from PIL import Image
+
+from captioning.bundle import BundleError, Captioner, list_bundles, resolve_bundle
+from captioning.encoders import shared_encoder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def world_env(tiny_world, monkeypatch):
+    for key, value in (
+        ("CAPTIONING_MODELS", tiny_world.models),
+        ("CAPTIONING_DATA", tiny_world.data),
+        ("CAPTIONING_CACHE", tiny_world.cache),
+    ):
+        monkeypatch.setenv(key, str(value))
+    return tiny_world
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "captioning", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+
+
+def test_list_bundles(world_env):
+    names = [b.name for b in list_bundles()]
+    assert names == sorted(
+        ["resnet50-attention", "resnet50-inject", "vgg16-attention", "vgg16-inject"]
+    )
+    info = next(b for b in list_bundles() if b.name == "vgg16-attention")
+    assert info.encoder == "vgg16" and info.decoder == "attention"
+    assert info.metrics["test"]["beam3"]["n_images"] == 8
+
+
+def test_captioner_result_fields(world_env):
+    cap = Captioner.load("resnet50-attention", precision="fp32")
+    res = cap.caption(Image.fromarray(skimage.data.astronaut()), beam_size=3)
+    assert res.text and res.tokens == res.text.split()
+    assert res.nbest[0] == (res.text, pytest.approx(res.score))
+    assert len(res.nbest) == 3 and res.score <= 0
+    assert res.attention.shape == (len(res.tokens), 7, 7)
+    assert set(res.timings) == {"encode_ms", "decode_ms"}
+    again = cap.caption(Image.fromarray(skimage.data.astronaut()), beam_size=3)
+    assert again.text == res.text
+
+
+def test_vgg_attention_grid_and_inject_has_none(world_env):
+    vgg = Captioner.load("vgg16-attention", precision="fp32")
+    res = vgg.caption(Image.fromarray(skimage.data.coffee()), beam_size=2)
+    assert res.attention.shape[1:] == (14, 14)
+    inj = Captioner.load("vgg16-inject", precision="fp32")
+    assert inj.caption(Image.fromarray(skimage.data.coffee())).attention is None
+    assert inj.encoder is vgg.encoder, "bundles share one encoder instance"
+
+
+def test_batch_equals_single(world_env):
+    cap = Captioner.load("resnet50-inject", precision="fp32")
+    imgs = [Image.fromarray(getattr(skimage.data, n)()) for n in ("chelsea", "rocket")]
+    batch = cap.caption_batch(imgs, beam_size=3)
+    assert [r.text for r in batch] == [cap.caption(i, beam_size=3).text for i in imgs]
+
+
+def test_bad_bundles_are_refused(world_env, tmp_path):
+    bad = tmp_path / "copy"
+    shutil.copytree(world_env.models / "resnet50-inject", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["encoder_sha256"] = "0" * 64
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match="must match"):
+        Captioner.load(bad)
+    (bad / "decoder.safetensors").unlink()
+    with pytest.raises(BundleError, match="missing decoder.safetensors"):
+        Captioner.load(bad)
+    with pytest.raises(BundleError, match="available: resnet50-attention"):
+        resolve_bundle("no-such-model")
+    assert shared_encoder.cache_info().currsize >= 1
+
+
+def test_cli_caption_json_and_skips(world_env, tmp_path):
+    good = tmp_path / "cat.png"
+    Image.fromarray(skimage.data.chelsea()).save(good)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    out = cli("caption", "--model", "resnet50-attention", "--json", "--beam", "2", str(tmp_path))
+    assert out.returncode == 1, out.stderr
+    lines = [json.loads(x) for x in out.stdout.strip().splitlines()]
+    assert [Path(x["image"]).name for x in lines] == ["cat.png"]
+    assert lines[0]["caption"] and "broken.jpg" in out.stderr
+    ok = cli("caption", "--model", "resnet50-attention", "--csv", str(good))
+    assert ok.returncode == 0 and ok.stdout.splitlines()[0] == "image,caption,logprob"
+
+
+def test_cli_models_evaluate_bench(world_env, tmp_path):
+    models = cli("models")
+    assert models.returncode == 0 and "vgg16-attention" in models.stdout
+    ev = cli(
+        "evaluate",
+        "--model",
+        "vgg16-inject",
+        "--split",
+        "test",
+        "--beam",
+        "2",
+        "--json",
+        "--out",
+        str(tmp_path),
+    )
+    assert ev.returncode == 0, ev.stderr
+    rec = json.loads(ev.stdout.strip().splitlines()[-1])
+    for key in (
+        "bleu1",
+        "bleu2",
+        "bleu3",
+        "bleu4",
+        "cider",
+        "meteor",
+        "rougeL",
+        "n_images",
+        "beam",
+        "split",
+    ):
+        assert key in rec
+    assert rec["n_images"] == 8 and rec["beam"] == 2 and rec["split"] == "test"
+    csv_lines = (tmp_path / "predictions_test_beam2.csv").read_text().splitlines()
+    assert csv_lines[0] == "image,caption,logprob,bleu1,bleu2,bleu3,bleu4"
+    assert len(csv_lines) == 9
+    bench = cli("bench", "--model", "resnet50-inject", "--runs", "2", "--json")
+    assert bench.returncode == 0, bench.stderr
+    res = json.loads(bench.stdout.strip().splitlines()[-1])
+    assert set(res["beams"]) == {"1", "3", "5"} and res["throughput_img_s"] > 0
+    assert res["beams"]["3"]["total_ms"]["p50"] >= res["beams"]["3"]["encode_ms"]["p50"]
+
+
+def test_cli_errors_are_one_line(world_env):
+    out = cli("caption", "--model", "nope", "x.jpg")
+    assert out.returncode == 2 and out.stderr.startswith("error: no model bundle")
+    assert "Traceback" not in out.stderr
