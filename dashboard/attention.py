@@ -46,7 +46,7 @@ def attention_overlay(
     photo.thumbnail((max_side, max_side))
     heat = upsample(weights, photo.size)[..., None]  # [H, W, 1]
     base = np.asarray(photo, dtype=np.float32) / 255.0
-    dimmed = base * (0.25 + 0.75 * heat)
+    dimmed = base * (0.2 + 0.8 * heat)
     tint = colormap(heat[..., 0])
     alpha = strength * heat
     out = dimmed * (1.0 - alpha) + tint * alpha

@@ -109,5 +109,5 @@ def history_chart(
     _layout(fig, title=title, ytitle=ytitle, height=360)
     fig.update_xaxes(title_text="epoch", dtick=1 if history["epoch"].nunique() <= 15 else None)
     if exponent:
-        fig.update_yaxes(tickformat=".1e")
+        fig.update_yaxes(tickformat=".2~e")
     return fig

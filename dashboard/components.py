@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ import streamlit as st
 from PIL import Image
 
 from captioning.bundle import BundleInfo
-from captioning.data import Flickr8k
+from captioning.data import DATA_ENV, FIX_HELP, Flickr8k
 from captioning.images import ImageLoadError, load_image
 from dashboard import state
 from dashboard.tables import default_beam, metrics_entry, pretty_encoder
@@ -26,7 +27,7 @@ python -m captioning train --encoder resnet50 --decoder attention \\
 python -m captioning evaluate --model resnet50-attention --split test --beam 3 --record
 ```"""
 DATA_HELP = """\
-Set the data folder before starting the dashboard:
+Set it before starting the dashboard:
 
 ```bash
 export CAPTIONING_DATA=/path/to/flickr8k
@@ -72,14 +73,16 @@ def empty_state(root: Path) -> None:
         st.caption("`python -m captioning models` lists the bundles it finds.")
 
 
-def data_note(message: str | None = None) -> None:
-    """How to point the dashboard at Flickr8k."""
+def data_note(message: str | None = None, extra: str = "") -> None:
+    """How to point the dashboard at Flickr8k (and why the configured folder is unusable)."""
+    reason = ""
+    if message and os.environ.get(DATA_ENV):  # configured but unusable: say why
+        reason = f" ({message.replace(FIX_HELP, '').strip().rstrip('.')})"
     st.info(
-        "Flickr8k images and reference captions need the data folder. "
-        + (f"({message})" if message else ""),
+        f"Flickr8k images and reference captions need the data folder{reason}. {extra}\n\n"
+        + DATA_HELP,
         icon=":material/folder_off:",
     )
-    st.markdown(DATA_HELP)
 
 
 def model_label(bundle: BundleInfo) -> str:

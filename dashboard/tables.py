@@ -246,7 +246,12 @@ def training_summary(history: pd.DataFrame, bundles: Sequence[BundleInfo]) -> pd
     rows = []
     for model, g in history.groupby("model", sort=False):
         pick = g[g["epoch"] == best.get(model)]
-        row = pick.iloc[-1] if len(pick) else g.loc[g["dev_bleu4"].idxmax()]
+        if len(pick):
+            row = pick.iloc[-1]
+        elif g["dev_bleu4"].notna().any():
+            row = g.loc[g["dev_bleu4"].idxmax()]
+        else:
+            row = g.iloc[-1]
         rows.append({
             "model": model,
             "epochs": int(g["epoch"].max()),

@@ -75,7 +75,8 @@ else:
         charts.metrics_bars(
             tables.metrics_long(wide),
             colors,
-            title=f"corpus BLEU (test split, {beam_text}), CIDEr-D and METEOR",
+            title=f"corpus BLEU (test split, {beam_text}), CIDEr-D"
+            + ("" if wide["meteor"].isna().all() else " and METEOR"),
         ),
         key="compare-metrics-chart",
     )

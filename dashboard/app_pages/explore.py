@@ -31,9 +31,7 @@ if preds.empty:
 status = state.dataset()
 ds = status.dataset
 if ds is None:
-    with st.container(border=True):
-        components.data_note(status.message)
-        st.caption("Until then the tables below work; images and references are not shown.")
+    components.data_note(status.message, "Without it the tables below still work.")
 
 
 def bleu_label(order: int) -> str:
@@ -50,7 +48,7 @@ def detail(frame: pd.DataFrame, image: str, split: str, dataset: Flickr8k | None
         else:
             path = dataset.image_path(image)
             if path.is_file():
-                st.image(str(path))
+                st.image(str(path), width="stretch")
             else:
                 st.caption(f"{path} is missing.")
     with text:
@@ -59,15 +57,15 @@ def detail(frame: pd.DataFrame, image: str, split: str, dataset: Flickr8k | None
             components.references_list(list(dataset.captions.get(image, [])))
         st.markdown("**Model captions**")
         rows = tables.captions_for_image(frame, image, split)
-        st.dataframe(
-            rows[["model", "beam", "caption", "bleu4", "logprob"]],
-            hide_index=True,
-            column_config={
-                "caption": st.column_config.TextColumn(width="large"),
-                "bleu4": st.column_config.NumberColumn(bleu_label(4), format="%.1f"),
-                "logprob": st.column_config.NumberColumn("log-prob", format="%.2f"),
-            },
-        )
+        many_beams = rows["beam"].nunique() > 1
+        shown = pd.DataFrame({
+            "model": [f"{m} (beam {b})" if many_beams else m
+                      for m, b in zip(rows["model"], rows["beam"], strict=True)],
+            "caption": rows["caption"],
+            bleu_label(4): rows["bleu4"].map("{:.1f}".format),
+            "log-prob": rows["logprob"].map("{:.2f}".format),
+        })  # fmt: skip
+        st.table(shown.set_index("model"))
 
 
 def table_key(prefix: str, *parts: object) -> str:

@@ -1,0 +1,361 @@
+"""The dashboard through Streamlit's AppTest on the tiny world, plus its helper modules.
+
+No browser: ``tests/test_browser.py`` drives a real server. Captioners are cached per process
+(``st.cache_resource``), so only the first test that captions pays for loading them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from captioning.bundle import list_bundles
+from dashboard import attention, charts, tables
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "dashboard" / "app.py"
+SAMPLE = REPO / "artifacts" / "samples" / "chelsea.jpg"
+MODEL_ORDER = ["resnet50-inject", "resnet50-attention", "vgg16-inject", "vgg16-attention"]
+PAGES = ("caption", "compare", "training", "explore")
+
+
+@pytest.fixture
+def app(tiny_world, monkeypatch) -> AppTest:
+    """The app on the tiny world (data set and four bundles), not yet run."""
+    monkeypatch.setenv("CAPTIONING_DATA", str(tiny_world.data))
+    monkeypatch.setenv("CAPTIONING_MODELS", str(tiny_world.models))
+    monkeypatch.setenv("CAPTIONING_CACHE", str(tiny_world.cache))
+    return AppTest.from_file(str(APP), default_timeout=120)
+
+
+def open_page(at: AppTest, page: str) -> AppTest:
+    """Run the app, then switch to ``page`` (switch_page needs a run before and after)."""
+    at.run()
+    if page != "caption":
+        at.switch_page(f"app_pages/{page}.py").run()
+    assert_clean(at)
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def texts(at: AppTest) -> str:
+    """All markdown, captions, subheaders and alerts of the current run, as one string."""
+    parts = [m.value for m in at.markdown] + [c.value for c in at.caption]
+    parts += [s.value for s in at.subheader] + [i.value for i in at.info]
+    return "\n".join(str(p) for p in parts)
+
+
+def caption_text(at: AppTest) -> str:
+    block = at.main.get_by_key("caption-result")
+    return block.subheader[0].value
+
+
+def upload(at: AppTest, page: str, name: str, data: bytes, mime: str = "image/jpeg") -> AppTest:
+    at.segmented_control(key=f"{page}-source").set_value("upload").run()
+    at.file_uploader(key=f"{page}-upload").upload(name, data, mime).run()
+    return at
+
+
+# ---------------------------------------------------------------- Caption
+
+
+def test_caption_page_shows_a_caption_for_the_sample(app):
+    at = open_page(app, "caption")
+    assert at.title[0].value == "Caption a photo"
+    assert caption_text(at).startswith("“")
+    labels = [m.label for m in at.metric]
+    assert {"Encode", "Decode", "Log-prob"} <= set(labels)
+    assert all(m.value.endswith(" ms") for m in at.metric if m.label in ("Encode", "Decode"))
+    nbest = at.dataframe[0].value
+    assert list(nbest.columns) == ["rank", "caption", "log-prob", "per token"]
+    assert at.selectbox(key="caption-model").value == "resnet50-attention"  # attention first
+    assert "Where the model looks" in [s.value for s in at.subheader]
+    assert len(at.image) >= 2  # the photo and its attention overlay
+
+
+def test_caption_page_upload_real_photo(app):
+    at = open_page(app, "caption")
+    upload(at, "caption", "chelsea.jpg", SAMPLE.read_bytes())
+    assert_clean(at)
+    assert not at.error
+    text = caption_text(at)
+    assert text.startswith("“") and len(text) > 2
+    assert "chelsea.jpg" in [c for img in at.image for c in img.captions]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "why"),
+    [
+        ("broken.jpg", b"this is not an image at all", "not an image"),
+        ("truncated.jpg", SAMPLE.read_bytes()[:3000], "truncated"),
+    ],
+)
+def test_caption_page_broken_upload_shows_error(app, name, data, why):
+    at = open_page(app, "caption")
+    upload(at, "caption", name, data)
+    assert_clean(at)
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and errors[0].startswith(name) and why in errors[0], errors
+    # the app keeps serving: switch back to a sample and caption it
+    at.segmented_control(key="caption-source").set_value("sample").run()
+    assert_clean(at)
+    assert not at.error and caption_text(at).startswith("“")
+
+
+def test_caption_page_beam_and_model_without_attention(app):
+    at = open_page(app, "caption")
+    at.selectbox(key="caption-model").set_value("vgg16-inject").run()
+    at.slider(key="caption-beam").set_value(1).run()
+    assert_clean(at)
+    assert caption_text(at).startswith("“")
+    assert len(at.dataframe[0].value) == 1  # greedy: a single hypothesis
+    assert "Where the model looks" not in [s.value for s in at.subheader]
+    assert "has no attention" in texts(at)
+
+
+def test_caption_page_attention_word_slider(app):
+    at = open_page(app, "caption")
+    upload(at, "caption", "chelsea.jpg", SAMPLE.read_bytes())
+    sliders = [s for s in at.select_slider if s.label == "Word"]
+    if not sliders:
+        pytest.skip("the tiny model's caption of this photo has a single word")
+    n = len(sliders[0].options)  # the options are word indices, shown as "k. word"
+    sliders[0].set_value(n - 1).run()
+    assert_clean(at)
+    assert f"word {n} of {n}" in texts(at)
+
+
+# ---------------------------------------------------------------- Compare
+
+
+def test_compare_page_one_column_per_model_in_order(app):
+    at = open_page(app, "compare")
+    upload(at, "compare", "chelsea.jpg", SAMPLE.read_bytes())
+    assert_clean(at)
+    keys = [b.key for b in at.container if (b.key or "").startswith("compare-model-")]
+    assert keys == [f"compare-model-{name}" for name in MODEL_ORDER]
+    for key in keys:
+        card = at.main.get_by_key(key)
+        assert [m.label for m in card.metric] == ["Encode", "Decode"]
+        assert any(m.value.startswith("#### ") for m in card.markdown)
+
+
+def test_compare_page_dataset_image_shows_references_and_scores(app, tiny_world):
+    at = open_page(app, "compare")
+    at.segmented_control(key="compare-source").set_value("dataset").run()
+    assert_clean(at)
+    assert "Reference captions" in texts(at)
+    refs = [m.value for m in at.markdown if m.value.startswith("1. ")]
+    assert refs and refs[0].count("\n") >= 1
+    assert texts(at).count("smoothed sentence BLEU-4") == len(MODEL_ORDER)
+    at.selectbox(key="compare-split").set_value("test").run()
+    assert_clean(at)
+
+
+def test_compare_page_metrics_chart_and_latency(app):
+    at = open_page(app, "compare")
+    charts_ = at.get("plotly_chart")
+    assert len(charts_) == 1
+    fig = json.loads(charts_[0].proto.spec)
+    assert "corpus BLEU (test split, beam 3)" in fig["layout"]["title"]["text"]
+    assert [t["name"] for t in fig["data"]] == MODEL_ORDER
+    assert fig["data"][0]["x"][:4] == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"]
+    latency = at.dataframe[-1].value
+    assert set(latency["precision"]) == {"not benchmarked"}
+
+
+# ---------------------------------------------------------------- Training
+
+
+def test_training_page_charts(app):
+    at = open_page(app, "training")
+    figs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert len(figs) == 4
+    titles = [f["layout"]["title"]["text"] for f in figs]
+    assert titles[0].startswith("Loss") and "BLEU-4" in titles[1] and "CIDEr" in titles[2]
+    assert {t["name"] for t in figs[0]["data"]} == set(MODEL_ORDER)
+    at.multiselect(key="training-models").set_value(["vgg16-attention"]).run()
+    assert_clean(at)
+    figs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert {t["name"] for t in figs[1]["data"]} == {"vgg16-attention"}
+    at.multiselect(key="training-models").set_value([]).run()
+    assert_clean(at)
+    assert not at.get("plotly_chart") and "Select at least one model." in texts(at)
+
+
+# ---------------------------------------------------------------- Explore
+
+
+def test_explore_page_filters_reduce_rows(app):
+    at = open_page(app, "explore")
+    table = at.dataframe[0].value
+    total = len(table)
+    assert total > 0 and set(table["split"]) == {"dev", "test"}
+    at.slider(key="explore-range").set_value((5.0, 100.0)).run()
+    assert_clean(at)
+    kept = at.dataframe[0].value
+    assert 0 < len(kept) < total and (kept["bleu4"] >= 5.0).all()
+    assert kept["bleu4"].is_monotonic_decreasing
+    at.segmented_control(key="explore-order").set_value(1).run()
+    assert "Smoothed sentence BLEU-1 range" in [s.label for s in at.slider]
+    at.text_input(key="explore-words").set_value("green").run()
+    assert_clean(at)
+    words = at.dataframe[0].value
+    assert len(words) > 0 and words["caption"].str.split().apply(lambda w: "green" in w).all()
+    at.multiselect(key="explore-models").set_value(["vgg16-attention"]).run()
+    assert set(at.dataframe[0].value["model"]) <= {"vgg16-attention"}
+
+
+def test_explore_page_row_selection_shows_image_references_and_captions(app):
+    at = open_page(app, "explore")
+    table = at.dataframe[0]
+    first = table.value.iloc[0]
+    at.session_state[table.key] = {"selection": {"rows": [0], "columns": [], "cells": []}}
+    at.run()
+    assert_clean(at)
+    assert f"##### {first['image']} · {first['split']} split" in texts(at)
+    assert "Reference captions" in texts(at)
+    assert len(at.image) == 1
+    captions = at.table[0].value
+    assert set(MODEL_ORDER) <= {m.split(" (")[0] for m in captions.index}
+
+
+def test_explore_page_disagreement_view(app):
+    at = open_page(app, "explore")
+    gaps = at.dataframe[1].value
+    assert len(gaps) > 0
+    assert (gaps["decoder"].isin(["inject", "attention"])).all()
+    assert gaps["gap"].abs().is_monotonic_decreasing
+
+
+# ---------------------------------------------------------------- missing models / data
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_empty_models_dir_shows_how_to_train(app, monkeypatch, tmp_path, page):
+    monkeypatch.setenv("CAPTIONING_MODELS", str(tmp_path / "no-models-here"))
+    at = open_page(app, page)
+    assert "No trained models yet" in texts(at)
+    assert "python -m captioning train" in texts(at)
+
+
+@pytest.mark.parametrize("unset", [True, False])
+def test_explore_without_data_dir_explains_how_to_set_it(app, monkeypatch, tmp_path, unset):
+    if unset:
+        monkeypatch.delenv("CAPTIONING_DATA")
+    else:
+        monkeypatch.setenv("CAPTIONING_DATA", str(tmp_path / "missing"))
+    at = open_page(app, "explore")
+    assert "export CAPTIONING_DATA=/path/to/flickr8k" in texts(at)
+    assert len(at.dataframe[0].value) > 0  # the tables still work
+    table = at.dataframe[0]
+    at.session_state[table.key] = {"selection": {"rows": [0], "columns": [], "cells": []}}
+    at.run()
+    assert_clean(at)
+    assert "Set `CAPTIONING_DATA` to see the image" in texts(at)
+    assert len(at.table) == 1  # every model's caption, from the predictions files
+
+
+def test_compare_dataset_source_without_data_dir(app, monkeypatch):
+    monkeypatch.delenv("CAPTIONING_DATA")
+    at = open_page(app, "compare")
+    at.segmented_control(key="compare-source").set_value("dataset").run()
+    assert_clean(at)
+    assert "export CAPTIONING_DATA=/path/to/flickr8k" in texts(at)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def test_tables_predictions_order_and_filters(tiny_world):
+    bundles = list_bundles(tiny_world.models)
+    assert [b.name for b in tables.order_bundles(bundles)] == MODEL_ORDER
+    df = tables.read_predictions(bundles)
+    assert set(df.columns) == set(tables.PREDICTION_COLUMNS)
+    f = tables.PredictionFilter(splits=["dev"], models=["vgg16-inject"], order=2,
+                                score_range=(0.0, 100.0), sort="score, low to high")  # fmt: skip
+    out = tables.filter_predictions(df, f)
+    assert set(out["split"]) == {"dev"} and set(out["model"]) == {"vgg16-inject"}
+    assert out["bleu2"].is_monotonic_increasing
+    assert tables.parse_predictions_name("predictions_test_beam5.csv") == ("test", 5)
+    assert tables.parse_predictions_name("predictions_dev_beam3_limit20.csv") is None
+
+
+def test_tables_disagreements_pairs_same_decoder():
+    rows = [("resnet50-inject", "resnet50", "inject", "a.jpg", 50.0),
+            ("vgg16-inject", "vgg16", "inject", "a.jpg", 10.0),
+            ("resnet50-inject", "resnet50", "inject", "b.jpg", 20.0),
+            ("vgg16-inject", "vgg16", "inject", "b.jpg", 25.0),
+            ("vgg16-attention", "vgg16", "attention", "a.jpg", 90.0)]  # fmt: skip
+    df = pd.DataFrame(
+        [{"model": m, "encoder": e, "decoder": d, "split": "dev", "beam": 3, "image": i,
+          "caption": "x", "logprob": -1.0, "bleu1": s, "bleu2": s, "bleu3": s, "bleu4": s}
+         for m, e, d, i, s in rows]
+    )  # fmt: skip
+    gaps = tables.disagreements(df)
+    assert list(gaps["image"]) == ["a.jpg", "b.jpg"]
+    assert list(gaps["gap"]) == [40.0, -5.0]
+    assert set(gaps["decoder"]) == {"inject"}  # no ResNet attention model to pair with
+
+
+def test_tables_latency_from_bench_json(tiny_world, tmp_path):
+    src = tiny_world.models / "resnet50-attention"
+    dst = tmp_path / "resnet50-attention"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("train_state"))
+    keys = ("encode_ms", "decode_ms", "total_ms")
+    beams = {b: {k: {"p50": 10.0 * int(b), "p90": 12.0 * int(b)} for k in keys} for b in "135"}
+    (dst / "bench.json").write_text(
+        json.dumps({"precision": "bf16", "beams": beams, "throughput_img_s": 7.5})
+    )
+    (bundle,) = list_bundles(tmp_path)
+    lat = tables.latency_table([bundle])
+    row = lat.iloc[0]
+    assert row["status"] == "bf16" and row["beam 5 p90 ms"] == 60.0
+    assert row["encode p50 ms"] == 30.0 and row["images / s"] == 7.5
+    missing = tables.latency_table(list_bundles(tiny_world.models))
+    assert set(missing["status"]) == {"not benchmarked"}
+
+
+def test_tables_corpus_metrics_and_history(tiny_world):
+    bundles = list_bundles(tiny_world.models)
+    wide = tables.corpus_metrics(bundles, "test")
+    assert list(wide["model"]) == MODEL_ORDER and set(wide["beam"]) == {3}
+    long = tables.metrics_long(wide)
+    assert set(long["label"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "METEOR"}
+    fig = charts.metrics_bars(long, charts.model_colors([]), title="t")
+    assert "METEOR" not in fig.data[0].x  # null for every model in the tiny world
+    hist = tables.read_history(bundles)
+    assert set(hist["model"]) == set(MODEL_ORDER) and hist["epoch"].max() >= 1
+    summary = tables.training_summary(hist, bundles)
+    assert list(summary["model"]) == MODEL_ORDER
+
+
+def test_model_colors_group_by_encoder():
+    colors = charts.model_colors([("r-i", "resnet50", "inject"), ("v-a", "vgg16", "attention"),
+                                  ("x", "resnet50-tv", "merge")])  # fmt: skip
+    assert colors["r-i"] in charts.FAMILY_SHADES["resnet"]
+    assert colors["v-a"] in charts.FAMILY_SHADES["vgg"]
+    assert colors["x"] in charts.FALLBACK
+
+
+def test_attention_overlay_is_smooth_and_sized():
+    photo = Image.new("RGB", (300, 200), (200, 200, 200))
+    weights = np.zeros((7, 7), dtype=np.float32)
+    weights[0, 0] = 1.0
+    out = attention.attention_overlay(photo, weights, max_side=150)
+    assert out.size == (150, 100) and out.mode == "RGB"
+    px = np.asarray(out, dtype=np.float32).mean(axis=2)
+    assert px[2, 2] > px[-3, -3]  # bright where the model looks, dark elsewhere
+    assert len(np.unique(px[:, :40].round())) > 10  # a smooth ramp, not 7x7 blocks
+    flat = attention.attention_overlay(photo, np.zeros((7, 7)), max_side=150)
+    assert flat.size == (150, 100)
