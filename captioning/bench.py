@@ -116,3 +116,60 @@ def register_cli(sub) -> None:
     p.add_argument("--save", action="store_true", help="write bench.json into the bundle")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.set_defaults(func=cmd_bench)
+    register_precision_cli(sub)
+
+
+def precision_report(encoder: str, images: list[Image.Image], batch: int = 32) -> dict:
+    """fp32 (reference) against bf16 + channels_last on the same images: feature drift, speed."""
+    from captioning.encoders import build_encoder, preprocess
+
+    x = torch.stack([preprocess(im) for im in images])  # [N, 3, 224, 224]
+    out: dict = {
+        "encoder": encoder,
+        "images": len(images),
+        "batch": batch,
+        "threads": torch.get_num_threads(),
+    }
+    feats = {}
+    for prec in ("fp32", "bf16"):
+        enc = build_encoder(encoder, prec)
+        enc.encode(x[:2])  # warm-up
+        t0 = time.perf_counter()
+        grids = [enc.encode(x[i : i + batch]).grid for i in range(0, len(x), batch)]
+        secs = time.perf_counter() - t0
+        feats[prec] = torch.cat(grids)  # [N, L, C]
+        out[f"{prec}_images_per_s"] = round(len(x) / secs, 2)
+    ref, fast = feats["fp32"].flatten(1), feats["bf16"].flatten(1)
+    cos = torch.nn.functional.cosine_similarity(ref, fast, dim=1)
+    rel = (fast - ref).norm(dim=1) / ref.norm(dim=1)
+    out.update(
+        grid_cosine_min=round(float(cos.min()), 5),
+        grid_cosine_mean=round(float(cos.mean()), 5),
+        grid_rel_error_mean=round(float(rel.mean()), 5),
+        speedup=round(out["bf16_images_per_s"] / out["fp32_images_per_s"], 2),
+    )
+    return out
+
+
+def cmd_bench_precision(args: argparse.Namespace) -> int:
+    from captioning.data import load_flickr8k
+    from captioning.images import load_image
+
+    ds = load_flickr8k(args.data)
+    names = ds.splits["dev"][: args.n]
+    res = precision_report(args.encoder, [load_image(ds.image_path(n)) for n in names])
+    print(json.dumps(res))
+    return 0
+
+
+def register_precision_cli(sub) -> None:
+    p = sub.add_parser(
+        "bench-precision",
+        help="fp32 vs bf16 encoder: feature drift and speed",
+        description="Compare the bf16 + channels_last fast path with the fp32 "
+        "reference on dev images: grid cosine, relative error, images/s.",
+    )
+    p.add_argument("--encoder", default="resnet50")
+    p.add_argument("--data", help="Flickr8k directory (default: $CAPTIONING_DATA)")
+    p.add_argument("--n", type=int, default=64, help="number of dev images")
+    p.set_defaults(func=cmd_bench_precision)

@@ -105,6 +105,8 @@ def write_card(bundle: Path) -> None:
         "checkpoint chosen on dev BLEU-4 (greedy).",
         f"- Best epoch: {cfg['best_epoch']} of {len(history)}; encoder weights sha256 "
         f"`{cfg['encoder_sha256'][:16]}…`; git commit `{cfg.get('git_commit')}`.",
+        f"- Default decoding: beam {cfg.get('decode_defaults', {}).get('beam_size')}, length "
+        f"normalisation α {cfg.get('decode_defaults', {}).get('length_alpha')} (chosen on dev).",
         "- Protocol: corpus BLEU-1..4 (nltk, all 5 references, no smoothing), CIDEr-D, METEOR "
         "and ROUGE-L (pycocoevalcap) on lowercased, punctuation-stripped tokens; 0–100 scale.",
         "",
@@ -126,6 +128,17 @@ def write_card(bundle: Path) -> None:
         "",
     ]
     atomic_write_text(bundle / "card.md", "\n".join(lines))
+
+
+def set_decode_defaults(bundle: Path, **changes) -> dict:
+    """Change the bundle's default decoding (e.g. the beam size chosen on dev)."""
+    cfg = read_config(bundle)
+    merged = {**cfg.get("decode_defaults", {}), **changes}
+    DecodeConfig(**merged)  # validates the keys
+    cfg["decode_defaults"] = merged
+    atomic_write_json(bundle / "config.json", cfg)
+    write_card(bundle)
+    return merged
 
 
 def record_metrics(bundle: Path, split: str, beam: int, metrics: dict) -> None:

@@ -69,7 +69,13 @@ def evaluate(
         k: round(v, 4) if isinstance(v, float) else v
         for k, v in evaluate_captions(hyps, refs, meteor=meteor).items()
     }
-    metrics.update(n_images=len(names), beam=beam, split=split, length_alpha=cfg.length_alpha)
+    metrics.update(
+        n_images=len(names),
+        beam=beam,
+        split=split,
+        length_alpha=cfg.length_alpha,
+        precision=cap.encoder.precision.label,
+    )
     preds = []
     for n in names:
         s = sentence_bleu_smoothed(hyps[n], refs[n])
@@ -101,21 +107,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ds = load_flickr8k(args.data)
     t0 = time.perf_counter()
     overrides = {} if args.length_alpha is None else {"length_alpha": args.length_alpha}
+    beam = args.beam or cap.defaults.beam_size
     ev = evaluate(
         cap,
         ds,
         args.split,
-        args.beam,
+        beam,
         limit=args.limit,
         cache_root=Path(args.cache) if args.cache else None,
+        meteor=args.meteor,
         **overrides,
     )
     out = Path(args.out) if args.out else cap.path
-    suffix = f"_limit{args.limit}" if args.limit else ""
-    write_predictions(out / f"predictions_{args.split}_beam{args.beam}{suffix}.csv", ev.predictions)
-    if args.record and not args.limit and out == cap.path:
-        record_metrics(cap.path, args.split, args.beam, ev.metrics)
-    label = f"{cap.name} {args.split} beam={args.beam} n={ev.metrics['n_images']}"
+    if args.out or not args.limit:  # partial runs leave the bundle's prediction files alone
+        suffix = f"_limit{args.limit}" if args.limit else ""
+        write_predictions(out / f"predictions_{args.split}_beam{beam}{suffix}.csv", ev.predictions)
+    if args.record and out == cap.path:
+        # a --limit run is recorded apart (e.g. "dev_first50"), for reproduction tests
+        key = f"{args.split}_first{args.limit}" if args.limit else args.split
+        record_metrics(cap.path, key, beam, ev.metrics)
+    label = f"{cap.name} {args.split} beam={beam} n={ev.metrics['n_images']}"
     print(format_table({label: ev.metrics}))
     if ev.metrics.get("meteor_error"):
         print(f"METEOR unavailable: {ev.metrics['meteor_error']}")
@@ -142,7 +153,7 @@ def register_cli(sub) -> None:
     p.add_argument("--model", required=True, help="bundle name or path")
     p.add_argument("--data", help="Flickr8k directory (default: $CAPTIONING_DATA)")
     p.add_argument("--split", choices=("dev", "test"), default="dev")
-    p.add_argument("--beam", type=int, default=3)
+    p.add_argument("--beam", type=int, default=None, help="default: the bundle's")
     p.add_argument(
         "--length-alpha",
         type=float,
@@ -157,4 +168,68 @@ def register_cli(sub) -> None:
         "--no-record", dest="record", action="store_false", help="do not write metrics.json"
     )
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument("--no-meteor", dest="meteor", action="store_false", help="skip METEOR (Java)")
     p.set_defaults(func=cmd_evaluate)
+    register_tune_cli(sub)
+
+
+def tune_decoding(
+    cap: Captioner,
+    ds: Flickr8k,
+    beams=(1, 3, 5),
+    alphas=(0.0, 0.5, 1.0),
+    cache_root: Path | None = None,
+) -> tuple[dict, list[dict]]:
+    """Pick beam size and length normalisation by dev BLEU-4 (ties: the smaller beam)."""
+    rows = []
+    for beam in beams:
+        for alpha in alphas if beam > 1 else (0.0,):
+            ev = evaluate(
+                cap, ds, "dev", beam, cache_root=cache_root, meteor=False, length_alpha=alpha
+            )
+            rows.append(
+                {
+                    "beam": beam,
+                    "length_alpha": alpha,
+                    **{k: round(ev.metrics[k], 2) for k in ("bleu1", "bleu4", "cider")},
+                }
+            )
+    best = max(rows, key=lambda r: (r["bleu4"], -r["beam"]))
+    return best, rows
+
+
+def cmd_tune_decoding(args: argparse.Namespace) -> int:
+    from captioning.bundle import set_decode_defaults
+
+    cap = Captioner.load(args.model, args.precision)
+    ds = load_flickr8k(args.data)
+    best, rows = tune_decoding(cap, ds, cache_root=Path(args.cache) if args.cache else None)
+    print(f"{'beam':>4s} {'alpha':>5s} {'BLEU-1':>7s} {'BLEU-4':>7s} {'CIDEr-D':>7s}  (dev)")
+    for r in rows:
+        mark = "  <- best" if r is best else ""
+        print(
+            f"{r['beam']:4d} {r['length_alpha']:5.1f} {r['bleu1']:7.2f} {r['bleu4']:7.2f} "
+            f"{r['cider']:7.2f}{mark}"
+        )
+    if args.apply:
+        set_decode_defaults(cap.path, beam_size=best["beam"], length_alpha=best["length_alpha"])
+        print(
+            f"{cap.name}: default decoding is now beam {best['beam']}, alpha {best['length_alpha']}"
+        )
+    print(json.dumps({"best": best, "grid": rows}))
+    return 0
+
+
+def register_tune_cli(sub) -> None:
+    p = sub.add_parser(
+        "tune-decoding",
+        help="choose beam size and length norm. on dev",
+        description="Evaluate beams 1/3/5 x length normalisation 0/0.5/1 on the "
+        "dev split and pick the best BLEU-4 (never looks at test).",
+    )
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", help="Flickr8k directory (default: $CAPTIONING_DATA)")
+    p.add_argument("--cache", help="feature cache root")
+    p.add_argument("--apply", action="store_true", help="store the choice in the bundle")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.set_defaults(func=cmd_tune_decoding)

@@ -33,7 +33,8 @@ from captioning.precision import resolve_precision
 from captioning.vocab import Vocabulary, pad_batch
 
 STATE_DIR = "train_state"
-RESUME_FREE = ("max_minutes", "checkpoint_minutes")  # may change on --resume
+# may change on --resume; a new ``epochs`` re-spreads the rest of the cosine schedule
+RESUME_FREE = ("max_minutes", "checkpoint_minutes", "epochs")
 
 
 @dataclass

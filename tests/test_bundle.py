@@ -151,3 +151,22 @@ def test_cli_errors_are_one_line(world_env):
     out = cli("caption", "--model", "nope", "x.jpg")
     assert out.returncode == 2 and out.stderr.startswith("error: no model bundle")
     assert "Traceback" not in out.stderr
+
+
+def test_tune_decoding_picks_on_dev_and_applies(world_env, tmp_path):
+    from captioning.bundle import set_decode_defaults
+    from captioning.data import load_flickr8k
+    from captioning.evaluate import tune_decoding
+
+    bundle = tmp_path / "tuned"
+    shutil.copytree(world_env.models / "resnet50-inject", bundle)
+    cap = Captioner.load(bundle, precision="fp32")
+    ds = load_flickr8k(world_env.data)
+    best, rows = tune_decoding(cap, ds, beams=(1, 2), alphas=(0.0, 1.0))
+    assert [(r["beam"], r["length_alpha"]) for r in rows] == [(1, 0.0), (2, 0.0), (2, 1.0)]
+    assert best["bleu4"] == max(r["bleu4"] for r in rows)
+    set_decode_defaults(bundle, beam_size=2, length_alpha=1.0)
+    assert Captioner.load(bundle, precision="fp32").defaults.beam_size == 2
+    assert "beam 2" in (bundle / "card.md").read_text()
+    with pytest.raises(TypeError):
+        set_decode_defaults(bundle, beam=3)
