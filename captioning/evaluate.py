@@ -39,8 +39,9 @@ def split_features(cap: Captioner, ds: Flickr8k, names: list[str], cache_root: P
     missing = [n for n in names if n not in cache.cached_names()]
     if missing:
         extract(cap.encoder, [(n, ds.image_path(n)) for n in missing], cache)
-    feats = cache.load(names, with_grid=cap.uses_grid)
-    return feats.grid if cap.uses_grid else feats.pooled  # [N, L, C] or [N, D] fp16
+    feats = cache.load(names, with_grid=cap.uses_grid)  # rows in cache order
+    rows = feats.rows(names)
+    return (feats.grid if cap.uses_grid else feats.pooled).index_select(0, rows)  # in names order
 
 
 def evaluate(
@@ -203,7 +204,13 @@ def cmd_tune_decoding(args: argparse.Namespace) -> int:
 
     cap = Captioner.load(args.model, args.precision)
     ds = load_flickr8k(args.data)
-    best, rows = tune_decoding(cap, ds, cache_root=Path(args.cache) if args.cache else None)
+    best, rows = tune_decoding(
+        cap,
+        ds,
+        beams=args.beams,
+        alphas=args.alphas,
+        cache_root=Path(args.cache) if args.cache else None,
+    )
     print(f"{'beam':>4s} {'alpha':>5s} {'BLEU-1':>7s} {'BLEU-4':>7s} {'CIDEr-D':>7s}  (dev)")
     for r in rows:
         mark = "  <- best" if r is best else ""
@@ -231,5 +238,7 @@ def register_tune_cli(sub) -> None:
     p.add_argument("--data", help="Flickr8k directory (default: $CAPTIONING_DATA)")
     p.add_argument("--cache", help="feature cache root")
     p.add_argument("--apply", action="store_true", help="store the choice in the bundle")
+    p.add_argument("--beams", type=int, nargs="+", default=[1, 3, 5])
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.set_defaults(func=cmd_tune_decoding)

@@ -170,3 +170,20 @@ def test_tune_decoding_picks_on_dev_and_applies(world_env, tmp_path):
     assert "beam 2" in (bundle / "card.md").read_text()
     with pytest.raises(TypeError):
         set_decode_defaults(bundle, beam=3)
+
+
+def test_evaluation_matches_direct_captioning_in_any_split_order(world_env):
+    """Features come from the cache in cache order; predictions must follow the split's order."""
+    from captioning.data import load_flickr8k
+    from captioning.evaluate import evaluate
+
+    cap = Captioner.load("resnet50-attention", precision="fp32")
+    ds = load_flickr8k(world_env.data)
+    cache = world_env.cache / "fp32-order"
+    first = evaluate(cap, ds, "test", 2, cache_root=cache, meteor=False)  # fills the cache
+    ds.splits["test"] = ds.splits["test"][::-1]
+    reverse = evaluate(cap, ds, "test", 2, cache_root=cache, meteor=False)  # other order
+    assert [r["image"] for r in reverse.predictions] == ds.splits["test"]
+    for row in first.predictions + reverse.predictions:
+        direct = cap.caption(ds.image_path(row["image"]), beam_size=2)
+        assert row["caption"] == direct.text, row["image"]
