@@ -368,8 +368,30 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 1 if skipped else 0
 
 
+def results_markdown(bundles: list[BundleInfo], split: str = "test") -> str:
+    """A markdown table of every bundle's recorded metrics on ``split``, one row per beam."""
+    head = (
+        "| model | beam | α | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | METEOR | ROUGE-L | CIDEr-D |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
+    )
+    rows = [head]
+    for b in bundles:
+        recs = b.metrics.get(split, {})
+        for key in sorted(recs, key=lambda k: int(k.removeprefix("beam"))):
+            m = recs[key]
+            cells = [
+                m.get(k) for k in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rougeL", "cider")
+            ]
+            vals = " | ".join("—" if v is None else f"{v:.1f}" for v in cells)
+            rows.append(f"| {b.name} | {m['beam']} | {m.get('length_alpha', 0)} | {vals} |")
+    return "\n".join(rows)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     bundles = list_bundles(Path(args.models_dir) if args.models_dir else None)
+    if args.markdown:
+        print(results_markdown(bundles, args.split))
+        return 0
     if not bundles:
         print(
             f"no bundles in {args.models_dir or models_dir_default()}; train one with "
@@ -416,4 +438,6 @@ def register_cli(sub) -> None:
         description="List model bundles.",
     )
     p.add_argument("--models-dir", help="default: artifacts/models")
+    p.add_argument("--markdown", action="store_true", help="a results table, one row per beam")
+    p.add_argument("--split", default="test", help="with --markdown (default: test)")
     p.set_defaults(func=cmd_models)
