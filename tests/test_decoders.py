@@ -153,7 +153,7 @@ def test_attention_loss_has_doubly_stochastic_term(task):
     assert alphas.shape == (4, tokens.shape[1] - 1, 16)
     loss, ce = caption_loss(logits, tokens, alphas, 1.0)
     no_reg, _ = caption_loss(logits, tokens, alphas, 0.0)
-    assert float(loss) > float(no_reg) == pytest.approx(float(ce))
+    assert loss.item() > no_reg.item() == pytest.approx(ce.item())
 
 
 def test_unknown_decoder_kind():
