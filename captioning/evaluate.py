@@ -36,7 +36,8 @@ class Evaluation:
 def split_features(cap: Captioner, ds: Flickr8k, names: list[str], cache_root: Path | None):
     """Features from the cache when present (extracting any missing ones first)."""
     cache = FeatureCache.for_encoder(cap.encoder, cache_root)
-    missing = [n for n in names if n not in cache.cached_names()]
+    cached = cache.cached_names()  # one manifest read, not one per image
+    missing = [n for n in names if n not in cached]
     if missing:
         extract(cap.encoder, [(n, ds.image_path(n)) for n in missing], cache)
     feats = cache.load(names, with_grid=cap.uses_grid)  # rows in cache order

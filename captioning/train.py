@@ -89,7 +89,8 @@ def prepare_data(ds: Flickr8k, cfg: TrainConfig, cache_root: Path | None) -> Tra
     vocab = Vocabulary.build((c for n in train for c in ds.captions[n]), min_freq=cfg.min_freq)
     enc = build_encoder(cfg.encoder, cfg.precision)
     cache = FeatureCache.for_encoder(enc, cache_root)
-    missing = [n for n in train + dev if n not in cache.cached_names()]
+    cached = cache.cached_names()  # one manifest read, not one per image
+    missing = [n for n in train + dev if n not in cached]
     if missing:
         print(f"extracting {len(missing)} missing {cfg.encoder} features first", file=sys.stderr)
         extract(enc, [(n, ds.image_path(n)) for n in missing], cache)

@@ -83,37 +83,11 @@ def test_data_summary_on_real_data(flickr8k_dir, capsys):
 
 
 def test_extract_cli_on_real_data(flickr8k_dir, tmp_path):
-    out = run(
-        "extract",
-        "--encoder",
-        "resnet50",
-        "--data",
-        str(flickr8k_dir),
-        "--cache",
-        str(tmp_path),
-        "--limit",
-        "3",
-        "--precision",
-        "fp32",
-    )
+    args = ("extract", "--encoder", "resnet50", "--data", str(flickr8k_dir), "--cache",
+            str(tmp_path), "--limit", "3", "--precision", "fp32")  # fmt: skip
+    out = run(*args)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["new_images"] == 3 and summary["total_images"] == 3
-    again = json.loads(
-        run(
-            "extract",
-            "--encoder",
-            "resnet50",
-            "--data",
-            str(flickr8k_dir),
-            "--cache",
-            str(tmp_path),
-            "--limit",
-            "3",
-            "--precision",
-            "fp32",
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
+    again = json.loads(run(*args).stdout.strip().splitlines()[-1])
     assert again["new_images"] == 0
