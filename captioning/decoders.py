@@ -182,15 +182,43 @@ class AttentionDecoder(Decoder):
         return F.log_softmax(self._logits(emb, h, z).float(), -1), (h, c), alpha
 
     def forward(self, ctx, tokens):
+        """Teacher forcing over rows sorted by length: step t runs only the rows still active.
+
+        Rows are processed longest first, so the active rows at step t are a prefix and every
+        slice is a view. The deep output runs once, after the loop, on the packed positions.
+        """
+        b, t1 = tokens.shape[0], tokens.shape[1] - 1
+        steps = (tokens[:, 1:] != 0).sum(1)  # [B] next-word targets per row
+        order = torch.argsort(steps, descending=True, stable=True)
+        resort = bool((order != torch.arange(b)).any())
+        if resort:  # callers that sort (training) skip this copy
+            tokens, steps = tokens.index_select(0, order), steps.index_select(0, order)
+            ctx = self.select(ctx, order)
+        active = [int((steps > t).sum()) for t in range(int(steps.max()) if b else 0)]
         h, c = self.init_state(ctx)
         emb = self.drop(self.embed(tokens[:, :-1]))  # [B, T-1, E]
-        logits, alphas = [], []
-        for t in range(emb.shape[1]):
-            z, alpha = self._attend(ctx, h)
-            h, c = self.cell(torch.cat([emb[:, t], z], -1), (h, c))
-            logits.append(self._logits(emb[:, t], h, z))
-            alphas.append(alpha)
-        return torch.stack(logits, 1), torch.stack(alphas, 1)  # [B,T-1,V], [B,T-1,L]
+        hs, zs, es, alphas = [], [], [], []
+        for t, bt in enumerate(active):
+            sub = {"proj": ctx["proj"][:bt], "grid": ctx["grid"][:bt]}
+            z, alpha = self._attend(sub, h[:bt])  # [bt, C], [bt, L]
+            e = emb[:bt, t]
+            h, c = self.cell(torch.cat([e, z], -1), (h[:bt], c[:bt]))
+            hs.append(h)
+            zs.append(z)
+            es.append(e)
+            alphas.append(F.pad(alpha, (0, 0, 0, b - bt)))
+        packed = self._logits(torch.cat(es), torch.cat(hs), torch.cat(zs))  # [P, V]
+        # packed position p of (t, row) -> padded [B, T-1]: row-major over t then row
+        rows = torch.cat([torch.arange(bt) for bt in active])
+        cols = torch.cat([torch.full((bt,), t) for t, bt in enumerate(active)])
+        logits = packed.new_zeros(b, t1, packed.shape[-1])
+        logits = logits.index_put((rows, cols), packed)  # [B, T-1, V]
+        att = torch.stack(alphas, 1) if alphas else ctx["grid"].new_zeros(b, 0, 0)
+        att = F.pad(att, (0, 0, 0, t1 - att.shape[1]))  # [B, T-1, L]
+        if resort:
+            inv = torch.argsort(order)
+            logits, att = logits.index_select(0, inv), att.index_select(0, inv)
+        return logits, att
 
 
 def build_decoder(cfg: DecoderConfig) -> Decoder:
@@ -215,7 +243,8 @@ def caption_loss(
     Returns (loss to optimise, cross-entropy alone).
     """
     target = tokens[:, 1:]  # [B, T-1]
-    ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=pad_id)
+    keep = target != pad_id  # [B, T-1]; padded positions cost nothing
+    ce = F.cross_entropy(logits[keep].float(), target[keep])
     if alphas is None or alpha_c == 0:
         return ce, ce.detach()
     mask = (target != pad_id).float()[..., None]  # [B, T-1, 1]

@@ -1,10 +1,32 @@
 """Greedy and batched beam-search decoding for any ``Decoder``.
 
 Special ids come from the vocabulary format: ``<pad>``=0, ``<start>``=1, ``<end>``=2, ``<unk>``=3.
+
+Beam search is the standard one (GNMT, fairseq, Hugging Face):
+
+* Each image has ``k`` live hypotheses and a pool of finished ones. The pool holds the
+  ``min(n_best, k)`` best finished captions by the length-normalised score
+  ``logprob / (words + 1) ** length_alpha`` (``<end>`` counts as a token; α=0 is the raw
+  log-prob).
+* Each step ranks the ``k·V`` extensions by summed log-prob (all live hypotheses have the same
+  length, so this is also the normalised order) and keeps the ``2k`` best. Those ending in
+  ``<end>`` among the top ``k`` join the pool. The first ``k`` that do not end form the new live
+  beam, so the beam never narrows as captions end.
+* An image is done when no live hypothesis can still enter its pool. Log-probs are <= 0, so a
+  live hypothesis with summed log-prob ``lp`` can reach at most ``lp / (max_len + 1) ** α``
+  (an exact upper bound, as Hugging Face's ``early_stopping="never"``; for α=0 it is ``lp``
+  itself). The early stop therefore returns exactly what running to ``max_len`` returns. With
+  ``n_best=1`` the rule is "no live hypothesis can beat the best finished one".
+* At ``max_len`` words only ``<end>`` is allowed, which closes the live hypotheses.
+
+``no_repeat_ngram=n`` forbids any word that would complete an n-gram already in the hypothesis
+(greedy and beam). The step loop is batched over images and beams; the words, back-pointers and
+attention of each step are kept in tensors, and the n-best lists are traced back once at the end.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -12,17 +34,39 @@ import torch
 from captioning.decoders import Decoder
 from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 
-NEG = -1e9
+NEG = -1e9  # log-prob of a forbidden word; hypotheses at or below NEG / 2 are dead
+MAX_BEAM = 10  # largest beam_size accepted anywhere (the CLI's --beam too)
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and value >= low and (high is None or value <= high)
+    if not ok:
+        allowed = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
 
 
 @dataclass
 class DecodeConfig:
-    beam_size: int = 3
+    beam_size: int = 3  # 1 = greedy
     max_len: int = 20  # generated words, <end> excluded
     min_len: int = 1  # words before <end> may be emitted
-    length_alpha: float = 0.0  # final score = logprob / len**alpha (0 = raw log-prob)
+    length_alpha: float = 0.0  # score = logprob / (words + 1) ** alpha (0 = raw log-prob)
     block_unk: bool = True
-    n_best: int = 5
+    n_best: int = 5  # hypotheses returned per image (at most beam_size)
+    no_repeat_ngram: int = 0  # forbid repeating any n-gram of this size (0 = off)
+
+    def __post_init__(self) -> None:
+        _check_int("beam_size", self.beam_size, 1, MAX_BEAM)
+        _check_int("max_len", self.max_len, 1)
+        _check_int("min_len", self.min_len, 0, self.max_len)
+        _check_int("n_best", self.n_best, 1)
+        _check_int("no_repeat_ngram", self.no_repeat_ngram, 0)
+        a = self.length_alpha
+        if isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) or a < 0:
+            raise ValueError(f"length_alpha must be a number >= 0, got {a!r}")
+        if not isinstance(self.block_unk, bool):
+            raise ValueError(f"block_unk must be true or false, got {self.block_unk!r}")
 
 
 @dataclass
@@ -34,20 +78,44 @@ class Hypothesis:
     attention: torch.Tensor | None = None  # [len(tokens), L] for attention decoders
 
 
-def _blocked(logp: torch.Tensor, t: int, cfg: DecodeConfig) -> torch.Tensor:
-    """Forbid <pad>, <start>, optionally <unk>, and <end> before min_len. logp [B, V]."""
-    logp = logp.clone()
-    logp[:, PAD_ID] = NEG
-    logp[:, START_ID] = NEG
-    if cfg.block_unk:
-        logp[:, UNK_ID] = NEG
-    if t < cfg.min_len:
-        logp[:, END_ID] = NEG
-    return logp
-
-
 def _length_score(logprob: float, n_tokens: int, alpha: float) -> float:
     return logprob / max(n_tokens, 1) ** alpha if alpha else logprob
+
+
+class _NextWordRules:
+    """Which next words are allowed at step t; builds its [V] masks once per search."""
+
+    def __init__(self, cfg: DecodeConfig, vocab_size: int) -> None:
+        self.cfg = cfg
+        self.bias = torch.zeros(vocab_size)  # [V], added to the log-probs
+        self.bias[[PAD_ID, START_ID, UNK_ID] if cfg.block_unk else [PAD_ID, START_ID]] = NEG
+        self.early = self.bias.clone()  # before min_len: no <end> either
+        self.early[END_ID] = NEG
+
+    def apply(self, logp: torch.Tensor, t: int, history: torch.Tensor | None) -> torch.Tensor:
+        """logp [B, V] at step t -> a new [B, V] with forbidden words at NEG or below.
+
+        history [B, >= t]: the words of steps 0..t-1 of each row (for n-gram blocking).
+        """
+        cfg = self.cfg
+        if t == cfg.max_len:  # out of room: only <end> is left
+            out = torch.full_like(logp, NEG)
+            out[:, END_ID] = logp[:, END_ID]
+            return out
+        out = logp + (self.early if t < cfg.min_len else self.bias)
+        n = cfg.no_repeat_ngram
+        if n and history is not None and t >= n:
+            _ban_repeats(out, history[:, :t], n)
+        return out
+
+
+def _ban_repeats(logp: torch.Tensor, words: torch.Tensor, n: int) -> None:
+    """In place: forbid each word that would complete an n-gram already in ``words`` [B, t]."""
+    grams = words.unfold(1, n, 1)  # [B, t-n+1, n], every complete n-gram so far
+    last = words[:, words.shape[1] - n + 1 :]  # [B, n-1], the prefix of the next n-gram
+    match = (grams[:, :, :-1] == last[:, None]).all(-1)  # [B, t-n+1]
+    banned = torch.where(match, grams[:, :, -1], PAD_ID)  # <pad> is forbidden anyway
+    logp.scatter_(1, banned, NEG)
 
 
 @torch.inference_mode()
@@ -61,36 +129,37 @@ def greedy_decode(
     n = feats.shape[0]
     word = torch.full((n,), START_ID, dtype=torch.long)
     done = torch.zeros(n, dtype=torch.bool)
+    length = torch.full((n,), cfg.max_len, dtype=torch.long)  # words before <end>
     logprob = torch.zeros(n)
-    tokens, alphas = [], []
+    seq = torch.zeros(n, cfg.max_len + 1, dtype=torch.long)  # [N, T] word of each step
+    rules: _NextWordRules | None = None
+    alphas = []  # each [N, L]
     for t in range(cfg.max_len + 1):
-        logp, state, alpha = decoder.step(ctx, state, word)
-        logp = _blocked(logp, t, cfg)
-        if t == cfg.max_len:  # out of room: only <end> is left
-            best_lp, word = logp[:, END_ID], torch.full((n,), END_ID, dtype=torch.long)
-        else:
-            best_lp, word = logp.max(-1)
-        logprob += torch.where(done, torch.zeros_like(best_lp), best_lp)
-        tokens.append(torch.where(done, torch.full_like(word, PAD_ID), word))
+        logp, state, alpha = decoder.step(ctx, state, word)  # [N, V]
+        rules = rules or _NextWordRules(cfg, logp.shape[-1])
+        best_lp, word = rules.apply(logp, t, seq).max(-1)  # [N] each
+        logprob += best_lp.masked_fill(done, 0.0)
+        word = word.masked_fill(done, PAD_ID)
+        seq[:, t] = word
         if alpha is not None:
             alphas.append(alpha)
-        done |= word == END_ID
-        if done.all():
+        ended = word == END_ID
+        length = torch.where(ended, t, length)
+        done |= ended
+        if bool(done.all()):
             break
-    seq = torch.stack(tokens, 1)  # [N, T]
     att = torch.stack(alphas, 1) if alphas else None  # [N, T, L]
     out = []
-    for i in range(n):
-        ids = seq[i].tolist()
-        words = ids[: ids.index(END_ID)] if END_ID in ids else [x for x in ids if x != PAD_ID]
-        lp = float(logprob[i])
+    for i, (ids, n_words, lp) in enumerate(
+        zip(seq.tolist(), length.tolist(), logprob.tolist(), strict=True)
+    ):
         out.append(
             Hypothesis(
-                words,
+                ids[:n_words],
                 lp,
-                _length_score(lp, len(words) + 1, cfg.length_alpha),
+                _length_score(lp, n_words + 1, cfg.length_alpha),
                 True,
-                att[i, : len(words)].clone() if att is not None else None,
+                att[i, :n_words].clone() if att is not None else None,
             )
         )
     return out
@@ -98,72 +167,109 @@ def greedy_decode(
 
 @torch.inference_mode()
 def beam_search(
-    decoder: Decoder, feats: torch.Tensor, cfg: DecodeConfig | None = None
+    decoder: Decoder,
+    feats: torch.Tensor,
+    cfg: DecodeConfig | None = None,
+    *,
+    stop_early: bool = True,
 ) -> list[list[Hypothesis]]:
     """Batched beam search over N images at once; returns each image's n-best list, best first.
 
-    Finished beams keep their slot and their score (they can only extend with a free <pad>).
-    Beams that never emit <end> by ``max_len`` are closed there. Ranking uses
-    logprob / (words + 1) ** length_alpha.
+    See the module docstring for the algorithm. ``stop_early=False`` runs every image to
+    ``max_len`` (the result is the same; tests use it to check the stop rule).
     """
     cfg = cfg or DecodeConfig()
     k, n = cfg.beam_size, feats.shape[0]
+    p = min(cfg.n_best, k)  # pool size per image
+    rows = n * k
     ctx = decoder.select(decoder.context(feats), torch.arange(n).repeat_interleave(k))
     state = decoder.init_state(ctx)
-    word = torch.full((n * k,), START_ID, dtype=torch.long)
-    scores = torch.full((n, k), NEG)
-    scores[:, 0] = 0.0  # only one live beam at the start, so the k beams differ
-    finished = torch.zeros(n * k, dtype=torch.bool)
-    seqs = torch.zeros(n * k, 0, dtype=torch.long)
-    atts: torch.Tensor | None = None  # [N*k, t, L]
+    word = torch.full((rows,), START_ID, dtype=torch.long)
+    live = torch.full((n, k), NEG)
+    live[:, 0] = 0.0  # one live hypothesis at the start, so the k beams differ
+    live = live.view(rows)  # [N*k] summed log-probs of the live hypotheses
+    first_row = (torch.arange(n) * k)[:, None]  # [N, 1]
+    hist = torch.zeros(rows, cfg.max_len + 1, dtype=torch.long) if cfg.no_repeat_ngram else None
+    # the pool: [N, p] score, log-prob, step of <end> (= words) and the row that emitted it
+    pool_score = torch.full((n, p), -math.inf)
+    pool_lp = torch.zeros(n, p)
+    pool_t = torch.zeros(n, p, dtype=torch.long)
+    pool_row = torch.zeros(n, p, dtype=torch.long)
+    best_reach = (cfg.max_len + 1) ** cfg.length_alpha  # largest length normaliser
+    words, backs, alphas = [], [], []  # per step: [N*k] word, [N*k] source row, [N*k, L]
+    rules: _NextWordRules | None = None
     for t in range(cfg.max_len + 1):
         logp, state, alpha = decoder.step(ctx, state, word)  # [N*k, V]
-        logp = _blocked(logp, t, cfg)
-        if t == cfg.max_len:
-            forced = torch.full_like(logp, NEG)
-            forced[:, END_ID] = logp[:, END_ID]
-            logp = forced
-        # a finished beam continues only with <pad>, at no cost
-        logp[finished] = NEG
-        logp[finished, PAD_ID] = 0.0
+        rules = rules or _NextWordRules(cfg, logp.shape[-1])
+        logp = rules.apply(logp, t, hist)
         vocab = logp.shape[-1]
-        cand = (scores.view(n * k, 1) + logp).view(n, k * vocab)  # [N, k*V]
-        scores, flat = cand.topk(k, dim=-1)  # [N, k]
-        beam = flat // vocab + torch.arange(n)[:, None] * k  # [N, k] rows in N*k
-        word = (flat % vocab).view(-1)
-        beam = beam.view(-1)
-        state = tuple(s.index_select(0, beam) for s in state)
-        finished = finished.index_select(0, beam) | (word == END_ID) | (word == PAD_ID)
-        seqs = torch.cat([seqs.index_select(0, beam), word[:, None]], 1)
-        if alpha is not None:
-            a = alpha.index_select(0, beam)[:, None]
-            atts = a if atts is None else torch.cat([atts.index_select(0, beam), a], 1)
-        if finished.all():
+        cand = (logp + live[:, None]).view(n, k * vocab)
+        top_lp, top = cand.topk(2 * k, dim=-1)  # [N, 2k], best first
+        src = top // vocab + first_row  # [N, 2k] source rows in N*k
+        tok = top % vocab
+        ends = (tok == END_ID) & (top_lp > NEG / 2)
+        # finished: <end> among the top k joins the pool if it is among the p best
+        new_score = torch.where(ends[:, :k], top_lp[:, :k] / (t + 1) ** cfg.length_alpha, -math.inf)
+        merged = torch.cat([pool_score, new_score], 1)  # [N, p+k], old entries first
+        order = merged.argsort(dim=1, descending=True, stable=True)[:, :p]  # ties keep the old
+        pool_score = merged.gather(1, order)
+        pool_lp = torch.cat([pool_lp, top_lp[:, :k]], 1).gather(1, order)
+        pool_t = torch.cat([pool_t, torch.full((n, k), t)], 1).gather(1, order)
+        pool_row = torch.cat([pool_row, src[:, :k]], 1).gather(1, order)
+        if t == cfg.max_len:  # every live hypothesis was closed with <end>
             break
-    return _collect(seqs, scores.view(-1), atts, n, k, cfg)
+        # live: the first k candidates that do not end (at most k of the 2k end)
+        keep = ends.to(torch.int8).argsort(dim=1, stable=True)[:, :k]  # [N, k]
+        live = top_lp.gather(1, keep).view(rows)
+        back = src.gather(1, keep).view(rows)
+        word = tok.gather(1, keep).view(rows)
+        state = tuple(s.index_select(0, back) for s in state)
+        words.append(word)
+        backs.append(back)
+        if alpha is not None:
+            alphas.append(alpha)
+        if hist is not None:
+            hist = hist.index_select(0, back)
+            hist[:, t] = word
+        if stop_early:
+            reach = torch.where(live > NEG / 2, live / best_reach, -math.inf)
+            if bool((pool_score[:, -1] >= reach.view(n, k).amax(1)).all()):
+                break
+    return _trace_back(cfg, pool_score, pool_lp, pool_t, pool_row, words, backs, alphas)
 
 
-def _collect(seqs, scores, atts, n, k, cfg) -> list[list[Hypothesis]]:
+def _trace_back(cfg, pool_score, pool_lp, pool_t, pool_row, words, backs, alphas):
+    """Rebuild the pooled hypotheses' words [E, T] and attention [E, T, L] from back-pointers."""
+    n, p = pool_score.shape
+    steps = int(pool_t.max())
+    ends = pool_t.view(-1)  # [E] words of each entry
+    cur = pool_row.view(-1).clone()  # [E] row that emitted <end>, then each ancestor
+    tokens = torch.zeros(n * p, steps, dtype=torch.long)
+    att = torch.zeros(n * p, steps, alphas[0].shape[-1]) if alphas and steps else None
+    for s in range(steps - 1, -1, -1):  # row r entering step s+1 left step s as row r
+        on = ends > s
+        prev = backs[s][cur]  # the row that emitted words[s][cur] at step s
+        tokens[:, s] = words[s][cur]
+        if att is not None:
+            att[:, s] = alphas[s][prev]
+        cur = torch.where(on, prev, cur)
     out = []
+    scores, lps, lens = pool_score.tolist(), pool_lp.tolist(), pool_t.tolist()
+    ids = tokens.tolist()
     for i in range(n):
         hyps = []
-        for j in range(i * k, (i + 1) * k):
-            lp = float(scores[j])
-            if lp <= NEG / 2:
+        for j in range(p):
+            if scores[i][j] == -math.inf:
                 continue
-            ids = seqs[j].tolist()
-            ended = END_ID in ids
-            words = ids[: ids.index(END_ID)] if ended else [x for x in ids if x != PAD_ID]
-            att = atts[j, : len(words)].clone() if atts is not None else None
-            score = _length_score(lp, len(words) + 1, cfg.length_alpha)
-            hyps.append(Hypothesis(words, lp, score, ended, att))
-        hyps.sort(key=lambda h: h.score, reverse=True)
+            e, m = i * p + j, lens[i][j]
+            a = att[e, :m].clone() if att is not None else None
+            hyps.append(Hypothesis(ids[e][:m], lps[i][j], scores[i][j], True, a))
         out.append(hyps[: cfg.n_best])
     return out
 
 
 def decode(decoder: Decoder, feats: torch.Tensor, cfg: DecodeConfig) -> list[list[Hypothesis]]:
     """Beam search for beam_size > 1, greedy for 1; always returns n-best lists."""
-    if cfg.beam_size <= 1:
+    if cfg.beam_size == 1:
         return [[h] for h in greedy_decode(decoder, feats, cfg)]
     return beam_search(decoder, feats, cfg)

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -207,13 +208,30 @@ class LoadedEncoder:
     spec: EncoderSpec
     sha256: str
     precision: Precision
+    engine: Any = None  # a compiled forward pass (captioning.runtime), or None: torch runs it
+
+    @property
+    def runtime(self) -> str:
+        return "torch" if self.engine is None else self.engine.runtime
+
+    @property
+    def label(self) -> str:
+        """How features are computed, e.g. "bf16+cl" (torch) or "bf16-openvino"."""
+        if self.engine is None:
+            return self.precision.label
+        return f"{self.precision.dtype}-{self.engine.runtime}"
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> EncoderOutput:
         """images [B,3,224,224] float RGB in [0,1] -> pooled [B,D], grid [B,HW,C] (float32)."""
+        if self.engine is not None:
+            return self.engine.encode(images)
         x = self.precision.prepare_input(images)
         with self.precision.autocast():
-            return self.model(x)
+            out = self.model(x)
+        if out.grid.device.type != "cpu":  # CUDA-only: features come back to the CPU
+            out = EncoderOutput(pooled=out.pooled.cpu(), grid=out.grid.cpu())
+        return out
 
     @torch.inference_mode()
     def classify(self, images: torch.Tensor) -> torch.Tensor:
@@ -243,9 +261,18 @@ def weights_path(spec: EncoderSpec, encoder_dir: Path | None = None) -> Path:
     return (encoder_dir or ENCODER_DIR) / spec.weights_file
 
 
-def _load_torchvision_state(spec: EncoderSpec) -> tuple[dict[str, torch.Tensor], str]:
+def _torchvision_weights(spec: EncoderSpec):
     enum_name, member = spec.tv_weights.split(".")
-    weights = getattr(getattr(models, enum_name), member)
+    return getattr(getattr(models, enum_name), member)
+
+
+def torchvision_checkpoint(spec: EncoderSpec) -> Path:
+    """Where ``torch.hub`` keeps the downloaded checkpoint of a torchvision encoder."""
+    return Path(torch.hub.get_dir(), "checkpoints", Path(_torchvision_weights(spec).url).name)
+
+
+def _load_torchvision_state(spec: EncoderSpec) -> tuple[dict[str, torch.Tensor], str]:
+    weights = _torchvision_weights(spec)
     try:
         state = torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True)
     except Exception as e:  # noqa: BLE001 - any download failure means the same to the user
@@ -269,8 +296,7 @@ def _load_torchvision_state(spec: EncoderSpec) -> tuple[dict[str, torch.Tensor],
         for k, v in net.state_dict().items():
             if k.startswith("features.") and int(k.split(".")[1]) < 30:
                 enc_state["body." + k.split(".", 1)[1]] = v
-    file_hash = Path(torch.hub.get_dir(), "checkpoints", Path(weights.url).name)
-    return enc_state, sha256_file(file_hash)
+    return enc_state, sha256_file(torchvision_checkpoint(spec))
 
 
 def build_encoder(
@@ -303,11 +329,33 @@ def build_encoder(
 
 
 @functools.lru_cache(maxsize=8)
-def shared_encoder(name: str, precision: str = "auto") -> LoadedEncoder:
-    """One encoder instance per (name, precision) in this process, shared by all its users."""
-    return build_encoder(name, precision)
+def shared_encoder(name: str, precision: str = "auto", runtime: str = "torch") -> LoadedEncoder:
+    """One encoder per (name, precision, runtime) in this process, shared by all its users.
+
+    ``runtime`` "auto"/"openvino" compiles the forward pass (``captioning.runtime``); a failed
+    compile falls back to torch with a notice, so check ``.runtime`` for what runs.
+    """
+    encoder = build_encoder(name, precision)
+    if runtime == "torch":
+        return encoder
+    from captioning.runtime import accelerate_encoder
+
+    return accelerate_encoder(encoder, runtime)
 
 
 def weights_sha256(name: str, encoder_dir: Path | None = None) -> str:
-    """sha256 of a converted encoder's weights file, without building the model."""
-    return sha256_file(weights_path(get_spec(name), encoder_dir))
+    """sha256 of an encoder's weights file, without building the model.
+
+    Converted encoders: the shipped safetensors. torchvision encoders: the checkpoint file that
+    ``torch.hub`` downloaded (the same hash ``build_encoder`` records), which must be present.
+    """
+    spec = get_spec(name)
+    if spec.source == "torchvision":
+        path = torchvision_checkpoint(spec)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"encoder {name!r}: torchvision's {spec.tv_weights} weights are not downloaded "
+                f"({path} is missing); build the encoder once with network access"
+            )
+        return sha256_file(path)
+    return sha256_file(weights_path(spec, encoder_dir))

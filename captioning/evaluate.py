@@ -1,36 +1,49 @@
 """Evaluate a bundle on a Flickr8k split: corpus metrics, per-image smoothed BLEU, predictions CSV.
 
 Protocol: the split's images, all their references, corpus BLEU-1..4 (no smoothing), CIDEr-D,
-METEOR and ROUGE-L on identical tokenisation; the beam size is part of every record.
+METEOR and ROUGE-L on identical tokenisation. Every result carries its full ``Setting`` (split,
+decoding, precision, runtime), and ``save_evaluation`` records it under that setting only.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from captioning.bundle import Captioner, record_metrics
-from captioning.data import Flickr8k, load_flickr8k
+from captioning.bundle import Setting, add_record, metrics_path
+from captioning.captioner import Captioner
+from captioning.data import Flickr8k
 from captioning.features import FeatureCache, extract
 from captioning.fileio import atomic_write_text
-from captioning.metrics import evaluate_captions, format_table, sentence_bleu_smoothed
+from captioning.metrics import BLEU_KEYS, evaluate_captions, sentence_bleu_smoothed
 
-METRIC_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "meteor", "rougeL")
+PREDICTION_FIELDS = ("image", "caption", "logprob", *BLEU_KEYS)
 
 
 @dataclass
 class Evaluation:
-    split: str
-    beam: int
-    metrics: dict  # METRIC_KEYS + n_images, beam, split
-    predictions: list[dict]  # image, caption, logprob, bleu1..4 (smoothed sentence BLEU)
+    setting: Setting
+    metrics: dict  # BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, n_images, meteor_error
+    predictions: list[dict]  # PREDICTION_FIELDS (sentence BLEU smoothed, per image)
+
+    @property
+    def summary(self) -> dict:
+        """The scores with the setting that made them, flat (the CLI's ``--json`` line)."""
+        s = self.setting
+        return {
+            **self.metrics,
+            "split": s.split,
+            "limit": s.limit,
+            "beam": s.decoding.beam_size,
+            "length_alpha": s.decoding.length_alpha,
+            "decoding": s.to_dict()["decoding"],
+            "precision": s.precision,
+            "runtime": s.runtime,
+        }
 
 
 def split_features(cap: Captioner, ds: Flickr8k, names: list[str], cache_root: Path | None):
@@ -49,7 +62,7 @@ def evaluate(
     cap: Captioner,
     ds: Flickr8k,
     split: str,
-    beam: int,
+    beam: int | None = None,
     *,
     limit: int = 0,
     cache_root: Path | None = None,
@@ -57,11 +70,15 @@ def evaluate(
     meteor: bool = True,
     **decode_overrides,
 ) -> Evaluation:
+    """Score ``cap`` on ``split`` (first ``limit`` images if set); ``beam`` None = the bundle's."""
+    if split not in ds.splits:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(ds.splits)}")
     names = ds.splits[split][:limit] if limit else ds.splits[split]
-    feats = split_features(cap, ds, names, cache_root)
     cfg = cap.decode_config(beam, **decode_overrides)
+    feats = split_features(cap, ds, names, cache_root)
     hyps, logps = {}, {}
-    for i in tqdm(range(0, len(names), batch), desc=f"decode {split} beam {beam}", unit="batch"):
+    desc = f"decode {split} beam {cfg.beam_size}"
+    for i in tqdm(range(0, len(names), batch), desc=desc, unit="batch"):
         chunk = names[i : i + batch]
         for name, nbest in zip(chunk, cap.decode_features(feats[i : i + batch], cfg), strict=True):
             hyps[name] = cap.vocab.decode(nbest[0].tokens)
@@ -71,13 +88,6 @@ def evaluate(
         k: round(v, 4) if isinstance(v, float) else v
         for k, v in evaluate_captions(hyps, refs, meteor=meteor).items()
     }
-    metrics.update(
-        n_images=len(names),
-        beam=beam,
-        split=split,
-        length_alpha=cfg.length_alpha,
-        precision=cap.encoder.precision.label,
-    )
     preds = []
     for n in names:
         s = sentence_bleu_smoothed(hyps[n], refs[n])
@@ -89,90 +99,39 @@ def evaluate(
                 **{k: round(v, 2) for k, v in s.items()},
             }
         )
-    return Evaluation(split, beam, metrics, preds)
+    setting = Setting(split, cfg, cap.encoder.precision.label, cap.runtime, limit)
+    return Evaluation(setting, metrics, preds)
 
 
 def write_predictions(path: Path, preds: list[dict]) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(
-        buf,
-        fieldnames=["image", "caption", "logprob", "bleu1", "bleu2", "bleu3", "bleu4"],
-        lineterminator="\n",
-    )
+    w = csv.DictWriter(buf, fieldnames=list(PREDICTION_FIELDS), lineterminator="\n")
     w.writeheader()
     w.writerows(preds)
     atomic_write_text(path, buf.getvalue())
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    cap = Captioner.load(args.model, args.precision)
-    ds = load_flickr8k(args.data)
-    t0 = time.perf_counter()
-    overrides = {} if args.length_alpha is None else {"length_alpha": args.length_alpha}
-    beam = args.beam or cap.defaults.beam_size
-    ev = evaluate(
-        cap,
-        ds,
-        args.split,
-        beam,
-        limit=args.limit,
-        cache_root=Path(args.cache) if args.cache else None,
-        meteor=args.meteor,
-        **overrides,
-    )
-    out = Path(args.out) if args.out else cap.path
-    if args.out or not args.limit:  # partial runs leave the bundle's prediction files alone
-        suffix = f"_limit{args.limit}" if args.limit else ""
-        write_predictions(out / f"predictions_{args.split}_beam{beam}{suffix}.csv", ev.predictions)
-    if args.record and out == cap.path:
-        # a --limit run is recorded apart (e.g. "dev_first50"), for reproduction tests
-        key = f"{args.split}_first{args.limit}" if args.limit else args.split
-        record_metrics(cap.path, key, beam, ev.metrics)
-    label = f"{cap.name} {args.split} beam={beam} n={ev.metrics['n_images']}"
-    print(format_table({label: ev.metrics}))
-    if ev.metrics.get("meteor_error"):
-        print(f"METEOR unavailable: {ev.metrics['meteor_error']}")
-    print(f"({time.perf_counter() - t0:.0f} s)")
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    k: ev.metrics.get(k)
-                    for k in (*METRIC_KEYS, "n_images", "beam", "split", "length_alpha")
-                }
-            )
-        )
-    return 0
+def save_evaluation(ev: Evaluation, directory: Path) -> list[str]:
+    """Write the predictions CSV and the metrics record of ``ev`` into ``directory``.
 
+    ``directory`` is a bundle (then its card is re-rendered) or any output folder. Only the
+    record of the very same setting is replaced. Returns one line per file written.
+    """
+    from captioning.reports import write_card
 
-def register_cli(sub) -> None:
-    p = sub.add_parser(
-        "evaluate",
-        help="score a bundle on the dev or test split",
-        description="Corpus BLEU-1..4, CIDEr-D, METEOR and ROUGE-L of a bundle on "
-        "a Flickr8k split; writes predictions_<split>_beam<K>.csv.",
-    )
-    p.add_argument("--model", required=True, help="bundle name or path")
-    p.add_argument("--data", help="Flickr8k directory (default: $CAPTIONING_DATA)")
-    p.add_argument("--split", choices=("dev", "test"), default="dev")
-    p.add_argument("--beam", type=int, default=None, help="default: the bundle's")
-    p.add_argument(
-        "--length-alpha",
-        type=float,
-        default=None,
-        help="length normalisation (default: the bundle's)",
-    )
-    p.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
-    p.add_argument("--out", help="where predictions go (default: the bundle)")
-    p.add_argument("--cache", help="feature cache root")
-    p.add_argument("--limit", type=int, default=0, help="only the first N images of the split")
-    p.add_argument(
-        "--no-record", dest="record", action="store_false", help="do not write metrics.json"
-    )
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
-    p.add_argument("--no-meteor", dest="meteor", action="store_false", help="skip METEOR (Java)")
-    p.set_defaults(func=cmd_evaluate)
-    register_tune_cli(sub)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = ev.setting.predictions_name()
+    write_predictions(directory / name, ev.predictions)
+    metrics = {k: v for k, v in ev.metrics.items() if k != "n_images"}
+    _, replaced = add_record(directory, ev.setting, ev.metrics["n_images"], metrics, name)
+    what = "replaced the record of" if replaced else "added a record for"
+    lines = [
+        f"wrote {directory / name}",
+        f"wrote {metrics_path(directory)} ({what} {ev.setting.label})",
+    ]
+    if (directory / "config.json").exists():
+        lines.append(f"wrote {write_card(directory)}")
+    return lines
 
 
 def tune_decoding(
@@ -198,48 +157,3 @@ def tune_decoding(
             )
     best = max(rows, key=lambda r: (r["bleu4"], -r["beam"]))
     return best, rows
-
-
-def cmd_tune_decoding(args: argparse.Namespace) -> int:
-    from captioning.bundle import set_decode_defaults
-
-    cap = Captioner.load(args.model, args.precision)
-    ds = load_flickr8k(args.data)
-    best, rows = tune_decoding(
-        cap,
-        ds,
-        beams=args.beams,
-        alphas=args.alphas,
-        cache_root=Path(args.cache) if args.cache else None,
-    )
-    print(f"{'beam':>4s} {'alpha':>5s} {'BLEU-1':>7s} {'BLEU-4':>7s} {'CIDEr-D':>7s}  (dev)")
-    for r in rows:
-        mark = "  <- best" if r is best else ""
-        print(
-            f"{r['beam']:4d} {r['length_alpha']:5.1f} {r['bleu1']:7.2f} {r['bleu4']:7.2f} "
-            f"{r['cider']:7.2f}{mark}"
-        )
-    if args.apply:
-        set_decode_defaults(cap.path, beam_size=best["beam"], length_alpha=best["length_alpha"])
-        print(
-            f"{cap.name}: default decoding is now beam {best['beam']}, alpha {best['length_alpha']}"
-        )
-    print(json.dumps({"best": best, "grid": rows}))
-    return 0
-
-
-def register_tune_cli(sub) -> None:
-    p = sub.add_parser(
-        "tune-decoding",
-        help="choose beam size and length norm. on dev",
-        description="Evaluate beams 1/3/5 x length normalisation 0/0.5/1 on the "
-        "dev split and pick the best BLEU-4 (never looks at test).",
-    )
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", help="Flickr8k directory (default: $CAPTIONING_DATA)")
-    p.add_argument("--cache", help="feature cache root")
-    p.add_argument("--apply", action="store_true", help="store the choice in the bundle")
-    p.add_argument("--beams", type=int, nargs="+", default=[1, 3, 5])
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
-    p.set_defaults(func=cmd_tune_decoding)

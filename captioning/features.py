@@ -1,6 +1,7 @@
 """Feature cache: pooled and grid features of every image, fp16, resumable, keyed by weights.
 
-Layout: ``<cache>/<encoder>-<sha12>-<precision>/`` holds ``manifest.json`` and shards
+Layout: ``<cache>/<encoder>-<sha12>-<label>/`` (label: the precision, e.g. ``bf16+cl``, plus the
+runtime when it is not torch, e.g. ``bf16-openvino``) holds ``manifest.json`` and shards
 ``shard-00000.safetensors`` (``pooled`` [n, D], ``grid`` [n, HW, C], image names in metadata).
 Each shard and then the manifest are written atomically, so a killed run resumes where it stopped.
 A cache whose recorded weights sha256 differs from the encoder's is refused, never read.
@@ -19,9 +20,9 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from captioning.encoders import LoadedEncoder, preprocess
+from captioning.encoders import LoadedEncoder
 from captioning.fileio import atomic_save_safetensors, atomic_write_json, read_json
-from captioning.images import ImageLoadError, load_image
+from captioning.pipeline import load_pixels, prefetch
 
 CACHE_ENV = "CAPTIONING_CACHE"
 FORMAT = "captioning-features"
@@ -37,7 +38,7 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(encoder: LoadedEncoder) -> str:
-    return f"{encoder.spec.name}-{encoder.sha256[:12]}-{encoder.precision.label}"
+    return f"{encoder.spec.name}-{encoder.sha256[:12]}-{encoder.label}"
 
 
 class StaleCacheError(RuntimeError):
@@ -75,9 +76,7 @@ class FeatureCache:
     @classmethod
     def for_encoder(cls, encoder: LoadedEncoder, root: Path | None = None) -> FeatureCache:
         root = Path(root) if root else default_cache_dir()
-        return cls(
-            root / cache_key(encoder), encoder.spec.name, encoder.sha256, encoder.precision.label
-        )
+        return cls(root / cache_key(encoder), encoder.spec.name, encoder.sha256, encoder.label)
 
     @property
     def manifest_path(self) -> Path:
@@ -166,9 +165,14 @@ def extract(
     shard_size: int = 256,
     progress: bool = True,
 ) -> ExtractReport:
-    """Encode every (name, path) not yet cached; resumable at shard granularity."""
+    """Encode every (name, path) not yet cached; resumable at shard granularity.
+
+    Images that failed before are tried again (the file may have been fixed since); the
+    manifest's ``failed`` lists only the images whose latest attempt failed.
+    """
     m = cache.manifest()
-    done = {n for s in m["shards"] for n in s["images"]} | set(m.get("failed", {}))
+    failed = m.setdefault("failed", {})
+    done = {n for s in m["shards"] for n in s["images"]}
     todo = [(n, p) for n, p in images if n not in done]
     cache.directory.mkdir(parents=True, exist_ok=True)
     start, n_done = time.perf_counter(), 0
@@ -179,26 +183,9 @@ def extract(
         desc=f"extract {cache_key_label(cache)}",
         disable=not progress,
     )
-    for s0 in range(0, len(todo), shard_size):
-        chunk = todo[s0 : s0 + shard_size]
-        names, pooled, grid = [], [], []
-        for b0 in range(0, len(chunk), batch_size):
-            batch, batch_names = [], []
-            for name, path in chunk[b0 : b0 + batch_size]:
-                try:
-                    batch.append(preprocess(load_image(path)))
-                    batch_names.append(name)
-                except ImageLoadError as e:
-                    m.setdefault("failed", {})[name] = str(e)
-                    tqdm.write(f"skipped {name}: {e}")
-            if batch:
-                out = encoder.encode(torch.stack(batch))  # pooled [b,D], grid [b,HW,C]
-                names += batch_names
-                pooled.append(out.pooled.half())
-                grid.append(out.grid.half())
-            n_done += len(chunk[b0 : b0 + batch_size])
-            bar.update(len(chunk[b0 : b0 + batch_size]))
-            bar.set_postfix(img_s=f"{n_done / (time.perf_counter() - start):.1f}")
+    names, pooled, grid, in_shard = [], [], [], 0
+
+    def flush() -> None:  # one shard (about shard_size images), then the manifest
         if names:
             fname = f"shard-{len(m['shards']):05d}.safetensors"
             atomic_save_safetensors(
@@ -206,13 +193,38 @@ def extract(
                 {"pooled": torch.cat(pooled), "grid": torch.cat(grid)},
                 metadata={"images": json.dumps(names)},
             )
-            m["shards"].append({"file": fname, "images": names})
+            m["shards"].append({"file": fname, "images": list(names)})
+            for name in names:
+                failed.pop(name, None)
         atomic_write_json(cache.manifest_path, m)
+        names.clear()
+        pooled.clear()
+        grid.clear()
+
+    # threads decode the next batches while this one is encoded (captioning.pipeline)
+    for batch in prefetch(todo, batch_size, load=lambda item: load_pixels(item[1])):
+        for i, err in batch.errors.items():
+            failed[batch.sources[i][0]] = str(err)
+            tqdm.write(f"skipped {batch.sources[i][0]}: {err}")
+        if batch.pixels is not None:
+            out = encoder.encode(batch.pixels)  # pooled [b,D], grid [b,HW,C]
+            names.extend(n for n, _ in batch.loaded)
+            pooled.append(out.pooled.half())
+            grid.append(out.grid.half())
+        in_shard += len(batch)
+        n_done += len(batch)
+        bar.update(len(batch))
+        bar.set_postfix(img_s=f"{n_done / (time.perf_counter() - start):.1f}")
+        if in_shard >= shard_size:
+            flush()
+            in_shard = 0
+    if in_shard:
+        flush()
     bar.close()
     seconds = time.perf_counter() - start
     size = sum(f.stat().st_size for f in cache.directory.glob("*.safetensors"))
     total = sum(len(s["images"]) for s in m["shards"])
-    return ExtractReport(cache.directory, len(todo), total, m.get("failed", {}), seconds, size)
+    return ExtractReport(cache.directory, len(todo), total, failed, seconds, size)
 
 
 def cache_key_label(cache: FeatureCache) -> str:

@@ -2,16 +2,24 @@
 
 Shaped like torchvision's references: ``train_one_epoch``, ``evaluate_dev`` and ``main``.
 Batches are groups of images with all their captions, so per-image work (projecting the grid,
-initialising the state) runs once per image, not once per caption. Checkpoints (safetensors +
-JSON) are written atomically every epoch and every few minutes; ``--resume`` continues with the
+initialising the state) runs once per image, not once per caption. A checkpoint is one
+safetensors file (weights, AdamW moments, RNG, the best epoch's weights; the rest as JSON in its
+metadata), written atomically every epoch and every few minutes; ``--resume`` continues with the
 same schedule, optimizer state, RNG state and data order.
+
+Under ``torchrun`` every rank trains on its contiguous share of the same global batch through
+DistributedDataParallel, with the loss weighted so that the step equals one process's step on the
+whole batch; rank 0 alone evaluates dev, writes checkpoints, history and the bundle.
+
+An output directory holds one model: a non-empty ``out`` is refused unless the run resumes the
+training state in it or ``force`` replaces everything that belonged to the old weights.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -19,22 +27,30 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
+from torch import nn
 from tqdm.auto import tqdm
 
-from captioning.data import Flickr8k, load_flickr8k
-from captioning.decoders import DECODER_KINDS, Decoder, DecoderConfig, build_decoder, caption_loss
+from captioning import distributed, finetune
+from captioning.data import Flickr8k, load_dataset
+from captioning.decoders import Decoder, DecoderConfig, caption_loss
 from captioning.decoding import DecodeConfig, decode
+from captioning.distributed import ONE, Dist
 from captioning.encoders import build_encoder, get_spec
 from captioning.features import FeatureCache, Features, extract
 from captioning.fileio import atomic_save_safetensors, atomic_write_json, read_json
 from captioning.metrics import coco_scores, corpus_bleu_scores
-from captioning.precision import resolve_precision
+from captioning.precision import device_scope, resolve_device, resolve_precision
 from captioning.vocab import Vocabulary, pad_batch
 
-STATE_DIR = "train_state"
-# may change on --resume; a new ``epochs`` re-spreads the rest of the cosine schedule
-RESUME_FREE = ("max_minutes", "checkpoint_minutes", "epochs")
+STATE_DIR = "train_state"  # inside --out: the resumable run
+STATE_FILE = "state.safetensors"  # the whole checkpoint, one atomic file
+STATE_FORMAT = "captioning-train-state-v2"
+LEGACY_STATE = ("state.json", "best.safetensors")  # v1 wrote three files, one after the other
+# may change on --resume; ``epochs`` may not: the LR schedule is planned once for the whole run
+RESUME_FREE = ("max_minutes", "checkpoint_minutes", "device")
+SELECT_METRIC = "dev_cider"  # checkpoint choice and patience: dev CIDEr-D of greedy captions
 
 
 @dataclass
@@ -57,6 +73,9 @@ class TrainConfig:
     checkpoint_minutes: float = 3.0
     max_minutes: float = 0.0  # stop (resumably) after this long; 0 = no limit
     decoder_cfg: dict = field(default_factory=dict)  # overrides of DecoderConfig fields
+    finetune: str = ""  # "" = frozen encoder; "layer4"/"block5": tune it (captioning.finetune)
+    finetune_lr: float = 0.0  # the tuned block's peak LR; 0 = lr / 10
+    device: str = "auto"  # auto | cpu | cuda (captioning.precision.resolve_device)
 
 
 @dataclass
@@ -67,6 +86,7 @@ class TrainData:
     dev_images: list[str]
     captions: dict[str, list[list[int]]]  # encoded, truncated
     dev_refs: dict[str, list[str]]
+    encoder_sha256: str = ""  # of the weights that made ``feats``
 
 
 def git_commit() -> str | None:
@@ -87,15 +107,22 @@ def prepare_data(ds: Flickr8k, cfg: TrainConfig, cache_root: Path | None) -> Tra
     """Vocabulary from train captions only; features from the cache (extracted when missing)."""
     train, dev = ds.splits["train"], ds.splits["dev"]
     vocab = Vocabulary.build((c for n in train for c in ds.captions[n]), min_freq=cfg.min_freq)
-    enc = build_encoder(cfg.encoder, cfg.precision)
-    cache = FeatureCache.for_encoder(enc, cache_root)
-    cached = cache.cached_names()  # one manifest read, not one per image
-    missing = [n for n in train + dev if n not in cached]
-    if missing:
-        print(f"extracting {len(missing)} missing {cfg.encoder} features first", file=sys.stderr)
-        extract(enc, [(n, ds.image_path(n)) for n in missing], cache)
-    need_grid = DecoderConfig(kind=cfg.decoder).uses_grid
-    feats = cache.load(train + dev, with_grid=need_grid)
+    if cfg.finetune:  # the cached inputs of the block that trains (captioning.finetune)
+        feats, sha = finetune.block_input_features(ds, cfg, train + dev, cache_root)
+    else:
+        enc = build_encoder(
+            cfg.encoder, resolve_precision(cfg.precision, resolve_device(cfg.device))
+        )
+        cache = FeatureCache.for_encoder(enc, cache_root)
+        cached = cache.cached_names()  # one manifest read, not one per image
+        missing = [n for n in train + dev if n not in cached]
+        if missing:
+            print(
+                f"extracting {len(missing)} missing {cfg.encoder} features first", file=sys.stderr
+            )
+            extract(enc, [(n, ds.image_path(n)) for n in missing], cache)
+        need_grid = DecoderConfig(kind=cfg.decoder).uses_grid
+        feats, sha = cache.load(train + dev, with_grid=need_grid), enc.sha256
     caps: dict[str, list[list[int]]] = {}
     for n in train + dev:
         caps[n] = []
@@ -104,7 +131,7 @@ def prepare_data(ds: Flickr8k, cfg: TrainConfig, cache_root: Path | None) -> Tra
             if len(ids) > cfg.max_words + 2:
                 ids = ids[: cfg.max_words + 1] + [vocab.end_id]
             caps[n].append(ids)
-    return TrainData(vocab, feats, train, dev, caps, {n: ds.captions[n] for n in dev})
+    return TrainData(vocab, feats, train, dev, caps, {n: ds.captions[n] for n in dev}, sha)
 
 
 def decoder_config(cfg: TrainConfig, vocab_size: int) -> DecoderConfig:
@@ -121,11 +148,14 @@ def image_feats(data: TrainData, names: list[str], uses_grid: bool) -> torch.Ten
 
 
 def make_batch(data: TrainData, names: list[str], uses_grid: bool):
-    """Features of the images once, plus every caption with the index of its image."""
-    seqs, owner = [], []
-    for i, n in enumerate(names):
-        seqs += data.captions[n]
-        owner += [i] * len(data.captions[n])
+    """Features of the images once, plus every caption with the index of its image.
+
+    Captions come longest first, so the attention decoder's teacher forcing shrinks its batch
+    as captions end instead of computing padding.
+    """
+    pairs = [(c, i) for i, n in enumerate(names) for c in data.captions[n]]
+    pairs.sort(key=lambda p: -len(p[0]))  # stable: ties keep the image order
+    seqs, owner = [c for c, _ in pairs], [i for _, i in pairs]
     tokens, _ = pad_batch(seqs)  # [B, T]
     return image_feats(data, names, uses_grid), torch.tensor(owner), tokens
 
@@ -149,24 +179,68 @@ def batches_per_epoch(cfg: TrainConfig, data: TrainData) -> int:
 # ---------------------------------------------------------------- checkpoints
 
 
-def save_state(out: Path, model, opt, sched, meta: dict) -> None:
-    """Model + AdamW state as safetensors, the rest as JSON; each file written atomically."""
+def save_state(
+    out: Path,
+    model,
+    opt,
+    sched,
+    meta: dict,
+    best: dict[str, torch.Tensor] | None,
+    rng: list[torch.Tensor] | None = None,
+) -> None:
+    """The whole run state as ONE safetensors file, written atomically (fsync, then rename).
+
+    Tensors: the model (``model.*``), AdamW's moments (``opt.<param>.<name>``), torch's RNG (of
+    each rank under torchrun: ``rng`` in rank order) and the best epoch's weights (``best.*``).
+    Everything else (epoch, step, history, best epoch, schedule, param groups) is JSON in the
+    file's metadata, so a crash leaves either the previous checkpoint or this one, never the
+    weights of one with the bookkeeping of another.
+    """
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt_sd = opt.state_dict()
     for idx, st in opt_sd["state"].items():
         for k, v in st.items():
             tensors[f"opt.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    tensors["rng.torch"] = torch.get_rng_state()
-    d = out / STATE_DIR
-    atomic_save_safetensors(d / "state.safetensors", tensors)
+    for rank, state in enumerate(rng or [torch.get_rng_state()]):
+        tensors[rng_key(rank)] = state
+    for k, v in (best or {}).items():
+        tensors[f"best.{k}"] = v
     meta = {**meta, "param_groups": opt_sd["param_groups"], "sched": sched.state_dict()}
-    atomic_write_json(d / "state.json", meta)
-
-
-def load_state(out: Path, model, opt, sched) -> dict:
     d = out / STATE_DIR
-    meta = read_json(d / "state.json")
-    tensors = load_file(str(d / "state.safetensors"))
+    atomic_save_safetensors(
+        d / STATE_FILE, tensors, metadata={"format": STATE_FORMAT, "meta": json.dumps(meta)}
+    )
+    for name in LEGACY_STATE:  # a resumed v1 run: the new file supersedes them
+        (d / name).unlink(missing_ok=True)
+
+
+def rng_key(rank: int) -> str:
+    return "rng.torch" if rank == 0 else f"rng.torch.{rank}"
+
+
+def has_state(out: Path) -> bool:
+    return (out / STATE_DIR / STATE_FILE).is_file()
+
+
+def read_state(out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, tensors) of the checkpoint in ``out``; reads v1's state.json + best.safetensors."""
+    d = out / STATE_DIR
+    with safe_open(str(d / STATE_FILE), "pt") as f:
+        header = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
+    if header.get("format") == STATE_FORMAT:
+        return json.loads(header["meta"]), tensors
+    meta = read_json(d / LEGACY_STATE[0])
+    if (d / LEGACY_STATE[1]).exists():
+        tensors.update({f"best.{k}": v for k, v in load_file(str(d / LEGACY_STATE[1])).items()})
+    return meta, tensors
+
+
+def load_state(
+    out: Path, model, opt, sched, rank: int = 0
+) -> tuple[dict, dict[str, torch.Tensor] | None]:
+    """Restore model, optimizer, schedule and this rank's RNG; returns (meta, best or None)."""
+    meta, tensors = read_state(out)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict] = {}
     for k, v in tensors.items():
@@ -175,44 +249,163 @@ def load_state(out: Path, model, opt, sched) -> dict:
             state.setdefault(int(idx), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     sched.load_state_dict(meta["sched"])
-    torch.set_rng_state(tensors["rng.torch"])
-    return meta
+    if rng_key(rank) in tensors:
+        torch.set_rng_state(tensors[rng_key(rank)])
+    else:  # resumed with more processes than saved the state: a fresh, reproducible stream
+        torch.manual_seed(rank_seed(meta["train_config"]["seed"], rank, meta["epoch"]))
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+    return meta, best or None
+
+
+# ---------------------------------------------------------------- the output directory
+
+
+def check_out(out: Path, resume: bool, force: bool) -> bool:
+    """Refuse to mix two models in ``out``; True when it holds a run to resume.
+
+    Nothing is deleted here (``clear_out`` does that once the data and model are ready), so a
+    run that fails early loses nothing.
+    """
+    if resume and force:
+        raise ValueError("--resume and --force exclude each other: continue the run or replace it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    shown = ", ".join(entries[:6]) + (", …" if len(entries) > 6 else "")
+    if resume:
+        if has_state(out):
+            return True
+        if entries:
+            raise ValueError(
+                f"--resume: {out} holds no training run ({STATE_DIR}/{STATE_FILE} is missing) "
+                f"but is not empty ({shown}); pass --force to replace it, or choose a new --out"
+            )
+        print(f"--resume: no run in {out} yet; starting one", file=sys.stderr)
+        return False
+    if entries and not force:
+        raise ValueError(
+            f"--out {out} is not empty ({shown}); pass --resume to continue its training run, "
+            "--force to replace it (its weights, metrics, predictions and card are deleted), "
+            "or choose a new --out"
+        )
+    return False
+
+
+def clear_out(out: Path) -> list[str]:
+    """Delete what belonged to the old weights (the bundle's files and the training state)."""
+    from captioning.bundle import WEIGHT_FILES, clear_model_outputs
+
+    removed = [p.name for p in clear_model_outputs(out)]
+    for name in WEIGHT_FILES:
+        if (out / name).is_file():
+            (out / name).unlink()
+            removed.append(name)
+    if (out / STATE_DIR).is_dir():
+        shutil.rmtree(out / STATE_DIR)
+        removed.append(STATE_DIR + "/")
+    if removed:
+        print(f"--force: removed {', '.join(removed)} from {out}", file=sys.stderr)
+    return removed
 
 
 # ---------------------------------------------------------------- loops
 
 
-def train_one_epoch(model, opt, sched, data, cfg, epoch, start_step, acc, on_step) -> dict:
+class TeacherForcing(nn.Module):
+    """One training forward pass as a module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, decoder: Decoder) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, feats, owner, tokens):  # feats [N, ...], owner [B], tokens [B, T]
+        d = self.decoder
+        return d(d.select(d.context(feats), owner), tokens)  # logits [B, T-1, V], alphas
+
+
+def rank_seed(seed: int, rank: int, epoch: int) -> int:
+    """Rank r > 0's RNG seed (dropout masks differ between ranks); rank 0 keeps ``seed``'s."""
+    return seed * 100_003 + 7919 * rank + epoch
+
+
+def batch_counts(data: TrainData, names: list[str]) -> tuple[int, int]:
+    """(next-word targets, captions) of these images: what ``caption_loss`` averages over."""
+    caps = [c for n in names for c in data.captions[n]]
+    return sum(len(c) - 1 for c in caps), len(caps)
+
+
+def shard_loss(logits, tokens, alphas, alpha_c: float, tok_share: float, cap_share: float):
+    """This rank's term of the global batch's loss, scaled for DDP's gradient average.
+
+    ``caption_loss`` is a mean over next-word targets (cross-entropy) plus a mean over captions
+    (attention regulariser). The global mean is the shard means weighted by their shares of
+    targets and captions; DDP divides the summed gradients by the world size, hence
+    ``tok_share = world * targets_here / targets_in_batch`` (likewise ``cap_share``).
+    """
+    loss, ce = caption_loss(logits, tokens, alphas, alpha_c)
+    if alphas is None or alpha_c == 0:  # cross-entropy alone
+        return loss * tok_share, ce
+    ce_only, _ = caption_loss(logits, tokens, None, 0.0)
+    return ce_only * tok_share + (loss - ce_only) * cap_share, ce
+
+
+def train_one_epoch(
+    model, opt, sched, data, cfg, epoch, start_step, acc, on_step, net=None, dist_: Dist = ONE
+) -> dict:
     """One pass over the train images in this epoch's fixed order, from batch ``start_step``.
 
-    ``acc`` (loss sum, caption count, seconds) carries over a resumed epoch's running totals.
+    ``acc`` (loss sum, caption count, seconds) carries over a resumed epoch's running totals;
+    ``on_step(step, loss)`` gets the global batch's cross-entropy. Under torchrun ``net`` is the
+    DistributedDataParallel wrapper of ``TeacherForcing(model)``, and this rank trains on its
+    ``distributed.shard`` of every global batch (an empty share runs one image at weight 0, so
+    that every rank joins the gradient all-reduce).
     """
     model.train()
+    net = net or TeacherForcing(model)
     uses_grid = model.cfg.uses_grid
     order = epoch_order(data.train_images, cfg.seed, epoch)
     n_batches = batches_per_epoch(cfg, data)
-    autocast = resolve_precision(cfg.train_precision).autocast()
-    bar = tqdm(range(start_step, n_batches), desc=f"epoch {epoch}", unit="batch", leave=False)
+    device = next(model.parameters()).device  # the batches follow the model (--device)
+    autocast = resolve_precision(cfg.train_precision, device.type).autocast()
+    bar = tqdm(
+        range(start_step, n_batches),
+        desc=f"epoch {epoch}",
+        unit="batch",
+        leave=False,
+        disable=not dist_.is_main,
+    )
     t0 = time.perf_counter() - acc["seconds"]
     for step in bar:
         names = order[step * cfg.batch_images : (step + 1) * cfg.batch_images]
-        feats, owner, tokens = make_batch(data, names, uses_grid)
-        with autocast:
-            ctx = model.select(model.context(feats), owner)
-            logits, alphas = model(ctx, tokens)
-            loss, ce = caption_loss(logits, tokens, alphas, model.cfg.alpha_c)
+        mine = distributed.shard(names, dist_.rank, dist_.world) if dist_.enabled else names
+        batch = make_batch(data, mine or names[:1], uses_grid)
+        feats, owner, tokens = (t.to(device) for t in batch)
+        with autocast, device_scope(str(device)):
+            logits, alphas = net(feats, owner, tokens)
+            if dist_.enabled:
+                (n_tok, n_cap), (m_tok, m_cap) = batch_counts(data, names), batch_counts(data, mine)
+                w = dist_.world
+                loss, ce = shard_loss(
+                    logits, tokens, alphas, model.cfg.alpha_c, w * m_tok / n_tok, w * m_cap / n_cap
+                )
+            else:
+                loss, ce = caption_loss(logits, tokens, alphas, model.cfg.alpha_c)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
-        acc["loss_sum"] += float(ce) * len(owner)
-        acc["n"] += len(owner)
+        if dist_.enabled:  # the global batch's cross-entropy, as one process would log it
+            ce_value = distributed.all_sum(dist_, float(ce) * m_tok / n_tok)
+        else:
+            n_cap, ce_value = len(owner), float(ce)
+        acc["loss_sum"] += ce_value * n_cap
+        acc["n"] += n_cap
         acc["seconds"] = time.perf_counter() - t0
         bar.set_postfix(
             loss=f"{acc['loss_sum'] / acc['n']:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}"
         )
-        if on_step(step + 1):
+        if on_step(step + 1, ce_value):
             bar.close()
             return {"stopped": True}
     return {
@@ -224,23 +417,30 @@ def train_one_epoch(model, opt, sched, data, cfg, epoch, start_step, acc, on_ste
 
 
 @torch.inference_mode()
-def evaluate_dev(model: Decoder, data: TrainData, beam: int = 1, chunk: int = 250) -> dict:
-    """Teacher-forced dev loss, and decoded (not teacher-forced) dev BLEU-1..4 and CIDEr-D."""
+def evaluate_dev(
+    model: Decoder, data: TrainData, beam: int = 1, chunk: int = 250, precision: str = "fp32"
+) -> dict:
+    """Teacher-forced dev loss, and decoded (not teacher-forced) dev BLEU-1..4 and CIDEr-D.
+
+    All dev images, batched; ``precision`` "bf16" runs both passes under bf16 autocast.
+    """
     model.eval()
     uses_grid = model.cfg.uses_grid
+    device = next(model.parameters()).device
+    autocast = resolve_precision(precision, device.type).autocast()
     tot, n = 0.0, 0
     hyps: dict[str, list[int]] = {}
     for i in range(0, len(data.dev_images), chunk):
         names = data.dev_images[i : i + chunk]
-        feats, owner, tokens = make_batch(data, names, uses_grid)
-        ctx = model.select(model.context(feats), owner)
-        logits, alphas = model(ctx, tokens)
-        _, ce = caption_loss(logits, tokens, alphas, 0.0)
+        feats, owner, tokens = (t.to(device) for t in make_batch(data, names, uses_grid))
+        with autocast, device_scope(str(device)):
+            ctx = model.select(model.context(feats), owner)
+            logits, alphas = model(ctx, tokens)
+            _, ce = caption_loss(logits, tokens, alphas, 0.0)
+            nbests = decode(model, feats, DecodeConfig(beam_size=beam))
         tot += float(ce) * len(owner)
         n += len(owner)
-        for name, best in zip(
-            names, decode(model, feats, DecodeConfig(beam_size=beam)), strict=True
-        ):
+        for name, best in zip(names, nbests, strict=True):
             hyps[name] = best[0].tokens
     texts = {k: data.vocab.decode(v) for k, v in hyps.items()}
     bleu = corpus_bleu_scores(texts, data.dev_refs)
@@ -249,25 +449,48 @@ def evaluate_dev(model: Decoder, data: TrainData, beam: int = 1, chunk: int = 25
 
 
 def main(
-    cfg: TrainConfig, data_dir: str | None, out: Path, cache: Path | None, resume: bool
+    cfg: TrainConfig,
+    data_dir: str | None,
+    out: Path,
+    cache: Path | None,
+    resume: bool,
+    force: bool = False,
 ) -> dict:
-    """Train (or resume), then export the best epoch as a bundle in ``out``."""
-    from captioning.bundle import export_bundle
+    """Train (or resume), then export the best epoch as a bundle in ``out``.
 
+    ``out`` must be empty or absent, unless ``resume`` (continue the run in ``out/train_state``)
+    or ``force`` (first delete everything that belonged to the old weights). Under torchrun
+    (``WORLD_SIZE`` > 1) every rank runs this; see the module docstring. The result is the
+    run's state, including ``step_losses``: ``[epoch, step, cross-entropy of the global batch]``
+    for every step of the run (kept in the checkpoint, so across resumes too).
+    """
+    dist_ = distributed.from_env()
+    try:
+        return _main(cfg, data_dir, Path(out), cache, resume, force, dist_)
+    finally:
+        distributed.close(dist_)
+
+
+def _main(cfg, data_dir, out: Path, cache, resume: bool, force: bool, dist_: Dist) -> dict:
+    from captioning.bundle import export_bundle
+    from captioning.reports import write_card
+
+    main_rank = dist_.is_main
+    resuming = check_out(out, resume, force)
+    distributed.barrier(dist_)  # every rank has looked at ``out`` before rank 0 changes it
     torch.manual_seed(cfg.seed)
-    ds = load_flickr8k(data_dir)
-    data = prepare_data(ds, cfg, cache)
+    ds = load_dataset(data_dir)
+    if dist_.local_rank == 0:  # one process per node extracts missing features ...
+        data = prepare_data(ds, cfg, cache)
+    distributed.barrier(dist_)
+    if dist_.local_rank != 0:  # ... the others find them cached
+        data = prepare_data(ds, cfg, cache)
     dcfg = decoder_config(cfg, len(data.vocab))
-    model = build_decoder(dcfg)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "embed" not in n)]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-    )
+    device = resolve_device(cfg.device)
+    if device != "cpu" and dist_.enabled:  # CUDA-only: torchrun training runs on the CPU
+        raise ValueError("multi-process (torchrun) training runs on the CPU; pass --device cpu")
+    model = finetune.trainable_model(cfg, dcfg).to(device)  # the decoder, or block + decoder
+    opt = torch.optim.AdamW(finetune.param_groups(model, cfg), lr=cfg.lr)
     n_batches = batches_per_epoch(cfg, data)
     total = n_batches * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_steps))
@@ -275,45 +498,73 @@ def main(
         "epoch": 1,
         "step": 0,
         "history": [],
-        "best_bleu4": -1.0,
+        "best_score": -1.0,
+        "select_metric": SELECT_METRIC,
         "best_epoch": 0,
         "bad_epochs": 0,
         "train_config": asdict(cfg),
+        "step_losses": [],
     }
-    if resume and (out / STATE_DIR / "state.json").exists():
-        meta = load_state(out, model, opt, sched)
-        saved = {k: v for k, v in meta["train_config"].items() if k not in RESUME_FREE}
+    best: dict[str, torch.Tensor] | None = None  # the best epoch's weights, kept in the state
+    if dist_.rank:  # dropout masks differ between ranks; rank 0 keeps one process's stream
+        torch.manual_seed(rank_seed(cfg.seed, dist_.rank, 0))
+    if resuming:
+        meta, best = load_state(out, model, opt, sched, dist_.rank)
+        saved = {**asdict(TrainConfig()), **meta["train_config"]}  # newer fields: defaults
+        saved = {k: v for k, v in saved.items() if k not in RESUME_FREE}
         if saved != {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}:
             raise ValueError(
                 f"{out} was trained with other settings: {meta['train_config']}; "
                 "resume with the same flags"
             )
         meta["train_config"] = asdict(cfg)
-        print(f"resumed at epoch {meta['epoch']}, batch {meta['step']}", file=sys.stderr)
-    elif (out / STATE_DIR).exists() and not resume:
-        raise ValueError(f"{out} already holds a training run; pass --resume or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    data.vocab.save(out / "vocab.json")
+        if main_rank:
+            print(f"resumed at epoch {meta['epoch']}, batch {meta['step']}", file=sys.stderr)
+    elif force and main_rank:
+        clear_out(out)
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+    meta["world_size"] = dist_.world
+    net = TeacherForcing(model)
+    if dist_.enabled:  # broadcasts rank 0's parameters; all-reduces (averages) gradients
+        net = nn.parallel.DistributedDataParallel(net)
     started = time.monotonic()
     last_ckpt = [time.monotonic()]
+    step_losses = meta.setdefault("step_losses", [])  # a v1 checkpoint has none
 
-    def on_step(step: int) -> bool:
-        """Periodic checkpoints mid-epoch; True when the time budget is spent."""
-        over = cfg.max_minutes and (time.monotonic() - started) / 60 > cfg.max_minutes
-        if over or (time.monotonic() - last_ckpt[0]) / 60 > cfg.checkpoint_minutes:
-            save_state(out, model, opt, sched, {**meta, "step": step})
-            last_ckpt[0] = time.monotonic()
-        return bool(over)
+    def checkpoint(state_meta: dict) -> None:
+        rng = distributed.gather_rng(dist_)  # every rank's, so each resumes its own stream
+        if main_rank:
+            save_state(out, model, opt, sched, state_meta, best, rng)
+        last_ckpt[0] = time.monotonic()
+
+    def on_step(step: int, loss: float) -> bool:
+        """Periodic checkpoints mid-epoch; True when the time budget is spent (rank 0 decides)."""
+        step_losses.append([meta["epoch"], step, round(loss, 7)])
+        over = bool(cfg.max_minutes) and (time.monotonic() - started) / 60 > cfg.max_minutes
+        due = (time.monotonic() - last_ckpt[0]) / 60 > cfg.checkpoint_minutes
+        over, due = (bool(v) for v in distributed.broadcast(dist_, [float(over), float(due)]))
+        if over or due:
+            checkpoint({**meta, "step": step})
+        return over
 
     while meta["epoch"] <= cfg.epochs and meta["bad_epochs"] < cfg.patience:
         epoch = meta["epoch"]
         acc = meta.setdefault("partial", {"loss_sum": 0.0, "n": 0, "seconds": 0.0})
-        stats = train_one_epoch(model, opt, sched, data, cfg, epoch, meta["step"], acc, on_step)
+        stats = train_one_epoch(
+            model, opt, sched, data, cfg, epoch, meta["step"], acc, on_step, net, dist_
+        )
         if stats["stopped"]:
-            print(f"time budget spent; resume with --resume (epoch {epoch})", file=sys.stderr)
+            if main_rank:
+                print(f"time budget spent; resume with --resume (epoch {epoch})", file=sys.stderr)
             return {"stopped": True, **meta}
         t_eval = time.perf_counter()
-        dev = evaluate_dev(model, data, cfg.dev_beam)
+        # dev evaluation on rank 0 alone: corpus BLEU/CIDEr need every caption in one place,
+        # and it is a small part of an epoch; its score decides best/patience on every rank
+        dev = {}
+        if main_rank:
+            dev = evaluate_dev(model, data, cfg.dev_beam, precision=cfg.train_precision)
+        (score,) = distributed.broadcast(dist_, [dev.get(SELECT_METRIC, 0.0)])
         record = {
             "epoch": epoch,
             "train_loss": round(stats["train_loss"], 4),
@@ -324,111 +575,37 @@ def main(
             "samples_per_s": round(stats["samples"] / stats["seconds"], 1),
         }
         meta["history"].append(record)
-        tqdm.write(json.dumps(record))
-        if dev["dev_bleu4"] > meta["best_bleu4"]:
-            meta.update(best_bleu4=dev["dev_bleu4"], best_epoch=epoch, bad_epochs=0)
-            atomic_save_safetensors(out / STATE_DIR / "best.safetensors", model.state_dict())
+        if main_rank:
+            tqdm.write(json.dumps(record))
+        if score > meta["best_score"]:
+            meta.update(best_score=score, best_epoch=epoch, bad_epochs=0)
+            if main_rank:
+                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             meta["bad_epochs"] += 1
         meta.update(epoch=epoch + 1, step=0)
         meta.pop("partial")
-        atomic_write_json(out / "history.json", meta["history"])
-        save_state(out, model, opt, sched, meta)
-        last_ckpt[0] = time.monotonic()
-    best = load_file(str(out / STATE_DIR / "best.safetensors"))
-    model.load_state_dict(best)
-    export_bundle(
-        out,
-        model,
-        data.vocab,
-        cfg=cfg,
-        dcfg=dcfg,
-        history=meta["history"],
-        best_epoch=meta["best_epoch"],
-        commit=git_commit(),
-    )
-    return {"stopped": False, **meta}
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a decoder on cached features",
-        description="Train a decoder on cached encoder features; writes a bundle.",
-    )
-    p.add_argument("--encoder", default="resnet50")
-    p.add_argument("--decoder", default="attention", choices=DECODER_KINDS)
-    p.add_argument("--data", help="Flickr8k directory (default: $CAPTIONING_DATA)")
-    p.add_argument("--out", required=True, help="bundle directory, e.g. artifacts/models/NAME")
-    p.add_argument("--cache", help="feature cache root")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-images", type=int)
-    p.add_argument("--patience", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--max-minutes", type=float, help="stop resumably after M minutes")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument(
-        "--train-precision",
-        choices=("fp32", "bf16"),
-        help="decoder numerics in training (bf16 = autocast; default fp32)",
-    )
-    p.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        help="encoder precision of the feature cache (default auto)",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="decoder config override, e.g. --set dropout=0.5 --set hidden_dim=768",
-    )
-    p.set_defaults(func=cmd_train)
-
-
-def parse_overrides(items: list[str]) -> dict:
-    out = {}
-    fields = DecoderConfig.__dataclass_fields__
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY in {sorted(fields)}")
-        out[key] = type(getattr(DecoderConfig(), key))(value)
-    return out
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    cfg = TrainConfig(
-        encoder=args.encoder, decoder=args.decoder, decoder_cfg=parse_overrides(args.set)
-    )
-    for key in (
-        "epochs",
-        "lr",
-        "batch_images",
-        "patience",
-        "seed",
-        "max_minutes",
-        "train_precision",
-        "precision",
-    ):
-        if getattr(args, key) is not None:
-            setattr(cfg, key, getattr(args, key))
-    result = main(
-        cfg, args.data, Path(args.out), Path(args.cache) if args.cache else None, args.resume
-    )
-    if not result["stopped"]:
-        print(
-            json.dumps(
-                {
-                    "out": args.out,
-                    "best_epoch": result["best_epoch"],
-                    "best_dev_bleu4": result["best_bleu4"],
-                }
-            )
+        checkpoint(meta)  # the commit point of this epoch
+        if main_rank:
+            atomic_write_json(out / STATE_DIR / "history.json", meta["history"])  # to watch a run
+    if main_rank:
+        if best is None:
+            raise ValueError(f"no epoch finished (epochs={cfg.epochs}); nothing to export")
+        model.load_state_dict(best)
+        block = finetune.export_block(out, model, cfg.encoder)  # None unless --finetune
+        export_bundle(
+            out,
+            finetune.decoder_of(model),
+            data.vocab,
+            cfg=cfg,
+            dcfg=dcfg,
+            history=meta["history"],
+            best_epoch=meta["best_epoch"],
+            commit=git_commit(),
+            dataset=ds,
+            encoder_sha256=data.encoder_sha256,
+            encoder_block=block,
         )
-    return 0
+        write_card(out)
+    distributed.barrier(dist_)
+    return {"stopped": False, **meta}

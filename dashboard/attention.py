@@ -37,13 +37,23 @@ def upsample(weights: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(up, 0.0, 1.0)
 
 
+def fit(image: Image.Image, max_side: int) -> Image.Image:
+    """A new RGB copy of ``image`` no larger than ``max_side`` px (the photo is never copied at
+    full size first)."""
+    scale = max_side / max(image.size)
+    if scale >= 1.0:
+        return image.convert("RGB") if image.mode != "RGB" else image.copy()
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    out = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return out.convert("RGB") if out.mode != "RGB" else out
+
+
 def attention_overlay(
     image: Image.Image, weights: np.ndarray, *, max_side: int = 720, strength: float = 0.55
 ) -> Image.Image:
-    """The photo (at most ``max_side`` px) dimmed where the model does not look and tinted
-    with a warm colour ramp where it does."""
-    photo = image.convert("RGB")
-    photo.thumbnail((max_side, max_side))
+    """The photo, at most ``max_side`` px, dimmed where the model does not look and tinted
+    with a warm colour ramp where it does. Work and memory scale with the output size."""
+    photo = fit(image, max_side)
     heat = upsample(weights, photo.size)[..., None]  # [H, W, 1]
     base = np.asarray(photo, dtype=np.float32) / 255.0
     dimmed = base * (0.2 + 0.8 * heat)

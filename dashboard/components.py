@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from dataclasses import dataclass, field
@@ -12,11 +13,11 @@ from PIL import Image
 
 from captioning.bundle import BundleInfo
 from captioning.data import DATA_ENV, FIX_HELP, Flickr8k
-from captioning.images import ImageLoadError, load_image
+from captioning.images import ACCEPTED_FORMATS, ImageLoadError, load_image
 from dashboard import state
-from dashboard.tables import default_beam, metrics_entry, pretty_encoder
+from dashboard.tables import default_beam, metrics_entry, order_bundles, pretty_encoder
 
-UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif"]
+UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
 SOURCES = {"sample": "Sample photo", "upload": "Upload", "dataset": "Flickr8k image"}
 DISPLAY_BOX = (760, 520)  # photos are shown at most this large (width, height)
 TRAIN_HELP = """\
@@ -24,7 +25,7 @@ TRAIN_HELP = """\
 export CAPTIONING_DATA=/path/to/flickr8k
 python -m captioning train --encoder resnet50 --decoder attention \\
     --out artifacts/models/resnet50-attention
-python -m captioning evaluate --model resnet50-attention --split test --beam 3 --record
+python -m captioning evaluate --model resnet50-attention --split test --record
 ```"""
 DATA_HELP = """\
 Set it before starting the dashboard:
@@ -37,9 +38,14 @@ python -m streamlit run dashboard/app.py
 
 @dataclass
 class PickedImage:
-    """The photo chosen on a page: decoded RGB image, a content digest and its provenance."""
+    """The photo chosen on a page: its file, a display-size RGB copy, a digest and provenance.
+
+    ``image`` fits ``DISPLAY_BOX`` (pages show it and draw attention over it); the models
+    caption ``data``, decoded as the CLI decodes it.
+    """
 
     image: Image.Image
+    data: bytes
     name: str
     digest: str
     references: list[str] = field(default_factory=list)
@@ -122,12 +128,14 @@ def image_picker(key: str, *, allow_dataset: bool = False) -> PickedImage | None
 
 
 def _decode(data: bytes, name: str, **extra) -> PickedImage | None:
+    """Decode for display (reduced while decoding, then fitted to ``DISPLAY_BOX``)."""
     try:
-        image = load_image(data, name=name)
+        image = load_image(data, name=name, reduce_to=max(DISPLAY_BOX))
     except ImageLoadError as e:
         st.error(str(e), icon=":material/broken_image:")
         return None
-    return PickedImage(image, name, state.digest_bytes(data), **extra)
+    image.thumbnail(DISPLAY_BOX)
+    return PickedImage(image, data, name, state.digest_bytes(data), **extra)
 
 
 def _pick_upload(key: str) -> PickedImage | None:
@@ -135,7 +143,7 @@ def _pick_upload(key: str) -> PickedImage | None:
         "Upload a photo",
         type=UPLOAD_TYPES,
         key=f"{key}-upload",
-        help="JPEG, PNG, WebP, BMP or GIF (first frame), up to 10 MB.",
+        help=f"{', '.join(ACCEPTED_FORMATS.values())} (a GIF's first frame), up to 10 MB.",
     )
     if up is None:
         st.caption("Drop a photo above to caption it.")
@@ -190,10 +198,47 @@ def _read_dataset_image(ds: Flickr8k, name: str, split: str) -> PickedImage | No
     return _decode(data, name, references=list(ds.captions.get(name, [])), split=split)
 
 
-def timing_metrics(timings: dict[str, float]) -> None:
-    """Encode and decode time as two compact ``st.metric`` (inside a horizontal container)."""
+QUEUE_NOTE_MS = 50  # waits for an inference slot shorter than this are not mentioned
+
+
+def timing_metrics(timings: dict[str, float], runtime: str) -> None:
+    """Encode and decode time as compact ``st.metric`` and the runtime that produced them
+    (inside a horizontal container)."""
     st.metric("Encode", f"{timings.get('encode_ms', 0.0):.0f} ms", width="content")
     st.metric("Decode", f"{timings.get('decode_ms', 0.0):.0f} ms", width="content")
+    queue = timings.get("queue_ms", 0.0)
+    st.metric(
+        "Runtime", runtime.split(" · ")[0], width="content",
+        help=f"Encoder and decoder ran on {runtime}."
+        + (f" Waited {queue / 1000:.1f} s for a free CPU slot." if queue >= QUEUE_NOTE_MS else ""),
+    )  # fmt: skip
+
+
+def model_grid(
+    bundles: list[BundleInfo], max_columns: int = 3
+) -> list[tuple[str, list[BundleInfo | None]]]:
+    """Rows of a model grid: ``(encoder, cells)``, one row per encoder in bundle order.
+
+    When every encoder has each decoder kind at most once and there are at most
+    ``max_columns`` kinds, each kind gets its own column (so inject, merge and attention line
+    up across encoders; a missing one is a None cell). Otherwise an encoder's models fill rows
+    of ``max_columns`` in order.
+    """
+    ordered = order_bundles(bundles)
+    kinds = list(dict.fromkeys(b.decoder for b in ordered))
+    groups = [(enc, list(g)) for enc, g in itertools.groupby(ordered, key=lambda b: b.encoder)]
+    aligned = len(kinds) <= max_columns and all(
+        len({b.decoder for b in g}) == len(g) for _, g in groups
+    )
+    rows: list[tuple[str, list[BundleInfo | None]]] = []
+    for encoder, group in groups:
+        if aligned:
+            by_kind = {b.decoder: b for b in group}
+            rows.append((encoder, [by_kind.get(k) for k in kinds]))
+            continue
+        for start in range(0, len(group), max_columns):
+            rows.append((encoder, list(group[start : start + max_columns])))
+    return rows
 
 
 def references_list(refs: list[str]) -> None:

@@ -2,7 +2,8 @@
 
 Captioners and the data set are loaded once per process (``st.cache_resource``); tables and
 caption results are cached with ``st.cache_data``. Every cache key includes the folder and a
-stamp of its files, so new or retrained bundles show up without restarting the app.
+stamp of its files, so new or retrained bundles show up without restarting the app. Inference
+runs inside ``limits.inference_slot``, so concurrent sessions queue for the cores.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 import streamlit as st
-from PIL import Image
 
-from captioning.bundle import BundleInfo, Captioner, CaptionResult, list_bundles, models_dir_default
+from captioning.bundle import BundleInfo, list_bundles, models_dir_default
+from captioning.captioner import Captioner, CaptionResult
 from captioning.data import DataError, Flickr8k, load_flickr8k, resolve_data_dir
-from dashboard import tables
+from dashboard import limits, tables
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = REPO_ROOT / "artifacts" / "samples"
@@ -76,17 +77,31 @@ def captioner(bundle: BundleInfo) -> Captioner:
     return _captioner(str(bundle.path), _bundle_stamp(bundle.path))
 
 
+def runtime_label(bundle: BundleInfo) -> str:
+    """What runs the bundle's models here, e.g. ``torch · fp32`` or ``openvino · bf16``."""
+    cap = captioner(bundle)
+    precision = getattr(getattr(getattr(cap, "encoder", None), "precision", None), "label", None)
+    runtime = str(getattr(cap, "runtime", "torch"))
+    return f"{runtime} · {precision}" if precision else runtime
+
+
 @st.cache_data(show_spinner=False, max_entries=256)
-def _caption(path: str, stamp: int, digest: str, beam: int, _image: Image.Image) -> CaptionResult:
-    return _captioner(path, stamp).caption(_image, beam_size=beam)
+def _caption(path: str, stamp: int, digest: str, beam: int, _data: bytes) -> CaptionResult:
+    cap = _captioner(path, stamp)
+    with limits.inference_slot() as waited_s:
+        result = cap.caption(_data, beam_size=beam)
+    result.timings["queue_ms"] = waited_s * 1000
+    return result
 
 
-def caption(bundle: BundleInfo, image: Image.Image, digest: str, beam: int) -> CaptionResult:
-    """Caption ``image`` (identified by ``digest``) with ``bundle``; cached per image and beam.
+def caption(bundle: BundleInfo, data: bytes, digest: str, beam: int) -> CaptionResult:
+    """Caption the image file ``data`` (identified by ``digest``) with ``bundle``, exactly as the
+    CLI would; cached per image and beam. Waits for a free inference slot.
 
-    A cached result keeps the timings measured when it was computed.
+    A cached result keeps the timings measured when it was computed; ``timings["queue_ms"]`` is
+    the time it waited for a slot.
     """
-    return _caption(str(bundle.path), _bundle_stamp(bundle.path), digest, beam, image)
+    return _caption(str(bundle.path), _bundle_stamp(bundle.path), digest, beam, data)
 
 
 def digest_bytes(data: bytes) -> str:

@@ -1,38 +1,28 @@
 """Pandas views of the bundles: predictions, corpus metrics, training history, latency.
 
 Pure functions (no Streamlit) so they are easy to test; the pages cache them via
-``dashboard.state``.
+``dashboard.state``. Nothing here parses a bundle file: ``captioning.reports`` reads them.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 
+from captioning import reports
 from captioning.bundle import BundleInfo
+from captioning.metrics import BLEU_KEYS, METRIC_LABELS
 
 DECODER_ORDER = ("inject", "merge", "attention")
-BLEU_COLUMNS = ("bleu1", "bleu2", "bleu3", "bleu4")
-PREDICTION_COLUMNS = ("model", "encoder", "decoder", "split", "beam", "image", "caption",
-                      "logprob", *BLEU_COLUMNS)  # fmt: skip
-METRIC_LABELS = {
-    "bleu1": "BLEU-1",
-    "bleu2": "BLEU-2",
-    "bleu3": "BLEU-3",
-    "bleu4": "BLEU-4",
-    "cider": "CIDEr-D",
-    "meteor": "METEOR",
-    "rougeL": "ROUGE-L",
-}
+BLEU_COLUMNS = BLEU_KEYS
+PREDICTION_COLUMNS = ("model", "encoder", "decoder", "split", "beam", "default", "image",
+                      "caption", "logprob", *BLEU_COLUMNS)  # fmt: skip
 CHART_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "meteor")
 HISTORY_COLUMNS = ("epoch", "train_loss", "dev_loss", "dev_bleu1", "dev_bleu2", "dev_bleu3",
                    "dev_bleu4", "dev_cider", "lr", "epoch_seconds", "samples_per_s")  # fmt: skip
-PREDICTIONS_RE = re.compile(r"^predictions_(?P<split>[a-z]+)_beam(?P<beam>\d+)\.csv$")
 SORTS = {
     "score, high to low": ("score", False),
     "score, low to high": ("score", True),
@@ -66,38 +56,26 @@ def order_bundles(bundles: Iterable[BundleInfo]) -> list[BundleInfo]:
 
 
 def default_beam(bundle: BundleInfo) -> int:
-    """The bundle's default beam size (3 when unspecified)."""
-    return int(bundle.config.get("decode_defaults", {}).get("beam_size", 3))
+    """The bundle's default beam size."""
+    return reports.default_decoding(bundle).beam_size
 
 
 # ---------------------------------------------------------------- predictions
 
 
-def parse_predictions_name(filename: str) -> tuple[str, int] | None:
-    """``predictions_dev_beam3.csv`` -> ``("dev", 3)``; partial runs (``_limit``) -> None."""
-    m = PREDICTIONS_RE.match(filename)
-    return (m["split"], int(m["beam"])) if m else None
-
-
 def read_predictions(bundles: Sequence[BundleInfo]) -> pd.DataFrame:
-    """All bundles' ``predictions_<split>_beam<K>.csv`` in one long table (PREDICTION_COLUMNS)."""
+    """Every recorded predictions file of every bundle in one long table (PREDICTION_COLUMNS).
+
+    ``default`` is True on the rows made with the bundle's own default decoding.
+    """
     frames = []
     for b in order_bundles(bundles):
-        for path in sorted(b.path.glob("predictions_*.csv")):
-            parsed = parse_predictions_name(path.name)
-            if parsed is None:
+        for result, rows in reports.prediction_sets(b):
+            if not rows:
                 continue
-            try:
-                df = pd.read_csv(path, keep_default_na=False, na_values=[""])
-            except (OSError, ValueError, pd.errors.ParserError):
-                continue
-            if not {"image", "caption", *BLEU_COLUMNS} <= set(df.columns):
-                continue
-            df = df.assign(model=b.name, encoder=b.encoder, decoder=b.decoder,
-                           split=parsed[0], beam=parsed[1])  # fmt: skip
-            if "logprob" not in df:
-                df["logprob"] = float("nan")
-            df["caption"] = df["caption"].fillna("").astype(str)
+            df = pd.DataFrame(rows).assign(model=b.name, encoder=b.encoder, decoder=b.decoder,
+                                           split=result.setting.split, beam=result.beam,
+                                           default=result.default)  # fmt: skip
             frames.append(df[list(PREDICTION_COLUMNS)])
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype=_dtype(c)) for c in PREDICTION_COLUMNS})
@@ -107,7 +85,7 @@ def read_predictions(bundles: Sequence[BundleInfo]) -> pd.DataFrame:
 def _dtype(column: str) -> str:
     if column in ("logprob", *BLEU_COLUMNS):
         return "float64"
-    return "int64" if column == "beam" else "object"
+    return {"beam": "int64", "default": "bool"}.get(column, "object")
 
 
 @dataclass
@@ -155,23 +133,28 @@ def captions_for_image(df: pd.DataFrame, image: str, split: str | None = None) -
 
 
 def disagreements(df: pd.DataFrame, order: int = 4, top: int = 25) -> pd.DataFrame:
-    """Images whose ResNet and VGG captions (same decoder, split, beam) differ most in BLEU-n.
+    """Images whose ResNet and VGG captions (same decoder and split) differ most in BLEU-n.
 
-    Columns: ``split, beam, decoder, image, resnet_model, resnet_caption, resnet_bleu,
-    vgg_model, vgg_caption, vgg_bleu, gap`` (``gap`` = resnet minus vgg), largest |gap| first.
+    Each model is taken at its own default decoding (the ``default`` rows), so models tuned to
+    different beams still pair. Columns: ``split, decoder, image, resnet_model, resnet_beam,
+    resnet_caption, resnet_bleu, vgg_model, vgg_beam, vgg_caption, vgg_bleu, gap`` (``gap`` =
+    resnet minus vgg), largest |gap| first.
     """
     col = f"bleu{order}"
+    df = df[df["default"].astype(bool)]
     fam = df["encoder"].map(encoder_family)
-    keys = ["split", "beam", "decoder", "image"]
-    cols = [*keys, "model", "caption", col]
+    keys = ["split", "decoder", "image"]
+    cols = [*keys, "model", "beam", "caption", col]
     res, vgg = df.loc[fam == "resnet", cols], df.loc[fam == "vgg", cols]
     pairs = res.merge(vgg, on=keys, suffixes=("_r", "_v"))
     out = pd.DataFrame({
         **{k: pairs[k] for k in keys},
         "resnet_model": pairs["model_r"],
+        "resnet_beam": pairs["beam_r"],
         "resnet_caption": pairs["caption_r"],
         "resnet_bleu": pairs[f"{col}_r"],
         "vgg_model": pairs["model_v"],
+        "vgg_beam": pairs["beam_v"],
         "vgg_caption": pairs["caption_v"],
         "vgg_bleu": pairs[f"{col}_v"],
     })  # fmt: skip
@@ -184,15 +167,16 @@ def disagreements(df: pd.DataFrame, order: int = 4, top: int = 25) -> pd.DataFra
 
 
 def metrics_entry(bundle: BundleInfo, split: str = "test") -> dict | None:
-    """The bundle's corpus metrics on ``split`` at its default beam, else the smallest beam."""
-    by_beam = bundle.metrics.get(split) or {}
-    if not isinstance(by_beam, dict) or not by_beam:
+    """The bundle's corpus metrics on ``split`` at its default decoding (None if not recorded).
+
+    Keys: every ``METRIC_LABELS`` metric present, ``n_images``, ``beam``, ``length_alpha``,
+    ``precision`` and ``runtime``.
+    """
+    r = reports.default_result(bundle, split)
+    if r is None:
         return None
-    preferred = f"beam{default_beam(bundle)}"
-    if preferred in by_beam:
-        return by_beam[preferred]
-    key = min(by_beam, key=lambda k: int(k.removeprefix("beam")) if k[4:].isdigit() else 99)
-    return by_beam[key]
+    return {**r.metrics, "n_images": r.n_images, "beam": r.beam, "length_alpha": r.length_alpha,
+            "precision": r.setting.precision, "runtime": r.setting.runtime}  # fmt: skip
 
 
 def corpus_metrics(bundles: Sequence[BundleInfo], split: str = "test") -> pd.DataFrame:
@@ -219,17 +203,9 @@ def read_history(bundles: Sequence[BundleInfo]) -> pd.DataFrame:
     """Every bundle's ``history.json`` as one long table with a ``model`` column."""
     frames = []
     for b in order_bundles(bundles):
-        path = b.path / "history.json"
-        try:
-            records = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(records, list) or not records:
-            continue
-        df = pd.DataFrame([r for r in records if isinstance(r, dict)])
-        if "epoch" not in df:
-            continue
-        frames.append(df.assign(model=b.name))
+        records = reports.read_history(b.path)
+        if records:
+            frames.append(pd.DataFrame(records).assign(model=b.name))
     cols = ["model", *HISTORY_COLUMNS]
     if not frames:
         return pd.DataFrame(columns=cols)
@@ -264,15 +240,6 @@ def training_summary(history: pd.DataFrame, bundles: Sequence[BundleInfo]) -> pd
     return pd.DataFrame(rows)
 
 
-def read_bench(path: Path) -> dict | None:
-    """A bundle's ``bench.json``, or None when absent or unreadable."""
-    try:
-        data = json.loads((path / "bench.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def latency_table(bundles: Sequence[BundleInfo]) -> pd.DataFrame:
     """Per model: precision, p50/p90 total ms at beams 1/3/5, encode/decode p50, images/s.
 
@@ -280,7 +247,7 @@ def latency_table(bundles: Sequence[BundleInfo]) -> pd.DataFrame:
     """
     rows = []
     for b in order_bundles(bundles):
-        bench = read_bench(b.path)
+        bench = reports.read_bench(b.path)
         row: dict = {"model": b.name}
         if bench is None:
             row["status"] = "not benchmarked"

@@ -1,4 +1,4 @@
-"""Shared fixtures: where the real Flickr8k data lives, if anywhere."""
+"""Shared fixtures: where the real Flickr8k data lives, if anywhere; a private feature cache."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_FLICKR8K = REPO_ROOT.parent / "shared" / "flickr8k"
+CACHE_ENV = "CAPTIONING_CACHE"
+# A cache the caller chose on purpose (CI sets a temp dir; a developer may point at the real
+# Flickr8k features): tests on real Flickr8k use it, so they do not extract 8k images again.
+CALLER_CACHE = os.environ.get(CACHE_ENV)
 
 
 def find_flickr8k_dir() -> Path | None:
@@ -35,3 +39,27 @@ def tiny_world(tmp_path_factory):
     from tests.tiny_world import build_tiny_world
 
     return build_tiny_world(tmp_path_factory.mktemp("tiny_world"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_feature_cache(tmp_path_factory):
+    """Session and module fixtures that extract features write to a temp dir too."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("session-feature-cache")))
+        # compiled OpenVINO models (keyed by weights sha256): converted once per session
+        mp.setenv("CAPTIONING_OV_CACHE", str(tmp_path_factory.mktemp("session-openvino")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _private_feature_cache(request, monkeypatch, tmp_path_factory):
+    """No test writes into ``~/.cache``: ``$CAPTIONING_CACHE`` is a fresh temp dir per test.
+
+    Tests that use the real Flickr8k (the ``flickr8k_dir`` fixture) keep the caller's
+    ``$CAPTIONING_CACHE`` when one was set, since it holds real Flickr8k features only. A test
+    may still set its own with ``monkeypatch.setenv``.
+    """
+    if CALLER_CACHE and "flickr8k_dir" in request.fixturenames:
+        monkeypatch.setenv(CACHE_ENV, CALLER_CACHE)
+    else:
+        monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("feature-cache")))

@@ -12,7 +12,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from captioning.bundle import BundleError, Captioner, list_bundles, resolve_bundle
+from captioning.bundle import BundleError, list_bundles, resolve_bundle
+from captioning.captioner import Captioner
 from captioning.encoders import shared_encoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +47,9 @@ def test_list_bundles(world_env):
     )
     info = next(b for b in list_bundles() if b.name == "vgg16-attention")
     assert info.encoder == "vgg16" and info.decoder == "attention"
-    assert info.metrics["test"]["beam3"]["n_images"] == 8
+    from captioning.reports import default_result
+
+    assert default_result(info, "test").n_images == 8
 
 
 def test_captioner_result_fields(world_env):
@@ -137,7 +140,9 @@ def test_cli_models_evaluate_bench(world_env, tmp_path):
     ):
         assert key in rec
     assert rec["n_images"] == 8 and rec["beam"] == 2 and rec["split"] == "test"
-    csv_lines = (tmp_path / "predictions_test_beam2.csv").read_text().splitlines()
+    (pred,) = tmp_path.glob("predictions_test_beam2_*.csv")
+    assert f"wrote {pred}" in ev.stdout
+    csv_lines = pred.read_text().splitlines()
     assert csv_lines[0] == "image,caption,logprob,bleu1,bleu2,bleu3,bleu4"
     assert len(csv_lines) == 9
     bench = cli("bench", "--model", "resnet50-inject", "--runs", "2", "--json")
@@ -157,6 +162,7 @@ def test_tune_decoding_picks_on_dev_and_applies(world_env, tmp_path):
     from captioning.bundle import set_decode_defaults
     from captioning.data import load_flickr8k
     from captioning.evaluate import tune_decoding
+    from captioning.reports import write_card
 
     bundle = tmp_path / "tuned"
     shutil.copytree(world_env.models / "resnet50-inject", bundle)
@@ -167,7 +173,8 @@ def test_tune_decoding_picks_on_dev_and_applies(world_env, tmp_path):
     assert best["bleu4"] == max(r["bleu4"] for r in rows)
     set_decode_defaults(bundle, beam_size=2, length_alpha=1.0)
     assert Captioner.load(bundle, precision="fp32").defaults.beam_size == 2
-    assert "beam 2" in (bundle / "card.md").read_text()
+    write_card(bundle)
+    assert "Default decoding: beam 2 α 1" in (bundle / "card.md").read_text()
     with pytest.raises(TypeError):
         set_decode_defaults(bundle, beam=3)
 
@@ -187,3 +194,51 @@ def test_evaluation_matches_direct_captioning_in_any_split_order(world_env):
     for row in first.predictions + reverse.predictions:
         direct = cap.caption(ds.image_path(row["image"]), beam_size=2)
         assert row["caption"] == direct.text, row["image"]
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def test_plain_evaluate_leaves_the_bundle_alone(world_env, tmp_path, monkeypatch, capsys):
+    """Old code rewrote the bundle's metrics.json and card.md on any `evaluate`."""
+    from captioning.cli import main
+
+    bundle = tmp_path / "m"
+    shutil.copytree(world_env.models / "vgg16-inject", bundle)
+    before = _snapshot(bundle)
+    monkeypatch.chdir(tmp_path)
+    args = ["evaluate", "--model", str(bundle), "--split", "dev", "--precision", "fp32"]
+    assert main([*args, "--no-meteor", "--limit", "4"]) == 0
+    assert _snapshot(bundle) == before
+    out_dir = tmp_path / "runs" / "eval" / "m"
+    (pred,) = out_dir.glob("predictions_dev_first4_beam3_*.csv")
+    doc = json.loads((out_dir / "metrics.json").read_text())
+    (rec,) = doc["records"]
+    assert rec["limit"] == 4 and rec["predictions"] == pred.name and rec["precision"] == "fp32"
+    out = capsys.readouterr().out
+    assert f"wrote {pred}" in out and "the bundle m is unchanged" in out
+
+
+def test_evaluate_record_adds_this_settings_row_and_says_so(world_env, tmp_path, capsys):
+    from captioning.cli import main
+    from captioning.reports import default_result, results
+
+    bundle = tmp_path / "m"
+    shutil.copytree(world_env.models / "resnet50-inject", bundle)
+    (info,) = list_bundles(tmp_path)
+    default_before = default_result(info, "test")
+    n_before = len(info.records)
+    args = ["evaluate", "--model", str(bundle), "--split", "test", "--precision", "fp32"]
+    assert main([*args, "--no-meteor", "--record", "--length-alpha", "1.0"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {bundle / 'metrics.json'} (added a record for test beam 3 α 1 fp32" in out
+    assert f"wrote {bundle / 'card.md'}" in out
+    (info,) = list_bundles(tmp_path)
+    assert len(info.records) == n_before + 1
+    assert default_result(info, "test") == default_before  # the default row is untouched
+    alpha1 = [r for r in results(info) if r.length_alpha == 1.0]
+    assert len(alpha1) == 1 and alpha1[0].predictions.is_file() and not alpha1[0].default
+    assert "beam 3 α 1 | fp32" in (bundle / "card.md").read_text()
+    with pytest.raises(SystemExit):  # --record and --out exclude each other
+        main([*args, "--record", "--out", str(tmp_path / "x")])

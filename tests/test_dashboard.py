@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,9 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from captioning.bundle import list_bundles
-from dashboard import attention, charts, tables
+from captioning.bundle import BundleInfo, list_bundles
+from dashboard import attention, charts, components, limits, tables
+from tests import hostile
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "dashboard" / "app.py"
@@ -53,6 +56,11 @@ def texts(at: AppTest) -> str:
     parts = [m.value for m in at.markdown] + [c.value for c in at.caption]
     parts += [s.value for s in at.subheader] + [i.value for i in at.info]
     return "\n".join(str(p) for p in parts)
+
+
+def frame(at: AppTest, column: str):
+    """The first dataframe of the run that has ``column`` (pages show several tables)."""
+    return next(d for d in at.dataframe if column in d.value.columns)
 
 
 def caption_text(at: AppTest) -> str:
@@ -146,7 +154,8 @@ def test_compare_page_one_column_per_model_in_order(app):
     assert keys == [f"compare-model-{name}" for name in MODEL_ORDER]
     for key in keys:
         card = at.main.get_by_key(key)
-        assert [m.label for m in card.metric] == ["Encode", "Decode"]
+        assert [m.label for m in card.metric] == ["Encode", "Decode", "Runtime"]
+        assert card.metric[2].value in ("torch", "openvino", "openvino+torch")
         assert any(m.value.startswith("#### ") for m in card.markdown)
 
 
@@ -198,27 +207,27 @@ def test_training_page_charts(app):
 
 def test_explore_page_filters_reduce_rows(app):
     at = open_page(app, "explore")
-    table = at.dataframe[0].value
+    table = frame(at, "caption").value
     total = len(table)
     assert total > 0 and set(table["split"]) == {"dev", "test"}
     at.slider(key="explore-range").set_value((5.0, 100.0)).run()
     assert_clean(at)
-    kept = at.dataframe[0].value
+    kept = frame(at, "caption").value
     assert 0 < len(kept) < total and (kept["bleu4"] >= 5.0).all()
     assert kept["bleu4"].is_monotonic_decreasing
     at.segmented_control(key="explore-order").set_value(1).run()
     assert "Smoothed sentence BLEU-1 range" in [s.label for s in at.slider]
     at.text_input(key="explore-words").set_value("green").run()
     assert_clean(at)
-    words = at.dataframe[0].value
+    words = frame(at, "caption").value
     assert len(words) > 0 and words["caption"].str.split().apply(lambda w: "green" in w).all()
     at.multiselect(key="explore-models").set_value(["vgg16-attention"]).run()
-    assert set(at.dataframe[0].value["model"]) <= {"vgg16-attention"}
+    assert set(frame(at, "caption").value["model"]) <= {"vgg16-attention"}
 
 
 def test_explore_page_row_selection_shows_image_references_and_captions(app):
     at = open_page(app, "explore")
-    table = at.dataframe[0]
+    table = frame(at, "caption")
     first = table.value.iloc[0]
     at.session_state[table.key] = {"selection": {"rows": [0], "columns": [], "cells": []}}
     at.run()
@@ -232,7 +241,7 @@ def test_explore_page_row_selection_shows_image_references_and_captions(app):
 
 def test_explore_page_disagreement_view(app):
     at = open_page(app, "explore")
-    gaps = at.dataframe[1].value
+    gaps = frame(at, "gap").value
     assert len(gaps) > 0
     assert (gaps["decoder"].isin(["inject", "attention"])).all()
     assert gaps["gap"].abs().is_monotonic_decreasing
@@ -257,8 +266,8 @@ def test_explore_without_data_dir_explains_how_to_set_it(app, monkeypatch, tmp_p
         monkeypatch.setenv("CAPTIONING_DATA", str(tmp_path / "missing"))
     at = open_page(app, "explore")
     assert "export CAPTIONING_DATA=/path/to/flickr8k" in texts(at)
-    assert len(at.dataframe[0].value) > 0  # the tables still work
-    table = at.dataframe[0]
+    assert len(frame(at, "caption").value) > 0  # the tables still work
+    table = frame(at, "caption")
     at.session_state[table.key] = {"selection": {"rows": [0], "columns": [], "cells": []}}
     at.run()
     assert_clean(at)
@@ -287,8 +296,6 @@ def test_tables_predictions_order_and_filters(tiny_world):
     out = tables.filter_predictions(df, f)
     assert set(out["split"]) == {"dev"} and set(out["model"]) == {"vgg16-inject"}
     assert out["bleu2"].is_monotonic_increasing
-    assert tables.parse_predictions_name("predictions_test_beam5.csv") == ("test", 5)
-    assert tables.parse_predictions_name("predictions_dev_beam3_limit20.csv") is None
 
 
 def test_tables_disagreements_pairs_same_decoder():
@@ -359,3 +366,121 @@ def test_attention_overlay_is_smooth_and_sized():
     assert len(np.unique(px[:, :40].round())) > 10  # a smooth ramp, not 7x7 blocks
     flat = attention.attention_overlay(photo, np.zeros((7, 7)), max_side=150)
     assert flat.size == (150, 100)
+
+
+# ---------------------------------------------------------------- hostile uploads, limits, layout
+
+
+def test_caption_page_hostile_uploads_end_in_a_caption_or_a_message(app):
+    at = open_page(app, "caption")
+    at.segmented_control(key="caption-source").set_value("upload").run()
+    for name, data, expect in hostile.hostile_uploads():
+        at.file_uploader(key="caption-upload").set_value((name, data, "image/jpeg")).run()
+        assert_clean(at)
+        errors = [e.value for e in at.error]
+        if expect == "caption":
+            assert not errors, (name, errors)
+            assert caption_text(at).startswith("“") and len(caption_text(at)) > 2, name
+        else:
+            assert len(errors) == 1, (name, errors)
+            assert errors[0].startswith(f"{name}: ") and expect in errors[0], errors[0]
+            assert not at.main.get("metric"), name  # nothing was captioned
+    at.segmented_control(key="caption-source").set_value("sample").run()  # still serving
+    assert_clean(at)
+    assert not at.error and caption_text(at).startswith("“")
+
+
+def test_caption_page_draws_only_the_shown_word_until_asked(app):
+    at = open_page(app, "caption")
+    words = [s for s in at.select_slider if s.label == "Word"]
+    n_words = len(words[0].options) if words else 1
+    assert len(at.image) == 2  # the photo and the overlay of the word shown
+    at.toggle(key="caption-all-words").set_value(True).run()
+    assert_clean(at)
+    assert len(at.image) == 2 + n_words
+
+
+def test_inference_slots_bound_concurrency():
+    lock, active, peak = threading.Lock(), [0], [0]
+
+    def work() -> None:
+        with limits.inference_slot():
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            time.sleep(0.02)
+            with lock:
+                active[0] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(4 * limits.SLOTS + 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == limits.SLOTS >= 1
+    assert limits.cpu_cores() >= limits.SLOTS
+
+
+def _bundle(encoder: str, decoder: str, suffix: str = "") -> BundleInfo:
+    name = f"{encoder}-{decoder}{suffix}"
+    return BundleInfo(name, Path(name), encoder, decoder, {})
+
+
+def test_model_grid_lines_up_decoders_across_encoders():
+    six = [_bundle(e, d) for d in ("attention", "merge", "inject") for e in ("vgg16", "resnet50")]
+    grid = components.model_grid(six)
+    assert [(enc, [b.decoder for b in cells]) for enc, cells in grid] == [
+        ("resnet50", ["inject", "merge", "attention"]),
+        ("vgg16", ["inject", "merge", "attention"]),
+    ]
+    gap = components.model_grid([_bundle("resnet50", "inject"), _bundle("vgg16", "attention"),
+                                 _bundle("resnet50", "attention")])  # fmt: skip
+    assert [[b and b.name for b in cells] for _, cells in gap] == [
+        ["resnet50-inject", "resnet50-attention"],
+        [None, "vgg16-attention"],
+    ]
+    twice = components.model_grid(
+        [_bundle("vgg16", "attention"), _bundle("vgg16", "attention", "2")]
+    )
+    assert [len(cells) for _, cells in twice] == [2]
+
+
+def test_compare_page_groups_six_models_by_encoder(app, tiny_world, tmp_path, monkeypatch):
+    models = tmp_path / "models"
+    for name in MODEL_ORDER:
+        shutil.copytree(tiny_world.models / name, models / name,
+                        ignore=shutil.ignore_patterns("train_state"))  # fmt: skip
+    for encoder in ("resnet50", "vgg16"):  # stand-ins for the merge bundles
+        shutil.copytree(models / f"{encoder}-inject", models / f"{encoder}-merge")
+        cfg = json.loads((models / f"{encoder}-merge" / "config.json").read_text())
+        (models / f"{encoder}-merge" / "config.json").write_text(
+            json.dumps({**cfg, "decoder": "merge"})
+        )
+    monkeypatch.setenv("CAPTIONING_MODELS", str(models))
+    at = open_page(app, "compare")
+    keys = [b.key for b in at.container if (b.key or "").startswith("compare-model-")]
+    assert keys == [f"compare-model-{e}-{d}" for e in ("resnet50", "vgg16")
+                    for d in ("inject", "merge", "attention")]  # fmt: skip
+    assert [m.value for m in at.markdown if m.value.endswith(" encoder")] == [
+        "##### ResNet50 encoder",
+        "##### VGG16 encoder",
+    ]
+
+
+def test_explore_page_shows_diversity_beside_bleu_and_cider(app):
+    at = open_page(app, "explore")
+    summary = frame(at, "distinct").value
+    assert list(summary.columns) == ["model", "split", "beam", "bleu4", "cider", "distinct",
+                                     "repeat_trigram"]  # fmt: skip
+    assert set(summary["model"]) == set(MODEL_ORDER) and set(summary["split"]) == {"dev", "test"}
+    assert summary[["bleu4", "cider", "distinct", "repeat_trigram"]].notna().all().all()
+    assert summary["distinct"].between(0, 100).all()
+    assert "Rep. trigram %" in texts(at)
+
+
+def test_attention_fit_never_copies_at_full_size():
+    big = Image.new("L", (6000, 4000), 128)
+    small = attention.fit(big, 300)
+    assert small.size == (300, 200) and small.mode == "RGB"
+    tiny = Image.new("RGB", (50, 40))
+    assert attention.fit(tiny, 300).size == (50, 40) and attention.fit(tiny, 300) is not tiny

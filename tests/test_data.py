@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from captioning.data import (
     DATA_ENV,
+    CaptionDataset,
     DataError,
     Flickr8k,
-    _hash_split,
+    load_dataset,
     load_flickr8k,
     resolve_data_dir,
 )
+from captioning.data.flickr8k import hash_split
+from captioning.images import load_image
+
+SAMPLES = sorted((Path(__file__).resolve().parents[1] / "artifacts" / "samples").glob("*.jpg"))
 
 SPLIT_FILES = {
     "train": "Flickr_8k.trainImages.txt",
@@ -25,9 +30,10 @@ SPLIT_FILES = {
 
 
 def make_images(folder: Path, names: list[str]) -> None:
+    """Real photos (the shipped samples, in turn) under the given file names."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names):
-        Image.new("RGB", (8, 6), (i * 40 % 256, 100, 50)).save(folder / name, "JPEG")
+        shutil.copyfile(SAMPLES[i % len(SAMPLES)], folder / name)
 
 
 def make_official(
@@ -75,8 +81,9 @@ def official(tmp_path) -> Path:
 
 def test_official_layout_captions_and_splits(official):
     ds = load_flickr8k(official)
-    assert isinstance(ds, Flickr8k)
-    assert ds.layout == "official" and ds.split_note == "official Flickr8k split"
+    assert isinstance(ds, Flickr8k) and Flickr8k is CaptionDataset
+    assert ds.layout == "flickr8k-official" and ds.split_note == "official Flickr8k split"
+    assert ds.name == "Flickr8k" and ds.split_source == "official" and ds.split_seed is None
     assert ds.images_dir == official / "Images"
     assert sorted(ds.captions) == ["a.jpg", "b.jpg", "c.jpg", "e.jpg"]
     assert ds.captions["a.jpg"] == [f"A dog runs number {i} ." for i in range(5)]
@@ -84,7 +91,7 @@ def test_official_layout_captions_and_splits(official):
     assert ds.splits == {"train": ["a.jpg", "b.jpg"], "dev": ["c.jpg"], "test": []}
     assert ds.split_captions("dev") == {"c.jpg": ds.captions["c.jpg"]}
     assert ds.image_path("a.jpg") == official / "Images" / "a.jpg"
-    assert ds.image_path("a.jpg").is_file()
+    assert load_image(ds.image_path("a.jpg")).size == (512, 512)  # a real photo (astronaut)
     with pytest.raises(KeyError, match="unknown split"):
         ds.split_captions("val")
 
@@ -110,8 +117,14 @@ def test_official_layout_reports_every_skip(official):
     assert "Flickr_8k.testImages.txt: dropped 1 image(s) (no captions): nocaps.jpg" in text
     assert "no image file in Images/): ghost.jpg.1" in text
     summary = ds.summary()
-    assert "official layout" in summary and "train 2, dev 1, test 0" in summary
+    assert "Flickr8k (flickr8k-official layout)" in summary
+    assert "train 2, dev 1, test 0 (official Flickr8k split; split source: official)" in summary
+    assert "captions: 13 for 4 images (1-5 per image)" in summary
     assert "skipped lines: 9" in summary
+    assert ds.describe() == (
+        "Flickr8k (flickr8k-official layout), official Flickr8k split "
+        "(2 train / 1 dev / 0 test images)"
+    )
 
 
 def test_official_layout_without_image_check_keeps_orphans(official):
@@ -161,7 +174,7 @@ def make_kaggle(root: Path, text: str, images: list[str]) -> Path:
 def test_kaggle_layout(tmp_path):
     root = make_kaggle(tmp_path / "k", KAGGLE_CSV, ["a.jpg", "b.jpg"])
     ds = load_flickr8k(root)
-    assert ds.layout == "kaggle"
+    assert ds.layout == "flickr8k-kaggle" and ds.split_source == "hash"
     assert "NOT the official" in ds.split_note
     assert ds.captions["a.jpg"] == [
         "A dog runs .",
@@ -186,15 +199,15 @@ def test_kaggle_layout(tmp_path):
 
 def test_kaggle_split_is_deterministic_and_proportional():
     names = [f"{i:05d}.jpg" for i in range(8091)]
-    split = _hash_split(list(reversed(names)))
+    split = hash_split(list(reversed(names)))
     assert [len(split[s]) for s in ("train", "dev", "test")] == [6000, 1000, 1091]
-    assert split == _hash_split(names)
+    assert split == hash_split(names)
     first = min(names, key=lambda n: hashlib.sha1(n.encode()).hexdigest())
     assert split["train"][0] == first
     assert set(split["train"]).isdisjoint(split["dev"] + split["test"])
-    small = _hash_split(names[:100])
+    small = hash_split(names[:100])
     assert [len(small[s]) for s in ("train", "dev", "test")] == [76, 12, 12]
-    assert [len(_hash_split(names[:3])[s]) for s in ("train", "dev", "test")] == [3, 0, 0]
+    assert [len(hash_split(names[:3])[s]) for s in ("train", "dev", "test")] == [3, 0, 0]
 
 
 def test_kaggle_with_nothing_usable_is_an_error(tmp_path):
@@ -254,13 +267,19 @@ def test_load_uses_environment_variable(official, monkeypatch):
     assert load_flickr8k().root == official
 
 
-def test_data_error_is_runtime_error():
-    assert issubclass(DataError, RuntimeError)
+def test_bad_data_dir_is_one_clean_cli_line(tmp_path, capsys):
+    """A DataError reaches the user as one ``error:`` line and exit 2, never a traceback."""
+    from captioning.cli import main
+
+    (tmp_path / "Images").mkdir()
+    assert main(["data", "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and str(tmp_path) in err
 
 
 def test_real_flickr8k(flickr8k_dir):
     ds = load_flickr8k(flickr8k_dir)
-    assert ds.layout == "official"
+    assert ds.layout == "flickr8k-official"
     assert len(ds.captions) == 8091
     assert {s: len(v) for s, v in ds.splits.items()} == {"train": 6000, "dev": 1000, "test": 1000}
     assert "2258277193_586949ec62.jpg.1" not in ds.captions
@@ -274,3 +293,16 @@ def test_real_flickr8k(flickr8k_dir):
     train, dev, test = (set(ds.splits[s]) for s in ("train", "dev", "test"))
     assert not (train & dev or train & test or dev & test)
     assert ds.image_path(ds.splits["test"][0]).is_file()
+
+
+def test_load_dataset_reads_both_flickr8k_layouts_like_load_flickr8k(official, tmp_path):
+    for root in (official, make_kaggle(tmp_path / "k", KAGGLE_CSV, ["a.jpg", "b.jpg"])):
+        direct, detected = load_flickr8k(root), load_dataset(root)
+        assert (detected.layout, detected.captions, detected.splits) == (
+            direct.layout,
+            direct.captions,
+            direct.splits,
+        )
+        assert detected.skipped == direct.skipped
+    # a caption file given instead of its folder is read from that folder
+    assert load_dataset(official / "Flickr8k.token.txt").root == official

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import skimage.data
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from captioning.data import load_flickr8k
 from captioning.encoders import build_encoder, preprocess
@@ -104,3 +106,58 @@ def test_extract_real_flickr8k_images(flickr8k_dir, tmp_path):
         feats = cache.load(names)
         assert feats.grid.shape == (4, enc.spec.grid_cells, enc.spec.grid_channels)
         assert torch.isfinite(feats.grid.float()).all() and feats.pooled.abs().sum() > 0
+
+
+def test_failed_images_are_retried_once_fixed(resnet, photos, tmp_path):
+    """An image that could not be read is tried again on the next run, and leaves ``failed``."""
+    cache = FeatureCache.for_encoder(resnet, tmp_path / "cache")
+    broken = photos[-1]
+    first = extract(resnet, [photos[0], broken], cache, progress=False)
+    assert list(first.failed) == ["broken.jpg"]
+    assert cache.cached_names() == {"chelsea.png"}
+
+    Image.fromarray(skimage.data.coffee()).save(broken[1], format="JPEG")  # the file is fixed
+    second = extract(resnet, [photos[0], broken], cache, progress=False)
+    assert second.new_images == 1 and second.failed == {}
+    assert cache.cached_names() == {"chelsea.png", "broken.jpg"}
+    assert cache.manifest()["failed"] == {}
+    assert cache.load(["broken.jpg"]).grid.shape == (1, 49, 2048)
+
+
+def test_safetensors_writes_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    """A crash right after the rename must not publish a file whose bytes never reached disk."""
+    from captioning import fileio
+
+    events = []
+    real_fsync, real_replace = fileio.os.fsync, fileio.os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    fileio.atomic_save_safetensors(tmp_path / "w.safetensors", {"x": torch.ones(3)})
+    (_, tmp), *_ = (e for e in events if e[0] == "replace")
+    assert events.index(("fsync", tmp)) < events.index(("replace", tmp))
+    assert ("fsync", str(tmp_path)) in events  # the directory entry too
+    assert load_file(tmp_path / "w.safetensors")["x"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_tests_never_write_to_the_home_cache(
+    resnet, photos, tmp_path, tmp_path_factory, monkeypatch
+):
+    """conftest points ``$CAPTIONING_CACHE`` at a temp dir, so the default cache is private."""
+    from captioning.features import default_cache_dir
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    root = default_cache_dir()
+    assert root.is_relative_to(tmp_path_factory.getbasetemp()) and not root.is_relative_to(home)
+    extract(resnet, photos[:1], FeatureCache.for_encoder(resnet), progress=False)
+    assert any(root.rglob("manifest.json")) and not home.exists()

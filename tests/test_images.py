@@ -1,29 +1,35 @@
-"""load_image: every pixel mode to RGB, orientation, animation, and every kind of bad input."""
+"""load_image: accepted formats only, every pixel mode to RGB, orientation, animation, early
+reduction of large images (bounded memory), and every kind of bad input."""
 
 from __future__ import annotations
 
 import io
-import struct
-import zlib
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import EpsImagePlugin, Image, ImageFile
 from skimage import data as skdata
 
+from captioning.encoders import INPUT_SIZE, preprocess
 from captioning.images import (
+    ACCEPTED_FORMATS,
     IMAGE_EXTENSIONS,
+    MAX_ASPECT,
+    MIN_SIDE,
     ImageLoadError,
     iter_image_files,
     load_image,
+    sniff_format,
 )
+from tests import hostile
+from tests.hostile import encode, png_header
 
-
-def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kwargs)
-    return buf.getvalue()
+REPO = Path(__file__).resolve().parents[1]
+RSS_BUDGET_MB = 250  # issue 10: an 8000x6000 PNG adds at most this much peak RSS
 
 
 def save(tmp_path: Path, name: str, img: Image.Image, **kwargs) -> Path:
@@ -35,18 +41,6 @@ def save(tmp_path: Path, name: str, img: Image.Image, **kwargs) -> Path:
 def pixels(img: Image.Image) -> np.ndarray:
     assert img.mode == "RGB"
     return np.asarray(img)
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims ``width`` x ``height`` but holds almost no data."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 16)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 @pytest.fixture
@@ -212,7 +206,7 @@ def test_not_an_image(tmp_path):
     with pytest.raises(ImageLoadError, match="notes.jpg: not an image"):
         load_image(path)
     with pytest.raises(ImageLoadError, match="^upload: not an image"):
-        load_image(b"%PDF-1.4 nothing to see")
+        load_image(b"just some words, nothing to see")
 
 
 def test_truncated_jpeg(tmp_path, chelsea_jpeg):
@@ -263,14 +257,17 @@ def test_max_pixels_on_a_real_small_file(tmp_path):
 
 
 def test_zero_size_image_is_refused():
-    with pytest.raises(ImageLoadError, match="zero size|not an image"):
+    with pytest.raises(ImageLoadError, match="zero size|corrupt PNG"):
         load_image(png_header(0, 10))
     with pytest.raises(ImageLoadError, match="zero size"):
         load_image(Image.new("RGB", (0, 5)))
 
 
-def test_errors_are_value_errors():
-    assert issubclass(ImageLoadError, ValueError)
+def test_unusable_bytes_are_caught_as_value_errors():
+    """Callers that catch ValueError (the CLI, the server) see a bad upload, not a crash."""
+    for junk in (b"", b"not an image at all", b"\xff\xd8\xff truncated jpeg"):
+        with pytest.raises(ValueError, match=r"\w"):
+            load_image(junk)
 
 
 def test_iter_image_files(tmp_path):
@@ -288,3 +285,205 @@ def test_iter_image_files(tmp_path):
         Path("missing.jpg"),
     ]
     assert isinstance(IMAGE_EXTENSIONS, tuple) and ".tiff" in IMAGE_EXTENSIONS
+
+
+# ---------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize("fmt", list(ACCEPTED_FORMATS))
+def test_every_accepted_format_decodes(fmt):
+    src = hostile.photo("coffee", (120, 80))
+    img = load_image(encode(src, fmt), reduce_to=INPUT_SIZE)
+    assert img.size == (120, 80)
+    tolerance = 40 if fmt == "GIF" else 12  # GIF: a 256-colour palette
+    assert np.abs(pixels(img).astype(int) - np.asarray(src)).mean() < tolerance
+
+
+def _pillow_file(fmt: str) -> bytes:
+    img = Image.new("RGB", (40, 30), (200, 30, 30))
+    modes = {"MSP": "1", "XBM": "1"}
+    return encode(img.convert(modes.get(fmt, "RGB")), fmt)
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        (hostile.EPS, "EPS"),
+        (b"8BPS\x00\x01" + bytes(20), "PSD"),
+        (b"SIMPLE  =                    T" + b" " * 2850, "FITS"),
+        (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "PDF"),
+        *[(_pillow_file(f), f) for f in ("PPM", "ICO", "PCX", "SGI", "QOI", "DDS", "MSP", "XBM")],
+    ],
+)
+def test_other_formats_are_refused_by_name_without_decoding(data, named, monkeypatch):
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(self))
+    with pytest.raises(ImageLoadError) as err:
+        load_image(data, name="photo.jpg")  # the name's extension does not matter
+    assert str(err.value).startswith(f"photo.jpg: looks like {named}, which is not accepted")
+    assert "JPEG, PNG, WebP, BMP, GIF or TIFF" in str(err.value)
+    assert opened == []  # Pillow's EPS parser (and so Ghostscript) never ran
+
+
+def test_sniff_format_reads_only_signatures():
+    assert sniff_format(hostile.EPS[:16]) == "EPS"
+    assert sniff_format(b"\x89PNG\r\n\x1a\n") == "PNG"
+    assert sniff_format(b"just some text") is None
+    assert sniff_format(b"") is None
+
+
+def test_broken_header_of_an_accepted_format():
+    with pytest.raises(ImageLoadError, match="corrupt PNG file"):
+        load_image(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+
+
+# ---------------------------------------------------------------- early reduction
+
+
+def test_reduce_to_leaves_images_up_to_twice_the_size_bit_for_bit():
+    for size in ((224, 224), (500, 375), (447, 900)):
+        for fmt in ("JPEG", "PNG"):
+            data = encode(hostile.photo("rocket", size), fmt)
+            full, fast = load_image(data), load_image(data, reduce_to=INPUT_SIZE)
+            assert fast.size == size
+            assert np.array_equal(pixels(full), pixels(fast))
+            assert preprocess(full).equal(preprocess(fast))
+
+
+def test_reduce_to_is_exact_on_flickr8k(flickr8k_dir):
+    images = [p for d in ("Images", "Flicker8k_Dataset") for p in (flickr8k_dir / d).glob("*.jpg")]
+    assert images
+    for path in sorted(images)[:20]:  # the feature cache (PREPROCESS = "resize224") stays valid
+        assert preprocess(load_image(path)).equal(preprocess(load_image(path, reduce_to=224)))
+
+
+def test_large_jpeg_is_decoded_with_dct_scaling():
+    data = encode(hostile.photo("coffee", (4000, 3000)), "JPEG", quality=92)
+    img = load_image(data, reduce_to=INPUT_SIZE)
+    assert img.size == (1000, 750)  # libjpeg scaled the decode by 1/4; no full-size pixels
+    full = preprocess(load_image(data))
+    diff = (preprocess(img) - full).abs()
+    assert diff.mean() < 0.002 and diff.max() < 0.05
+
+
+def test_large_png_is_reduced_in_uint8_and_stays_close():
+    data = encode(hostile.photo("rocket", (4800, 3200)), "PNG", compress_level=1)
+    img = load_image(data, reduce_to=INPUT_SIZE)
+    assert min(img.size) >= INPUT_SIZE and img.width * img.height <= 4 * (4 * INPUT_SIZE) ** 2
+    assert img.size != (4800, 3200)
+    full = preprocess(load_image(data))
+    diff = (preprocess(img) - full).abs()
+    assert diff.mean() < 0.002 and diff.max() < 0.05
+
+
+@pytest.mark.parametrize(
+    ("src", "check"),
+    [
+        (Image.new("CMYK", (2400, 1800), (0, 255, 255, 0)), lambda px: px[0, 0, 0] > 230),
+        (Image.fromarray(np.full((1800, 2400), 257 * 100, np.uint16)),
+         lambda px: abs(int(px[0, 0, 0]) - 100) <= 1),
+        (Image.new("LA", (2400, 1800), (0, 0)), lambda px: px.min() == 255),
+    ],
+    ids=["cmyk", "gray16", "transparent"],
+)  # fmt: skip
+def test_large_images_of_every_mode_are_reduced(src, check, tmp_path):
+    path = save(tmp_path, "big.tif" if src.mode == "CMYK" else "big.png", src)
+    img = load_image(path, reduce_to=INPUT_SIZE)
+    assert img.mode == "RGB" and min(img.size) >= INPUT_SIZE and img.size != (2400, 1800)
+    assert check(pixels(img))
+
+
+def test_reduction_keeps_orientation_and_first_frame(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = save(tmp_path, "r.jpg", hostile.photo("coffee", (4000, 3000)), exif=exif)
+    assert load_image(path, reduce_to=INPUT_SIZE).size == (750, 1000)
+    red, blue = Image.new("RGB", (3000, 2000), (255, 0, 0)), Image.new("RGB", (3000, 2000), "blue")
+    gif = save(tmp_path, "a.gif", red, save_all=True, append_images=[blue])
+    img = load_image(gif, reduce_to=INPUT_SIZE)
+    assert img.size != (3000, 2000) and pixels(img)[5, 5].tolist() == [255, 0, 0]
+
+
+def test_hostile_files_end_in_an_image_or_a_readable_error():
+    for name, data, expect in hostile.hostile_uploads():
+        try:
+            img = load_image(data, name=name, reduce_to=INPUT_SIZE)
+        except ImageLoadError as e:
+            assert expect != "caption", (name, str(e))
+            assert str(e).startswith(f"{name}: ") and expect in str(e), str(e)
+            assert "\n" not in str(e)
+        else:
+            assert expect == "caption", name
+            assert img.mode == "RGB" and min(img.size) >= MIN_SIDE
+
+
+def test_exif_rotation_of_the_hostile_photo():
+    assert load_image(hostile.exif_rotated_jpeg()).size == (300, 451)
+
+
+# ---------------------------------------------------------------- geometry a model can use
+
+
+@pytest.mark.parametrize(
+    ("size", "why"),
+    [((1, 1), "only 1x1 px"), ((1, 5000), "only 1x5000 px"), ((5000, 15), "only 5000x15 px"),
+     ((MIN_SIDE, MIN_SIDE * MAX_ASPECT + 1), "16x321 px, an aspect ratio of 20:1; captioning")],
+)  # fmt: skip
+def test_images_no_model_can_read_are_refused(size, why):
+    data = hostile.solid_png(*size)
+    with pytest.raises(ImageLoadError, match=f"^x.png: image is {why}"):
+        load_image(data, name="x.png", reduce_to=INPUT_SIZE)
+    assert load_image(data).size == size  # the plain loader still decodes them
+
+
+def test_smallest_and_most_elongated_accepted_images():
+    for size in ((MIN_SIDE, MIN_SIDE), (MIN_SIDE, MIN_SIDE * MAX_ASPECT)):
+        assert load_image(hostile.solid_png(*size), reduce_to=INPUT_SIZE).size == size
+
+
+def test_real_decompression_bomb_is_refused_before_decoding():
+    data = hostile.png_bomb()  # 12000x10000 pixels in ~120 KB
+    assert len(data) < 300_000
+    with pytest.raises(ImageLoadError, match="bomb.png: refused, image is too large"):
+        load_image(data, name="bomb.png", reduce_to=INPUT_SIZE)
+
+
+# ---------------------------------------------------------------- bounded memory
+
+RSS_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys
+    from captioning.encoders import INPUT_SIZE, preprocess
+    from captioning.images import load_image
+    x = preprocess(load_image(sys.argv[1], reduce_to=INPUT_SIZE))
+    assert x.shape == (3, INPUT_SIZE, INPUT_SIZE)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """
+)
+
+
+def peak_rss_mb(image: Path) -> float:
+    """Peak RSS of a fresh process that loads and preprocesses ``image`` (MB)."""
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(image)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    return int(out.stdout.split()[-1]) / 1024  # ru_maxrss is in KB on Linux
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KB on Linux only")
+def test_huge_png_adds_little_peak_memory(tmp_path):
+    big = Image.new("RGB", (8000, 6000), (90, 140, 200))
+    big.paste((60, 130, 60), (0, 4000, 8000, 6000))
+    big.save(tmp_path / "big.png")  # 152 KB
+    del big
+    assert (tmp_path / "big.png").stat().st_size < 400_000
+    small = tmp_path / "small.jpg"
+    small.write_bytes(encode(hostile.photo("chelsea"), "JPEG"))
+    added = peak_rss_mb(tmp_path / "big.png") - peak_rss_mb(small)
+    # decoding to uint8 (144 MB) is the floor; a float32 copy at full size would add 576 MB more
+    assert added < RSS_BUDGET_MB, f"the 8000x6000 PNG added {added:.0f} MB of peak RSS"

@@ -8,12 +8,19 @@ import stat
 import subprocess
 import time
 
+import numpy as np
 import pytest
+from pycocoevalcap.cider.cider import Cider
 
 from captioning import metrics
 from captioning.metrics import (
+    DIVERSITY_KEYS,
+    METRIC_KEYS,
+    METRIC_LABELS,
+    CiderD,
     coco_scores,
     corpus_bleu_scores,
+    diversity_stats,
     evaluate_captions,
     format_table,
     normalize,
@@ -447,7 +454,7 @@ def test_meteor_with_java(monkeypatch):
     assert scores["n_images"] == len(HYPS)
     assert 20.0 < scores["meteor"] < 70.0
     assert scores["meteor"] < same["meteor"]
-    assert set(scores) == {*BLEU, "meteor", "rougeL", "cider", "n_images"}
+    assert set(scores) == {*METRIC_KEYS, "n_images"}
     # Each call started one JVM and killed and reaped it: no process, not even a zombie, left.
     assert len(pids) == 2
     children = subprocess.run(
@@ -514,24 +521,169 @@ def test_format_table():
                 "meteor": 19.96,
                 "rougeL": 45.0,
                 "cider": 48.24,
+                "distinct": 85.25,
+                "repeat_trigram": 0.5,
+                "repeat_bigram": 3.0,
             },
             "vgg16 beam=3": {"bleu1": 58.0, "bleu4": 16.5, "meteor": None},
         }
     )
     lines = table.splitlines()
-    assert lines[0].split() == [
-        "Model",
-        "BLEU-1",
-        "BLEU-2",
-        "BLEU-3",
-        "BLEU-4",
-        "METEOR",
-        "ROUGE-L",
-        "CIDEr-D",
-    ]
+    header = lines[0]
+    for label in ("Model", *METRIC_LABELS.values()):
+        assert label in header, label
+    assert header.index("CIDEr-D") < header.index("Distinct %") < header.index("Rep. bigram %")
     assert lines[2].split() == ["resnet50", "greedy", "60.0", "41.0", "27.6", "18.0", "20.0"] + [
         "45.0",
         "48.2",
+        "85.2",
+        "0.5",
+        "3.0",
     ]
-    assert lines[3].split() == ["vgg16", "beam=3", "58.0", "—", "—", "16.5", "—", "—", "—"]
+    assert lines[3].split() == ["vgg16", "beam=3", "58.0", "—", "—", "16.5"] + ["—"] * 6
     assert len({len(line) for line in lines[:3]}) == 1  # aligned columns
+
+
+# -- diversity ------------------------------------------------------------------------------------
+
+
+def test_diversity_known_answers():
+    hyps = [
+        "a dog runs on the grass",
+        "A dog runs on the grass.",  # the same caption after normalization
+        "a man in a red shirt and a man in a red shirt",  # repeats trigrams (and bigrams)
+        "a dog and a cat",  # repeats only the unigram "a": no repeated bigram
+        "a man and a man",  # repeats the bigram "a man", no trigram
+    ]
+    stats = diversity_stats(hyps)
+    assert set(stats) == set(DIVERSITY_KEYS)
+    assert stats["distinct"] == pytest.approx(100 * 4 / 5)
+    assert stats["repeat_trigram"] == pytest.approx(100 * 1 / 5)
+    assert stats["repeat_bigram"] == pytest.approx(100 * 2 / 5)
+    assert diversity_stats({"x": "a b", "y": "c d"}) == {
+        "distinct": 100.0,
+        "repeat_trigram": 0.0,
+        "repeat_bigram": 0.0,
+    }
+    with pytest.raises(ValueError, match="no captions"):
+        diversity_stats([])
+    with pytest.raises(TypeError, match="single string"):
+        diversity_stats("a dog")
+
+
+def test_evaluate_captions_reports_diversity():
+    hyps = {**HYPS, "img1": HYPS["img0"], "img2": "a dog and a dog and a dog"}
+    scores = evaluate_captions(hyps, REFS, meteor=False)
+    assert set(scores) == {*METRIC_KEYS, "n_images", "meteor_error"}
+    assert scores["distinct"] == pytest.approx(100 * 19 / 20)
+    assert scores["repeat_trigram"] == pytest.approx(100 * 1 / 20)
+    assert scores["repeat_bigram"] == pytest.approx(100 * 1 / 20)
+
+
+# -- CIDEr-D reward -------------------------------------------------------------------------------
+
+# Edge cases next to the realistic corpus: an empty and a one-word hypothesis, unknown words and
+# <unk>, repeated n-grams (clipping), one reference, duplicate references, a long reference.
+EDGE_HYPS = {
+    "e0": "",
+    "e1": "dog",
+    "e2": "a zebra juggles a <unk> near a <unk>",
+    "e3": "a dog a dog a dog a dog runs",
+    "e4": "the man rides a horse",
+    "e5": "a girl in a pink dress is jumping on a trampoline in the back yard of a house",
+}
+EDGE_REFS = {
+    "e0": ["a dog runs", "the dog is running"],
+    "e1": ["a dog", "a dog", "dog"],
+    "e2": ["a zebra stands in a field"],
+    "e3": ["a dog runs", "a dog runs fast", "two dogs run"],
+    "e4": ["a man rides a horse", "a man on a horse", "a person riding a brown horse"],
+    "e5": ["a girl jumps on a trampoline", "a little girl in a pink dress on a trampoline"],
+}
+FIXED_HYPS = {**HYPS, **EDGE_HYPS}
+FIXED_REFS = {**REFS, **EDGE_REFS}
+
+
+def pycoco_cider(hyps, refs):
+    """pycocoevalcap's Cider on our normalized tokens: (mean, per-caption scores)."""
+    gts, res = metrics._prepare(hyps, refs).coco_inputs()
+    mean, per = Cider().compute_score(gts, res)
+    return float(mean), np.asarray(per)
+
+
+def test_cider_d_matches_pycocoevalcap():
+    mean, per = pycoco_cider(FIXED_HYPS, FIXED_REFS)
+    scorer = CiderD(FIXED_REFS)  # the evaluated set's references, as Cider() uses
+    ours = scorer.score(list(FIXED_HYPS.values()), list(FIXED_HYPS))
+    assert ours.shape == (len(FIXED_HYPS),)
+    np.testing.assert_allclose(ours, per, rtol=0, atol=1e-6)
+    assert float(ours.mean()) == pytest.approx(mean, abs=1e-6)
+    assert coco_scores(FIXED_HYPS, FIXED_REFS, meteor=False)["cider"] == pytest.approx(100 * mean)
+    # the cases really are edge cases: zero for the empty caption, clipping keeps e3 low
+    assert ours[len(HYPS)] == 0.0 and 0 < ours[len(HYPS) + 3] < ours[len(HYPS) + 4]
+    # token lists give the same scores; a caption list scores each against its own image
+    tokens = [normalize(h) for h in FIXED_HYPS.values()]
+    np.testing.assert_allclose(scorer.score(tokens, list(FIXED_HYPS)), ours, atol=1e-12)
+    assert scorer.score([HYPS["img3"]] * 2, ["img3", "img4"])[0] == pytest.approx(per[3])
+
+
+def test_cider_d_uses_the_corpus_document_frequencies():
+    # pycocoevalcap's per-image score depends on the whole set only through df and N, so
+    # scoring a subset with CiderD built on the full references must give the full run's scores.
+    _, per = pycoco_cider(FIXED_HYPS, FIXED_REFS)
+    scorer = CiderD(FIXED_REFS)
+    ids = ["e4", "img7", "img2", "e2"]
+    pos = [list(FIXED_HYPS).index(i) for i in ids]
+    subset = scorer.score([FIXED_HYPS[i] for i in ids], ids)
+    np.testing.assert_allclose(subset, per[pos], atol=1e-6)
+    _, alone = pycoco_cider({i: FIXED_HYPS[i] for i in ids}, FIXED_REFS)
+    assert np.abs(alone - subset).max() > 0.01  # the subset's own df would differ
+
+
+def test_cider_d_on_vocabulary_ids():
+    from captioning.vocab import END_ID, PAD_ID, START_ID, Vocabulary
+
+    vocab = Vocabulary.build([c for refs in FIXED_REFS.values() for c in refs], min_freq=2)
+    ids = list(FIXED_HYPS)
+    rows = [vocab.encode(FIXED_HYPS[i], add_special=False) for i in ids]  # rare words -> <unk>
+    longest = max(len(r) for r in rows) + 2
+    mat = np.full((len(rows), longest), PAD_ID)
+    for k, r in enumerate(rows):
+        mat[k, : len(r) + 1] = [*r, END_ID]
+        mat[k, len(r) + 1 :] = [START_ID] * (longest - len(r) - 1)  # ignored after <end>
+    scorer = CiderD(FIXED_REFS)
+    ours = scorer.score_ids(mat, ids, scorer.word_table(vocab.itos))
+    texts = {i: vocab.decode(r) for i, r in zip(ids, rows, strict=True)}
+    assert any("<unk>" in t for t in texts.values())
+    _, per = pycoco_cider(texts, FIXED_REFS)
+    np.testing.assert_allclose(ours, per, atol=1e-6)
+
+
+def test_cider_d_known_answers_and_errors():
+    refs = {"a": ["a black dog runs"], "b": ["two men play chess"], "c": ["a red car"]}
+    scorer = CiderD(refs)
+    assert len(scorer) == 3
+    # identical to the single reference: every cosine is 1 and the length penalty is 1
+    np.testing.assert_allclose(scorer.score(["a black dog runs"], ["a"]), [10.0])
+    assert scorer.score(["two men play chess"], ["a"])[0] == 0.0
+    with pytest.raises(ValueError, match="not among"):
+        scorer.score(["a dog"], ["zzz"])
+    with pytest.raises(ValueError, match="2 captions but 1"):
+        scorer.score(["a dog", "a cat"], ["a"])
+    with pytest.raises(TypeError, match="single string"):
+        scorer.score("a dog", ["a"])
+    with pytest.raises(ValueError, match="at least one image"):
+        CiderD({})
+
+
+def test_cider_d_is_fast():
+    # 16 images x 5 samples, against 200 images' references; generous bound (loaded machines)
+    scorer = CiderD({f"i{k}": refs for k, (_, refs) in enumerate(CORPUS * 10)})
+    caps = [hyp for hyp, _ in CORPUS[:16] for _ in range(5)]
+    ids = [f"i{k}" for k in range(16) for _ in range(5)]
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        scorer.score(caps, ids)
+        times.append(time.perf_counter() - start)
+    assert min(times) < 0.05

@@ -1,22 +1,31 @@
-"""The bundles shipped in artifacts/models: they caption real photos and reproduce their scores."""
+"""The bundles shipped in artifacts/models: they caption real photos, their records say exactly
+what made each number, and they reproduce their recorded scores."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import skimage.data
+import torch
 from PIL import Image
 
-from captioning.bundle import MODELS_DIR, Captioner, list_bundles
+from captioning import Captioner
+from captioning.bundle import METRICS_FORMAT, MODELS_DIR, list_bundles
 from captioning.data import load_flickr8k
+from captioning.decoding import DecodeConfig
+from captioning.encoders import preprocess
 from captioning.evaluate import evaluate
+from captioning.reports import default_result, read_prediction_rows, results
+from captioning.vocab import END_ID, START_ID
 
-SHIPPED = [b.name for b in list_bundles(MODELS_DIR)]
+SHIPPED = {b.name: b for b in list_bundles(MODELS_DIR)}
 pytestmark = pytest.mark.skipif(not SHIPPED, reason=f"no bundles in {MODELS_DIR}")
 
 
-@pytest.fixture(scope="module", params=SHIPPED)
+@pytest.fixture(scope="module", params=sorted(SHIPPED))
 def captioner(request):
-    return Captioner.load(MODELS_DIR / request.param, precision="fp32")
+    return Captioner.load(MODELS_DIR / request.param, precision="fp32", runtime="torch")
 
 
 def test_expected_bundles_are_shipped():
@@ -25,34 +34,66 @@ def test_expected_bundles_are_shipped():
 
 
 @pytest.mark.parametrize("photo", ["astronaut", "chelsea"])
-def test_captions_real_photos_deterministically(captioner, photo):
+def test_caption_is_the_models_own_best_scored_sentence(captioner, photo):
+    """The reported log-prob is what the decoder itself gives that caption (teacher forced)."""
     img = Image.fromarray(getattr(skimage.data, photo)())
     first = captioner.caption(img)
-    assert first.text and first.tokens
-    assert all(w in captioner.vocab.stoi and w not in ("<unk>", "<pad>") for w in first.tokens)
-    assert captioner.caption(img).text == first.text
+    assert first.text and first.tokens and captioner.caption(img).text == first.text
+    out = captioner.encoder.encode(preprocess(img)[None])
+    feats = (out.grid if captioner.uses_grid else out.pooled).float()  # [1, L, C] or [1, D]
+    cfg = captioner.decode_config()
+    best = captioner.decode_features(feats, cfg)[0][0]
+    assert captioner.vocab.decode(best.tokens) == first.text
+    dec = captioner.decoder
+    tokens = torch.tensor([[START_ID, *best.tokens] + ([END_ID] if best.finished else [])])
+    with torch.inference_mode():
+        logits, _ = dec(dec.context(feats), tokens)  # [1, T-1, V]
+    logp = torch.log_softmax(logits.float(), -1)[0].gather(1, tokens[0, 1:, None]).sum()
+    assert first.score == pytest.approx(float(logp), abs=2e-3)
 
 
 def test_bundle_size_budget(captioner):
     assert (captioner.path / "decoder.safetensors").stat().st_size < 25 * 2**20
 
 
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_records_say_what_made_each_number(name):
+    b = SHIPPED[name]
+    doc = json.loads((b.path / "metrics.json").read_text())
+    assert doc["format"] == METRICS_FORMAT and doc["version"] == 2
+    cfg = b.config
+    assert cfg["precision"] not in ("auto", None) and cfg["runtime"] == "torch"
+    assert cfg["data"]["layout"] == "flickr8k-official" and cfg["data"]["images"]["test"] == 1000
+    settings = [r.setting.to_dict() for r in results(b)]
+    assert len(settings) == len({json.dumps(s, sort_keys=True) for s in settings}), "one per key"
+    test = default_result(b, "test")
+    assert test is not None and test.n_images == 1000
+    assert test.setting.decoding == DecodeConfig(**cfg["decode_defaults"])
+    assert sum(r.default for r in results(b) if r.setting.split == "test") == 1
+    rows = read_prediction_rows(test.predictions)
+    assert len(rows) == 1000 and {r["image"] for r in rows}
+    card = (b.path / "card.md").read_text()
+    assert "flickr8k-official layout (official Flickr8k split)" in card and "(default)" in card
+
+
+def test_the_inject_pair_has_different_default_beams():
+    """Why "where the models disagree" must pair models on their own default decoding."""
+    beams = {
+        n: default_result(SHIPPED[n], "test").beam for n in ("resnet50-inject", "vgg16-inject")
+    }
+    assert beams["resnet50-inject"] != beams["vgg16-inject"]
+
+
 def test_reevaluation_reproduces_recorded_dev_subset(captioner, flickr8k_dir):
-    recorded = captioner.path / "metrics.json"
-    subset = __import__("json").loads(recorded.read_text()).get("dev_first50")
+    subset = [r for r in results(SHIPPED[captioner.name]) if r.setting.limit == 50]
     if not subset:
-        pytest.skip(f"{captioner.name} has no recorded dev_first50 figures")
-    (key, want), *_ = subset.items()
-    assert want["precision"] == "fp32"
+        pytest.skip(f"{captioner.name} has no recorded figures on the first 50 dev images")
+    (want,) = subset
+    assert want.setting.precision == "fp32" and want.setting.split == "dev"
     ds = load_flickr8k(flickr8k_dir)
-    ev = evaluate(
-        captioner,
-        ds,
-        "dev",
-        want["beam"],
-        limit=50,
-        meteor=False,
-        length_alpha=want["length_alpha"],
-    )
+    d = want.setting.decoding
+    ev = evaluate(captioner, ds, "dev", d.beam_size, limit=50, meteor=False,
+                  length_alpha=d.length_alpha, no_repeat_ngram=d.no_repeat_ngram)  # fmt: skip
+    assert ev.setting == want.setting
     for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "rougeL"):
-        assert ev.metrics[k] == pytest.approx(want[k], abs=1e-3), k
+        assert ev.metrics[k] == pytest.approx(want.metrics[k], abs=1e-3), k

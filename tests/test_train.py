@@ -1,15 +1,21 @@
-"""Training end to end on a tiny Flickr8k-shaped data set of synthetic pictures, and resume."""
+"""Training end to end on a tiny Flickr8k-shaped data set of synthetic pictures, and resume.
+
+Also: one model per output directory (``--force``/``--resume``), checkpoints that a crash cannot
+tear, and torchvision encoders through to the exported bundle.
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from captioning.bundle import Captioner, list_bundles
-from captioning.train import TrainConfig, main
+from captioning import Captioner
+from captioning.bundle import list_bundles
+from captioning.train import SELECT_METRIC, TrainConfig, main, read_state
 from tests.synthetic import make_tiny_flickr
 
 
@@ -81,7 +87,7 @@ def test_interrupted_training_resumes_identically(tiny_flickr, cache_dir, tmp_pa
     resumed = tmp_path / "resumed"
     killed = config(decoder="inject", epochs=2, max_minutes=1e-9)  # stops after one batch
     assert main(killed, str(tiny_flickr), resumed, cache_dir, resume=False)["stopped"]
-    state = json.loads((resumed / "train_state" / "state.json").read_text())
+    state, _ = read_state(resumed)
     assert state["epoch"] == 1 and state["step"] == 1
     main(cfg, str(tiny_flickr), resumed, cache_dir, resume=True)
 
@@ -102,3 +108,156 @@ def test_resume_refuses_other_settings(tiny_flickr, cache_dir, tmp_path):
         main(
             config(decoder="merge", epochs=1, lr=1.0), str(tiny_flickr), out, cache_dir, resume=True
         )
+
+
+BUNDLE_FILES = {
+    "decoder.safetensors": b"old weights",
+    "config.json": b'{"old": true}',
+    "vocab.json": b'{"itos": ["old"]}',
+    "history.json": b'[{"epoch": 99}]',
+    "metrics.json": b'{"records": ["old"]}',
+    "predictions_test_beam3.csv": b"image,caption\nx.jpg,old\n",
+    "bench.json": b'{"old": 1}',
+    "card.md": b"# old card\n",
+}
+
+
+def old_bundle(path):
+    """A directory shaped like a shipped bundle of some other, older model (no train_state)."""
+    path.mkdir(parents=True)
+    for name, data in BUNDLE_FILES.items():
+        (path / name).write_bytes(data)
+    (path / "NOTES.txt").write_bytes(b"mine")
+    return path
+
+
+def test_non_empty_out_is_refused_without_resume_or_force(tiny_flickr, cache_dir, tmp_path):
+    out = old_bundle(tmp_path / "shipped")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match="not empty.*--resume.*--force"):
+        main(config(epochs=1), str(tiny_flickr), out, cache_dir, resume=False)
+    with pytest.raises(ValueError, match="no training run"):
+        main(config(epochs=1), str(tiny_flickr), out, cache_dir, resume=True)
+    with pytest.raises(ValueError, match="exclude"):
+        main(config(epochs=1), str(tiny_flickr), out, cache_dir, resume=True, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+
+
+def test_force_replaces_everything_of_the_old_weights(tiny_flickr, cache_dir, tmp_path):
+    out = old_bundle(tmp_path / "shipped")
+    main(config(decoder="inject", epochs=1), str(tiny_flickr), out, cache_dir, False, force=True)
+    for name, old in BUNDLE_FILES.items():
+        assert not (out / name).exists() or (out / name).read_bytes() != old, name
+    assert not list(out.glob("predictions_*")) and not (out / "bench.json").exists()
+    assert (out / "NOTES.txt").read_bytes() == b"mine"  # not ours: kept
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["decoder"] == "inject" and cfg["best_epoch"] == 1
+    assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [1]
+    cap = Captioner.load(out, precision="fp32")  # vocab, config and weights belong together
+    assert cap.caption(tiny_flickr / "Images" / "0000_synthetic.png").text
+
+
+def test_resumed_export_keeps_nothing_of_the_earlier_weights(tiny_flickr, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    main(config(decoder="merge", epochs=1), str(tiny_flickr), out, cache_dir, resume=False)
+    (out / "predictions_dev_beam3.csv").write_text("image,caption\nx.jpg,epoch one\n")
+    (out / "bench.json").write_text('{"from": "epoch one"}')
+    first_metrics = (out / "metrics.json").read_bytes()
+    (out / "metrics.json").write_text('{"records": [{"from": "epoch one"}]}')
+    main(config(decoder="merge", epochs=1), str(tiny_flickr), out, cache_dir, resume=True)
+    assert not (out / "predictions_dev_beam3.csv").exists() and not (out / "bench.json").exists()
+    assert (out / "metrics.json").read_bytes() == first_metrics  # empty again
+    assert "epoch one" not in (out / "card.md").read_text()
+    assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [1]
+
+
+def test_a_crash_between_checkpoint_writes_cannot_tear_the_state(
+    tiny_flickr, cache_dir, tmp_path, monkeypatch
+):
+    """Kill the run right after the second checkpoint's first file lands; resume must agree.
+
+    The old two-file checkpoint (state.safetensors, then state.json) resumed epoch 2's weights
+    with epoch 1's bookkeeping and trained epoch 2 twice.
+    """
+    from captioning import fileio
+
+    cfg = config(decoder="inject", epochs=2)
+    straight = tmp_path / "straight"
+    main(cfg, str(tiny_flickr), straight, cache_dir, resume=False)
+
+    out = tmp_path / "crashed"
+    real_replace = fileio.os.replace
+    landed = []
+
+    class Crash(BaseException):
+        pass
+
+    def replace(src, dst):
+        if len([d for d in landed if d.endswith("train_state/state.safetensors")]) == 2:
+            raise Crash(dst)  # the process dies before this file is published
+        real_replace(src, dst)
+        landed.append(str(dst))
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(Crash):
+        main(cfg, str(tiny_flickr), out, cache_dir, resume=False)
+    monkeypatch.setattr(fileio.os, "replace", real_replace)
+    meta, tensors = read_state(out)
+    assert meta["epoch"] == 3 and [h["epoch"] for h in meta["history"]] == [1, 2]
+    assert any(k.startswith("best.") for k in tensors)  # the best weights are in the same file
+
+    main(cfg, str(tiny_flickr), out, cache_dir, resume=True)
+    a, b = load_file(straight / "decoder.safetensors"), load_file(out / "decoder.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    ha = json.loads((straight / "history.json").read_text())
+    hb = json.loads((out / "history.json").read_text())
+    assert [h["train_loss"] for h in hb] == [h["train_loss"] for h in ha]
+    best = max(ha, key=lambda h: h[SELECT_METRIC])["epoch"]
+    assert json.loads((out / "config.json").read_text())["best_epoch"] == best
+
+
+@pytest.fixture
+def offline_torchvision(tmp_path, monkeypatch):
+    """torchvision's ResNet50 checkpoint as torch.hub would leave it, without the download.
+
+    Only the network is replaced: the state dict is a real (seeded, untrained) torchvision
+    ResNet50, its file lies where ``torch.hub`` keeps downloads, and the project's own loading,
+    key conversion and hashing run unchanged.
+    """
+    from torchvision import models
+
+    from captioning import encoders
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    spec = encoders.get_spec("resnet50-tv")
+    ckpt = encoders.torchvision_checkpoint(spec)
+    ckpt.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    state = models.resnet50(weights=None).state_dict()
+    ckpt.write_bytes(b"stand-in for the downloaded file " + str(len(state)).encode())
+
+    def load_state_dict_from_url(url, **kw):
+        assert Path(url).name == ckpt.name
+        return state
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", load_state_dict_from_url)
+    encoders.shared_encoder.cache_clear()
+    yield ckpt
+    encoders.shared_encoder.cache_clear()
+
+
+def test_torchvision_encoder_trains_and_exports(offline_torchvision, cache_dir, tmp_path):
+    """``train --encoder resnet50-tv`` used to crash in export_bundle after the whole run."""
+    from captioning.encoders import weights_sha256
+    from captioning.fileio import sha256_file
+
+    data = make_tiny_flickr(tmp_path / "flickr", sizes={"train": 6, "dev": 3, "test": 1})
+    out = tmp_path / "tv-inject"
+    cfg = config(encoder="resnet50-tv", decoder="inject", epochs=1)
+    main(cfg, str(data), out, cache_dir, resume=False)
+    sha = json.loads((out / "config.json").read_text())["encoder_sha256"]
+    assert sha == sha256_file(offline_torchvision) == weights_sha256("resnet50-tv")
+    cap = Captioner.load(out, precision="fp32")  # checks the encoder's sha against the bundle's
+    assert cap.caption(data / "Images" / "0000_synthetic.png").text

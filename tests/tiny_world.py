@@ -11,9 +11,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from captioning.bundle import Captioner, record_metrics
+from captioning.captioner import Captioner
 from captioning.data import load_flickr8k
-from captioning.evaluate import evaluate, write_predictions
+from captioning.evaluate import evaluate, save_evaluation
 from captioning.train import TrainConfig, main
 from tests.synthetic import make_tiny_flickr
 
@@ -51,8 +51,7 @@ def build_tiny_world(root: Path) -> TinyWorld:
         cap = Captioner.load(out, precision="fp32")
         for split in ("dev", "test"):
             ev = evaluate(cap, ds, split, 3, cache_root=cache, meteor=False)
-            write_predictions(out / f"predictions_{split}_beam3.csv", ev.predictions)
-            record_metrics(out, split, 3, ev.metrics)
+            save_evaluation(ev, out)  # into the bundle, like `evaluate --record`
     return TinyWorld(data, models, cache)
 
 

@@ -6,7 +6,7 @@ import streamlit as st
 
 from captioning.bundle import BundleError
 from dashboard import components, state, tables
-from dashboard.attention import attention_overlay
+from dashboard.attention import attention_overlay, fit
 
 THUMB_SIDE = 220
 WORDS_PER_ROW = 4
@@ -42,16 +42,17 @@ with right:
         st.stop()
     try:
         with st.spinner(f"Captioning with {bundle.name}…"):
-            result = state.caption(bundle, picked.image, picked.digest, beam)
+            result = state.caption(bundle, picked.data, picked.digest, beam)
+            runtime = state.runtime_label(bundle)
     except (BundleError, OSError) as e:
         st.error(f"Cannot use the model {bundle.name}: {e}")
         st.stop()
 
     with st.container(border=True, key="caption-result"):
-        st.caption(f"{bundle.name} · beam {beam}")
+        st.caption(f"{bundle.name} · beam {beam} · {runtime}")
         st.subheader(f"“{result.text}”" if result.text else "(empty caption)", anchor=False)
         with st.container(horizontal=True, gap="large"):
-            components.timing_metrics(result.timings)
+            components.timing_metrics(result.timings, runtime)
             st.metric("Log-prob", f"{result.score:.2f}", width="content", help="Sum of the "
                       "log-probabilities of the words and the end token; closer to 0 = more "
                       "confident.")  # fmt: skip
@@ -92,7 +93,7 @@ if len(words) > 1:
         key=f"caption-word-{bundle.name}-{picked.digest}-{beam}",
     )
 heat_col, word_col = st.columns([5, 6], gap="large")
-with heat_col:
+with heat_col:  # only the word shown, drawn at display size
     st.image(attention_overlay(picked.image, result.attention[i]), caption=f"“{words[i]}”")
 with word_col:
     st.markdown(
@@ -103,9 +104,10 @@ with word_col:
         f"{i + 1} of {len(words)}, upsampled smoothly over the photo: bright = looked at, "
         "dark = ignored."
     )
-    with st.expander("All words at once"):
+    if st.toggle("Show every word at once", key="caption-all-words"):
+        small = fit(picked.image, THUMB_SIDE)  # thumbnails drawn only while the toggle is on
         for start in range(0, len(words), WORDS_PER_ROW):
             stop = min(start + WORDS_PER_ROW, len(words))
             for col, j in zip(st.columns(WORDS_PER_ROW), range(start, stop), strict=False):
-                thumb = attention_overlay(picked.image, result.attention[j], max_side=THUMB_SIDE)
+                thumb = attention_overlay(small, result.attention[j], max_side=THUMB_SIDE)
                 col.image(thumb, caption=f"{j + 1}. {words[j]}")

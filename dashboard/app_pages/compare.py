@@ -4,21 +4,47 @@ from __future__ import annotations
 
 import streamlit as st
 
-from captioning.bundle import BundleError
+from captioning.bundle import BundleError, BundleInfo
 from captioning.metrics import sentence_bleu_smoothed
 from dashboard import charts, components, state, tables
 
-MAX_COLUMNS = 4
+MAX_COLUMNS = 3  # caption cards per row: one per decoder kind
 PHOTO_BOX = (760, 440)
 
 st.title("Compare models", anchor=False)
 st.markdown(
-    "The same photo through every model, side by side: ResNet50 beside VGG16, *inject* beside "
-    "*attention*. Below, each model's corpus scores on the test split and its latency."
+    "The same photo through every model: one row per encoder (ResNet50, VGG16), one column per "
+    "decoder (*inject*, *merge*, *attention*). Below, each model's corpus scores on the test "
+    "split and its latency."
 )
 
 bundles = components.require_bundles()
 colors = charts.model_colors([(b.name, b.encoder, b.decoder) for b in bundles])
+
+
+def caption_card(bundle: BundleInfo, picked: components.PickedImage, beam: int) -> None:
+    """One model's caption of the photo: name, decoder, caption, timings and runtime."""
+    st.markdown(
+        f"<span style='color:{colors[bundle.name]}'>●</span> **{bundle.name}**",
+        unsafe_allow_html=True,
+    )
+    st.caption(f"{bundle.decoder} decoder")
+    try:
+        with st.spinner("Captioning…"):
+            res = state.caption(bundle, picked.data, picked.digest, beam)
+            runtime = state.runtime_label(bundle)
+    except (BundleError, OSError) as e:
+        st.error(f"Cannot use this model: {e}")
+        return
+    st.markdown(f"#### {res.text or '(empty caption)'}")
+    with st.container(horizontal=True, gap="medium"):
+        components.timing_metrics(res.timings, runtime)
+    note = f"log-prob {res.score:.2f}"
+    if picked.references:
+        b4 = sentence_bleu_smoothed(res.text, picked.references)["bleu4"]
+        note += f" · smoothed sentence BLEU-4 {b4:.1f}"
+    st.caption(note)
+
 
 controls, photo = st.columns([2, 3], gap="large")
 with controls:
@@ -35,29 +61,15 @@ st.subheader("Captions", anchor=False)
 if picked is None:
     st.info("Pick a photo above to caption it with every model.", icon=":material/image:")
 else:
-    for start in range(0, len(bundles), MAX_COLUMNS):
-        row = bundles[start : start + MAX_COLUMNS]
-        for col, bundle in zip(st.columns(MAX_COLUMNS, gap="small"), row, strict=False):
-            with col.container(border=True, key=f"compare-model-{bundle.name}"):
-                st.markdown(
-                    f"<span style='color:{colors[bundle.name]}'>●</span> **{bundle.name}**",
-                    unsafe_allow_html=True,
-                )
-                st.caption(f"{tables.pretty_encoder(bundle.encoder)} · {bundle.decoder} decoder")
-                try:
-                    with st.spinner("Captioning…"):
-                        res = state.caption(bundle, picked.image, picked.digest, beam)
-                except (BundleError, OSError) as e:
-                    st.error(f"Cannot use this model: {e}")
-                    continue
-                st.markdown(f"#### {res.text or '(empty caption)'}")
-                with st.container(horizontal=True, gap="medium"):
-                    components.timing_metrics(res.timings)
-                note = f"log-prob {res.score:.2f}"
-                if picked.references:
-                    b4 = sentence_bleu_smoothed(res.text, picked.references)["bleu4"]
-                    note += f" · smoothed sentence BLEU-4 {b4:.1f}"
-                st.caption(note)
+    shown_encoder = None
+    for encoder, cells in components.model_grid(bundles, MAX_COLUMNS):
+        if encoder != shown_encoder:
+            st.markdown(f"##### {tables.pretty_encoder(encoder)} encoder")
+            shown_encoder = encoder
+        for col, bundle in zip(st.columns(len(cells), gap="small"), cells, strict=True):
+            if bundle is not None:
+                with col.container(border=True, key=f"compare-model-{bundle.name}"):
+                    caption_card(bundle, picked, beam)
 
 st.divider()
 wide = tables.corpus_metrics(bundles, "test")
@@ -65,7 +77,7 @@ st.subheader("Scores on the test split", anchor=False)
 if wide.empty:
     st.info(
         "No model has test metrics yet. Evaluate with "
-        "`python -m captioning evaluate --model NAME --split test --beam 3 --record`.",
+        "`python -m captioning evaluate --model NAME --split test --record`.",
         icon=":material/analytics:",
     )
 else:

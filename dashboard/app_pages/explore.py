@@ -8,9 +8,11 @@ import pandas as pd
 import streamlit as st
 
 from captioning.data import Flickr8k
+from captioning.metrics import METRIC_LABELS, diversity_stats
 from dashboard import components, state, tables
 
 SPLITS = ("dev", "test")
+SUMMARY_METRICS = ("bleu4", "cider", "distinct", "repeat_trigram")
 
 st.title("Explore predictions", anchor=False)
 st.markdown(
@@ -24,7 +26,7 @@ preds = state.predictions()
 if preds.empty:
     st.info(
         "No predictions yet. Write them with "
-        "`python -m captioning evaluate --model NAME --split dev --beam 3` (and `--split test`).",
+        "`python -m captioning evaluate --model NAME --split dev --record` (and `--split test`).",
         icon=":material/table_view:",
     )
     st.stop()
@@ -32,6 +34,31 @@ status = state.dataset()
 ds = status.dataset
 if ds is None:
     components.data_note(status.message, "Without it the tables below still work.")
+
+
+def score_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per model and split, at the model's default decoding: corpus BLEU-4 and CIDEr-D from
+    its metrics records, and the distinct-caption and repeated-trigram shares (%).
+
+    Shares missing from a record (evaluated before they were recorded) are computed from the
+    predictions file, the same captions the record scored.
+    """
+    rows = []
+    for split in SPLITS:
+        wide = tables.corpus_metrics(bundles, split)
+        for _, rec in wide.iterrows():
+            row = {"model": rec["model"], "split": split, "beam": rec["beam"]}
+            row |= {k: rec.get(k) for k in SUMMARY_METRICS}
+            caps = frame.loc[
+                (frame["model"] == rec["model"]) & (frame["split"] == split) & frame["default"],
+                "caption",
+            ]
+            if len(caps) and any(pd.isna(row[k]) for k in ("distinct", "repeat_trigram")):
+                stats = diversity_stats(list(caps))
+                for k in ("distinct", "repeat_trigram"):
+                    row[k] = stats[k] if pd.isna(row[k]) else row[k]
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["model", "split", "beam", *SUMMARY_METRICS])
 
 
 def bleu_label(order: int) -> str:
@@ -72,6 +99,29 @@ def table_key(prefix: str, *parts: object) -> str:
     """A widget key that changes with the filters, so a stale row selection is dropped."""
     return f"{prefix}-{hashlib.sha1(repr(parts).encode()).hexdigest()[:10]}"
 
+
+summary = score_summary(preds)
+if not summary.empty:
+    st.subheader("Scores and diversity", anchor=False)
+    st.dataframe(
+        summary,
+        hide_index=True,
+        placeholder="n/a",
+        key="explore-summary",
+        column_config={
+            "beam": st.column_config.NumberColumn("beam", format="%d"),
+            **{
+                k: st.column_config.NumberColumn(METRIC_LABELS[k], format="%.1f")
+                for k in SUMMARY_METRICS
+            },
+        },  # fmt: skip
+    )
+    st.caption(
+        "Each model at its default decoding. BLEU-4 and CIDEr-D are corpus scores (0–100). "
+        "Distinct % = different captions per 100 images of the split (a model that gives many "
+        "photos the same sentence scores low); Rep. trigram % = captions that repeat a trigram "
+        "(“a man and a man and …”)."
+    )
 
 tab_all, tab_gap = st.tabs(["All predictions", "Where the models disagree"])
 

@@ -1,0 +1,428 @@
+"""Batch captioning on Ray Data: paths -> read bytes -> an actor pool of Captioners -> Parquet.
+
+``run_batch(BatchConfig(model, input, out))`` captions every image of ``input`` (a folder, a text
+file of paths, or a Parquet/CSV file with a ``path`` column) into Parquet shards in ``out``, one
+row per image (``ROW_FIELDS``). Unreadable files become rows whose ``error`` names the cause.
+Re-running skips the paths already in ``out``; shards left half-written by a killed run are set
+aside (renamed ``_partial-*``) and their paths captioned again, so no path gets two rows.
+
+Without an address a local Ray is started on this machine's cores; ``address="auto"`` or
+``"ray://host:10001"`` joins a cluster, where every node needs this package installed at the
+same path (the bundle is loaded from the path the driver resolved).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from captioning.images import ImageLoadError, iter_image_files, load_image
+
+ROW_FIELDS = (
+    "path",
+    "caption",
+    "nbest",  # JSON list of {"caption", "logprob"}, best first
+    "logprob",
+    "model",
+    "bundle_sha256",
+    "runtime",
+    "precision",
+    "decoding",  # JSON of the DecodeConfig used
+    "error",  # None, or why the image has no caption
+)
+PARTIAL_PREFIX = "_partial-"  # pyarrow's dataset readers ignore files starting with "_"
+ACTOR_CPU_SHARE = 0.5  # of the cluster's CPUs reserved for actors; read/write tasks get the rest
+READ_TASK_CPUS = 0.25
+THREADS_PER_WORKER = 2  # the default pool: one actor per this many CPUs
+BATCH_SIZE = 16
+BUNDLE_FILES = ("config.json", "decoder.safetensors", "vocab.json")
+RAY_START_ATTEMPTS = 3  # a local Ray start times out after 30 s on a saturated machine
+
+
+@dataclass
+class BatchConfig:
+    model: str
+    input: str
+    out: str
+    address: str | None = None  # None: a local Ray on this machine's cores
+    workers: int | None = None  # actors; None: one per THREADS_PER_WORKER CPUs of the cluster
+    beam: int | None = None  # None: the bundle's default
+    overrides: dict = field(default_factory=dict)  # other DecodeConfig fields, e.g. length_alpha
+    batch_size: int = BATCH_SIZE
+    precision: str = "auto"
+    runtime: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda, resolved on the driver (captioning.precision)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {self.workers}")
+        if self.beam is not None and self.beam < 1:
+            raise ValueError(f"--beam must be at least 1, got {self.beam}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class PoolPlan:
+    """How the actor pool is sized from the cluster's CPUs."""
+
+    cluster_cpus: float
+    actors: int
+    cpus_per_actor: float  # what Ray reserves for each actor
+    threads_per_actor: int  # torch threads inside each actor
+
+
+@dataclass
+class BatchReport:
+    out: str
+    inputs: int
+    already_done: int
+    captioned: int
+    errors: int
+    set_aside: list[str] = field(default_factory=list)  # half-written shards renamed
+    seconds: float = 0.0  # the Ray Data pipeline, start-up excluded
+    startup_seconds: float = 0.0  # Ray start and bundle checks
+    plan: dict | None = None
+
+    @property
+    def images_per_s(self) -> float | None:
+        return round(self.captioned / self.seconds, 2) if self.captioned and self.seconds else None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "images_per_s": self.images_per_s}
+
+
+# ---------------------------------------------------------------- loading the captioner
+
+
+def load_captioner(
+    model: str | Path, precision: str = "auto", runtime: str = "auto", device: str = "cpu"
+):
+    """``Captioner.load`` with the fastest runtime available (``runtime`` if the API takes it)."""
+    from captioning import Captioner
+
+    if device != "cpu":  # CUDA-only: the encoder on the GPU at its autocast dtype, on torch
+        from captioning.precision import resolve_precision
+
+        precision, runtime = resolve_precision(precision, device), "torch"
+
+    kwargs = {"precision": precision}
+    if "runtime" in inspect.signature(Captioner.load).parameters:
+        kwargs["runtime"] = runtime
+    elif runtime not in ("auto", runtime_name(Captioner)):
+        raise ValueError(f"runtime {runtime!r} is not available; this build runs torch only")
+    return Captioner.load(model, **kwargs)
+
+
+def gpu_share(resources: dict, actors: int) -> dict:
+    """CUDA-only: each actor's share of the cluster's GPUs, as Ray resource arguments."""
+    gpus = resources.get("GPU", 0)
+    if not gpus:
+        raise RuntimeError("--device cuda: the Ray cluster has no GPU; use --device cpu")
+    return {"num_gpus": min(1.0, gpus / actors)}
+
+
+def runtime_name(cap) -> str:
+    """The runtime a Captioner runs on ("torch" unless it says otherwise)."""
+    rt = getattr(cap, "runtime", None)
+    if rt is None:
+        return "torch"
+    return str(getattr(rt, "name", rt))
+
+
+def bundle_sha256(bundle: Path) -> str:
+    """One digest of a bundle's config, weights and vocabulary (what decides its captions)."""
+    from captioning.fileio import sha256_file
+
+    h = hashlib.sha256()
+    for name in BUNDLE_FILES:
+        h.update(f"{name}:{sha256_file(bundle / name)}\n".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- inputs and resume
+
+
+def read_inputs(source: str | Path) -> list[str]:
+    """Absolute image paths from a folder (recursive), a text file, or Parquet/CSV ``path``."""
+    src = Path(source)
+    if src.is_dir():
+        paths = [str(p) for p in iter_image_files([src])]
+        if not paths:
+            raise FileNotFoundError(f"{src}: no image files in this folder")
+    elif not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or folder")
+    elif src.suffix.lower() in (".parquet", ".csv"):
+        paths = _path_column(src)
+    else:
+        lines = src.read_text(encoding="utf-8").splitlines()
+        paths = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    out, seen = [], set()
+    for p in paths:  # absolute (Ray workers have another cwd), first occurrence kept
+        ap = os.path.abspath(os.path.expanduser(p))
+        if ap not in seen:
+            seen.add(ap)
+            out.append(ap)
+    if not out:
+        raise ValueError(f"{src}: lists no paths")
+    return out
+
+
+def _path_column(src: Path) -> list[str]:
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(src) if src.suffix.lower() == ".parquet" else pcsv.read_csv(src)
+    except Exception as e:  # pyarrow raises ArrowInvalid and friends
+        raise ValueError(f"{src}: cannot read it ({e})") from None
+    if "path" not in table.column_names:
+        raise ValueError(f"{src}: needs a 'path' column (has {', '.join(table.column_names)})")
+    return [str(p) for p in table.column("path").to_pylist() if p]
+
+
+def existing_rows(out: Path) -> tuple[list[dict], list[str]]:
+    """Rows already in ``out`` (path, model, bundle_sha256, decoding, error), and shards set aside.
+
+    A shard that cannot be read (a run killed while writing it) is renamed ``_partial-NAME`` so
+    that its paths are captioned again and no reader counts it.
+    """
+    import pyarrow.parquet as pq
+
+    rows, aside = [], []
+    if not out.is_dir():
+        return rows, aside
+    cols = ["path", "model", "bundle_sha256", "decoding", "error"]
+    for shard in sorted(out.glob("*.parquet")):
+        if shard.name.startswith(("_", ".")):
+            continue
+        try:
+            rows.extend(pq.read_table(shard, columns=cols).to_pylist())
+        except Exception:  # truncated or foreign file
+            target = shard.with_name(PARTIAL_PREFIX + shard.name)
+            shard.rename(target)
+            aside.append(str(target))
+    return rows, aside
+
+
+def _check_compatible(rows: list[dict], model: str, sha: str, decoding: str, out: Path) -> None:
+    """Refuse to mix captions of another bundle or other decoding settings in one ``out``."""
+    for r in rows[:1] + rows[-1:]:
+        if r["bundle_sha256"] != sha or r["decoding"] != decoding:
+            raise ValueError(
+                f"{out} holds captions by {r['model']} (bundle sha256 {r['bundle_sha256'][:12]}…, "
+                f"decoding {r['decoding']}); this run is {model} ({sha[:12]}…, {decoding}): "
+                "use another --out"
+            )
+
+
+# ---------------------------------------------------------------- the pool
+
+
+def plan_pool(cluster_cpus: float, workers: int | None = None) -> PoolPlan:
+    """Size the actor pool from the cluster's CPUs.
+
+    Actors get ``ACTOR_CPU_SHARE`` of the CPUs in Ray's accounting; the rest stays free for the
+    read and write tasks. (Measured here: with 2 CPUs, 2 actors at 1 CPU each starve the read
+    tasks and the pipeline stalls; at 0.5 CPU each it runs.) Torch threads are the real cores:
+    the cluster's CPUs divided among the actors.
+    """
+    cpus = max(float(cluster_cpus), 1.0)
+    actors = workers or max(1, int(cpus) // THREADS_PER_WORKER)
+    return PoolPlan(
+        cluster_cpus=cpus,
+        actors=actors,
+        cpus_per_actor=round(cpus * ACTOR_CPU_SHARE / actors, 3),
+        threads_per_actor=max(1, int(cpus) // actors),
+    )
+
+
+def row_schema():
+    """The Parquet schema of the output rows (``ROW_FIELDS``)."""
+    import pyarrow as pa
+
+    types = {"logprob": pa.float64()}
+    return pa.schema([(k, types.get(k, pa.string())) for k in ROW_FIELDS])
+
+
+def read_files(batch):
+    """Ray Data task: ``path`` -> ``path, data, error`` (a pyarrow Table); never raises."""
+    import pyarrow as pa
+
+    paths = [str(p) for p in batch.column("path").to_pylist()]
+    datas, errors = [], []
+    for p in paths:
+        data, err = b"", None
+        try:
+            data = Path(p).read_bytes()
+        except FileNotFoundError:
+            err = f"{p}: file not found"
+        except IsADirectoryError:
+            err = f"{p}: is a directory, not an image file"
+        except OSError as e:
+            err = f"{p}: cannot read file ({e.strerror or e})"
+        datas.append(data)
+        errors.append(err)
+    schema = pa.schema([("path", pa.string()), ("data", pa.binary()), ("error", pa.string())])
+    return pa.table({"path": paths, "data": datas, "error": errors}, schema=schema)
+
+
+class CaptionActor:
+    """Ray Data callable class: loads the Captioner once, captions batches of image bytes."""
+
+    def __init__(
+        self,
+        bundle: str,
+        sha256: str,
+        precision: str,
+        runtime: str,
+        decoding: dict,
+        threads: int,
+        device: str = "cpu",
+    ) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, min(threads, os.cpu_count() or threads)))
+        if bundle_sha256(Path(bundle)) != sha256:
+            raise RuntimeError(
+                f"{bundle} on this node differs from the driver's bundle (sha256 {sha256[:12]}…)"
+            )
+        self.cap = load_captioner(bundle, precision, runtime, device)
+        self.decoding = decoding  # every DecodeConfig field, fixed by the driver
+        cfg = self.cap.decode_config(**decoding)
+        self.const = {
+            "model": self.cap.name,
+            "bundle_sha256": sha256,
+            "runtime": runtime_name(self.cap),
+            "precision": self.cap.encoder.precision.label,
+            "decoding": json.dumps(asdict(cfg), sort_keys=True),
+        }
+
+    def __call__(self, batch):
+        """A pyarrow Table ``path, data, error`` -> a Table of ``row_schema()``."""
+        import pyarrow as pa
+
+        paths = batch.column("path").to_pylist()
+        rows = [
+            {"path": p, "caption": None, "nbest": None, "logprob": None, "error": e, **self.const}
+            for p, e in zip(paths, batch.column("error").to_pylist(), strict=True)
+        ]
+        images, where = [], []
+        for i, (p, data) in enumerate(zip(paths, batch.column("data").to_pylist(), strict=True)):
+            if rows[i]["error"] is not None:
+                continue
+            try:
+                images.append(load_image(data, name=p))
+                where.append(i)
+            except ImageLoadError as e:
+                rows[i]["error"] = str(e)
+        if images:
+            results = self.cap.caption_batch(images, **self.decoding)
+            for i, res in zip(where, results, strict=True):
+                nbest = [{"caption": t, "logprob": round(s, 4)} for t, s in res.nbest]
+                rows[i].update(caption=res.text, logprob=res.score, nbest=json.dumps(nbest))
+        return pa.Table.from_pylist(rows, schema=row_schema())
+
+
+# ---------------------------------------------------------------- the job
+
+
+def _init_ray(address: str | None, attempts: int = RAY_START_ATTEMPTS) -> None:
+    """Join the cluster at ``address``, or start a local Ray on this machine's cores."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            return
+        except Exception as e:  # Ray raises bare Exception, ConnectionError, RuntimeError...
+            ray.shutdown()
+            if attempt == attempts:
+                where = f"the Ray cluster at {address}" if address else "a local Ray"
+                raise RuntimeError(
+                    f"could not start or join {where} ({e}); on a busy machine try again, or "
+                    "start one with `ray start --head` and pass --address auto"
+                ) from None
+
+
+def run_batch(cfg: BatchConfig) -> BatchReport:
+    """Caption ``cfg.input`` into Parquet shards in ``cfg.out`` on Ray Data; resumable."""
+    import ray
+
+    from captioning.bundle import load_decoder, resolve_bundle
+    from captioning.decoding import DecodeConfig
+    from captioning.precision import resolve_device
+
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)  # fails early when cuda is asked for but absent
+    out = Path(cfg.out).resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    bundle = resolve_bundle(cfg.model).resolve()
+    _, _, bcfg = load_decoder(bundle)  # fails early on a broken bundle
+    sha = bundle_sha256(bundle)
+    beam = {"beam_size": cfg.beam} if cfg.beam is not None else {}
+    dec = asdict(DecodeConfig(**{**bcfg.get("decode_defaults", {}), **cfg.overrides, **beam}))
+    decoding = json.dumps(dec, sort_keys=True)
+
+    paths = read_inputs(cfg.input)
+    rows, aside = existing_rows(out)
+    _check_compatible(rows, bundle.name, sha, decoding, out)
+    done = {r["path"] for r in rows}
+    todo = [p for p in paths if p not in done]
+    report = BatchReport(str(out), len(paths), len(paths) - len(todo), 0, 0, aside)
+    if not todo:
+        report.startup_seconds = round(time.perf_counter() - t0, 2)
+        return report
+
+    started = not ray.is_initialized()
+    if started:
+        _init_ray(cfg.address)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = cfg.progress
+        plan = plan_pool(ray.cluster_resources().get("CPU", 1.0), cfg.workers)
+        report.plan = asdict(plan)
+        t1 = time.perf_counter()
+        report.startup_seconds = round(t1 - t0, 2)
+        n_blocks = max(plan.actors, math.ceil(len(todo) / (cfg.batch_size * 8)))
+        ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=n_blocks)
+        ds = ds.map_batches(
+            read_files, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=READ_TASK_CPUS
+        )
+        ds = ds.map_batches(
+            CaptionActor,
+            fn_constructor_args=(
+                str(bundle),
+                sha,
+                cfg.precision,
+                cfg.runtime,
+                dec,
+                plan.threads_per_actor,
+                device,
+            ),
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=plan.actors),
+            num_cpus=plan.cpus_per_actor,
+            **(gpu_share(ray.cluster_resources(), plan.actors) if device != "cpu" else {}),
+        )
+        ds.write_parquet(str(out), ray_remote_args={"num_cpus": READ_TASK_CPUS})
+        report.seconds = round(time.perf_counter() - t1, 2)
+    finally:
+        if started:
+            ray.shutdown()
+    new = [r for r in existing_rows(out)[0] if r["path"] not in done]
+    report.captioned = sum(1 for r in new if r["error"] is None)
+    report.errors = len(new) - report.captioned
+    return report

@@ -1,0 +1,186 @@
+"""The ``Captioner`` API: a loaded bundle plus its (shared) encoder, captioning images.
+
+``Captioner.load("resnet50-attention").caption(image)`` returns a ``CaptionResult``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from captioning.bundle import (
+    BLOCK_KEY,
+    DEFAULT_RUNTIME,
+    BundleError,
+    load_decoder,
+    resolve_bundle,
+)
+from captioning.decoders import Decoder
+from captioning.decoding import DecodeConfig, Hypothesis, decode
+from captioning.encoders import LoadedEncoder, shared_encoder
+from captioning.images import ImageLoadError
+from captioning.pipeline import load_pixels, prefetch
+from captioning.vocab import Vocabulary
+
+
+@dataclass
+class CaptionResult:
+    text: str
+    tokens: list[str]
+    score: float  # log-probability of the caption (sum over words and <end>)
+    nbest: list[tuple[str, float]]  # (text, log-prob), best first
+    attention: np.ndarray | None  # [n_words, gh, gw] for attention decoders
+    timings: dict[str, float] = field(default_factory=dict)  # encode_ms, decode_ms
+
+
+class Captioner:
+    """A loaded bundle plus its (shared) encoder. ``Captioner.load("resnet50-attention")``."""
+
+    runtime = DEFAULT_RUNTIME  # what runs encoder and decoder step; recorded with evaluations
+
+    def __init__(
+        self, path: Path, config: dict, decoder: Decoder, vocab: Vocabulary, encoder: LoadedEncoder
+    ) -> None:
+        self.path, self.config, self.decoder, self.vocab, self.encoder = (
+            path,
+            config,
+            decoder,
+            vocab,
+            encoder,
+        )
+        self.name = path.name
+        self.defaults = DecodeConfig(**config.get("decode_defaults", {}))
+        self.step_decoder = decoder  # what decoding steps run on (captioning.runtime)
+        self.runtime = encoder.runtime
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str | Path,
+        precision: str = "auto",
+        models_dir: Path | None = None,
+        runtime: str = "torch",
+    ) -> Captioner:
+        """``runtime``: torch (the reference, default), openvino, or auto (openvino where
+        installed; the CLI's default). Whatever fails to compile runs on torch; ``.runtime``
+        says what runs ("openvino+torch": the encoder on OpenVINO, the decoder step on torch)."""
+        from captioning.runtime import resolve_runtime
+
+        path = resolve_bundle(name_or_path, models_dir)
+        decoder, vocab, cfg = load_decoder(path)
+        tuned = bool(cfg.get(BLOCK_KEY))  # ships its own fine-tuned block (captioning.finetune)
+        rt = resolve_runtime(runtime)
+        encoder = shared_encoder(cfg["encoder"], precision, "torch" if tuned else rt)
+        if encoder.sha256 != cfg["encoder_sha256"]:
+            raise BundleError(
+                f"bundle {path.name} was trained on {cfg['encoder']} weights with sha256 "
+                f"{cfg['encoder_sha256'][:12]}…, but artifacts/encoders holds "
+                f"{encoder.sha256[:12]}…; they must match"
+            )
+        if tuned:  # the shared trunk with this bundle's block; the shared encoder is untouched
+            from captioning.finetune import tuned_encoder
+
+            encoder = tuned_encoder(encoder, path, cfg, rt)
+        cap = cls(path, cfg, decoder, vocab, encoder)
+        if encoder.runtime != "torch":
+            cap._accelerate_decoder(encoder.runtime)
+        return cap
+
+    def _accelerate_decoder(self, runtime: str) -> None:
+        from captioning.fileio import sha256_file
+        from captioning.runtime import accelerate_decoder, runtime_of
+
+        self.step_decoder = accelerate_decoder(
+            self.decoder,
+            sha256_file(self.path / "decoder.safetensors"),
+            self.encoder.precision.dtype,
+            runtime,
+            grid_cells=self.encoder.spec.grid_cells,
+        )
+        step = runtime_of(self.step_decoder)
+        enc = self.encoder.runtime
+        self.runtime = enc if step == enc else f"{enc}+{step}"
+
+    @property
+    def uses_grid(self) -> bool:
+        return self.decoder.cfg.uses_grid
+
+    def decode_config(self, beam_size: int | None = None, **overrides) -> DecodeConfig:
+        base = asdict(self.defaults)
+        if beam_size is not None:
+            base["beam_size"] = beam_size
+        return DecodeConfig(**{**base, **overrides})
+
+    def decode_features(self, feats: torch.Tensor, cfg: DecodeConfig) -> list[list[Hypothesis]]:
+        """feats: pooled [N, D] or grid [N, L, C] (any float dtype) -> n-best lists."""
+        return decode(self.step_decoder, feats.float(), cfg)
+
+    def caption_batch(
+        self, images: Sequence, beam_size: int | None = None, **overrides
+    ) -> list[CaptionResult]:
+        """Caption PIL images, paths or bytes. Raises ImageLoadError for unusable input."""
+        cfg = self.decode_config(beam_size, **overrides)
+        t0 = time.perf_counter()
+        x = torch.stack([load_pixels(im) for im in images])  # [N, 3, 224, 224]
+        return self._caption_pixels(x, cfg, t0)
+
+    def caption_pixels(
+        self, pixels: torch.Tensor, beam_size: int | None = None, **overrides
+    ) -> list[CaptionResult]:
+        """Caption decoded images: pixels [N, 3, 224, 224] from ``pipeline.load_pixels``."""
+        return self._caption_pixels(pixels, self.decode_config(beam_size, **overrides))
+
+    def caption_stream(
+        self,
+        sources: Iterable,
+        beam_size: int | None = None,
+        *,
+        batch_size: int = 16,
+        workers: int | None = None,
+        **overrides,
+    ) -> Iterator[tuple[object, CaptionResult | ImageLoadError]]:
+        """Caption many images on the pipelined path (threads decode the next batches while
+        this one is encoded and decoded). Yields (source, result or ImageLoadError) in order."""
+        cfg = self.decode_config(beam_size, **overrides)
+        for batch in prefetch(sources, batch_size, workers=workers):
+            results = iter(self._caption_pixels(batch.pixels, cfg)) if batch.loaded else iter(())
+            for i, src in enumerate(batch.sources):
+                yield src, batch.errors[i] if i in batch.errors else next(results)
+
+    def _caption_pixels(
+        self, x: torch.Tensor, cfg: DecodeConfig, t0: float | None = None
+    ) -> list[CaptionResult]:
+        t0 = time.perf_counter() if t0 is None else t0  # encode_ms includes decoding the image
+        out = self.encoder.encode(x)
+        feats = out.grid if self.uses_grid else out.pooled
+        t1 = time.perf_counter()
+        nbests = self.decode_features(feats, cfg)
+        t2 = time.perf_counter()
+        n = len(x)
+        timings = {"encode_ms": (t1 - t0) * 1000 / n, "decode_ms": (t2 - t1) * 1000 / n}
+        return [self._result(nb, timings) for nb in nbests]
+
+    def caption(self, image, beam_size: int | None = None, **overrides) -> CaptionResult:
+        return self.caption_batch([image], beam_size, **overrides)[0]
+
+    def _result(self, nbest: list[Hypothesis], timings: dict) -> CaptionResult:
+        best = nbest[0]
+        att = None
+        if best.attention is not None:
+            cells = best.attention.shape[-1]
+            side = int(round(cells**0.5))
+            att = best.attention.float().view(-1, side, side).numpy()
+        words = self.vocab.decode_tokens(best.tokens)
+        return CaptionResult(
+            text=" ".join(words),
+            tokens=words,
+            score=best.logprob,
+            nbest=[(self.vocab.decode(h.tokens), h.logprob) for h in nbest],
+            attention=att,
+            timings=dict(timings),
+        )

@@ -1,0 +1,258 @@
+"""Read everything a bundle holds, for the CLI and the dashboard, and render it as markdown.
+
+A bundle's files are written by ``captioning.bundle`` (weights, config, metrics records) and
+``captioning.evaluate`` / ``captioning.bench`` (predictions, bench.json); this module is the one
+place that reads them back: ``config``, ``history.json``, ``metrics.json`` records (with the
+default decoding marked), ``predictions_*.csv``, ``bench.json`` and ``card.md``. It also renders
+``card.md`` and the results table of ``python -m captioning models --markdown``. No pandas here:
+the dashboard turns these plain rows into tables.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from captioning.bundle import (
+    BundleError,
+    BundleInfo,
+    Setting,
+    decoding_label,
+    read_config,
+    read_records,
+)
+from captioning.decoding import DecodeConfig
+from captioning.fileio import atomic_write_text, read_json
+from captioning.metrics import BLEU_KEYS, METRIC_LABELS, MISSING
+
+PREDICTION_FLOATS = ("logprob", *BLEU_KEYS)
+
+
+# ---------------------------------------------------------------- metrics records
+
+
+@dataclass
+class Result:
+    """One metrics record of one bundle: the setting, the scores and whether it is the default."""
+
+    model: str
+    setting: Setting
+    n_images: int
+    metrics: dict  # METRIC_LABELS keys (None when not computed), meteor_error
+    predictions: Path | None  # the CSV of this setting, if written
+    default: bool
+
+    @property
+    def beam(self) -> int:
+        return self.setting.decoding.beam_size
+
+    @property
+    def length_alpha(self) -> float:
+        return self.setting.decoding.length_alpha
+
+    def get(self, key: str):
+        return self.metrics.get(key)
+
+
+def results(bundle: BundleInfo) -> list[Result]:
+    """Every recorded evaluation of ``bundle`` (sorted by split, subset, beam, α)."""
+    out = []
+    for r in bundle.records:
+        pred = bundle.path / r["predictions"] if r.get("predictions") else None
+        out.append(
+            Result(
+                bundle.name,
+                Setting.from_dict(r),
+                int(r["n_images"]),
+                dict(r.get("metrics") or {}),
+                pred if pred is not None and pred.is_file() else None,
+                bool(r.get("default")),
+            )
+        )
+    return out
+
+
+def default_result(bundle: BundleInfo, split: str = "test") -> Result | None:
+    """The record of ``split`` (whole split) made with the bundle's default decoding, if any."""
+    return next(
+        (
+            r
+            for r in results(bundle)
+            if r.default and r.setting.split == split and not r.setting.limit
+        ),
+        None,
+    )
+
+
+def default_decoding(bundle: BundleInfo) -> DecodeConfig:
+    """The bundle's default decoding (``DecodeConfig`` defaults for missing fields)."""
+    return DecodeConfig(**bundle.config.get("decode_defaults", {}))
+
+
+# ---------------------------------------------------------------- predictions, history, bench
+
+
+def read_prediction_rows(path: Path) -> list[dict]:
+    """The rows of a predictions CSV: ``image, caption`` and float ``logprob, bleu1..4``.
+
+    Missing or unparsable numbers become NaN; an unreadable file gives no rows.
+    """
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+    if rows and not {"image", "caption", *BLEU_KEYS} <= set(rows[0]):
+        return []
+    out = []
+    for row in rows:
+        rec = {"image": row["image"], "caption": row.get("caption") or ""}
+        for k in PREDICTION_FLOATS:
+            try:
+                rec[k] = float(row.get(k) or "nan")
+            except ValueError:
+                rec[k] = float("nan")
+        out.append(rec)
+    return out
+
+
+def prediction_sets(bundle: BundleInfo) -> list[tuple[Result, list[dict]]]:
+    """Each whole-split record that has a predictions file, with its rows."""
+    return [
+        (r, read_prediction_rows(r.predictions))
+        for r in results(bundle)
+        if r.predictions is not None and not r.setting.limit
+    ]
+
+
+def read_history(path: Path) -> list[dict]:
+    """``history.json`` of a bundle: one dict per epoch (empty when absent or unreadable)."""
+    try:
+        data = read_json(path / "history.json")
+    except (OSError, ValueError):
+        return []
+    if not isinstance(data, list):
+        return []
+    return [r for r in data if isinstance(r, dict) and "epoch" in r]
+
+
+def read_bench(path: Path) -> dict | None:
+    """A bundle's ``bench.json``, or None when absent or unreadable."""
+    try:
+        data = read_json(path / "bench.json")
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_card(path: Path) -> str | None:
+    try:
+        return (path / "card.md").read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _cells(metrics: dict, keys: list[str]) -> str:
+    return " | ".join(
+        MISSING if metrics.get(k) is None else f"{float(metrics[k]):.1f}" for k in keys
+    )
+
+
+def _columns(rows: list[Result]) -> list[str]:
+    """The metrics any of ``rows`` has, in ``METRIC_LABELS`` order (BLEU-1..4 always)."""
+    return [k for k in METRIC_LABELS if k in BLEU_KEYS or any(k in r.metrics for r in rows)]
+
+
+def results_markdown(bundles: list[BundleInfo], split: str = "test") -> str:
+    """Every bundle's records on ``split`` (whole split), one row per setting; * = default."""
+    rows = [
+        r for b in bundles for r in results(b) if r.setting.split == split and not r.setting.limit
+    ]
+    keys = _columns(rows)
+    head = ["model", "decoding", "precision", "runtime", *(METRIC_LABELS[k] for k in keys)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        mark = " *" if r.default else ""
+        s = r.setting
+        lines.append(
+            f"| {r.model} | {decoding_label(s.decoding)}{mark} | {s.precision} | {s.runtime} "
+            f"| {_cells(r.metrics, keys)} |"
+        )
+    return "\n".join(lines)
+
+
+def _data_line(config: dict) -> str:
+    data = config.get("data")
+    if not data:
+        return "- Data: the data set, layout and split were not recorded with this bundle."
+    sizes = data.get("images", {})
+    counts = ", ".join(f"{sizes[s]} {s}" for s in ("train", "dev", "test") if s in sizes)
+    beam = config.get("train_config", {}).get("dev_beam", 1)
+    how = "greedy" if beam == 1 else f"beam {beam}"
+    return (
+        f"- Data: {data.get('name', 'Flickr8k')}, {data['layout']} layout ({data['split']}); "
+        f"{counts} images. "
+        f"Trained on the train images (all captions), checkpoint chosen on dev BLEU-4 ({how})."
+    )
+
+
+def card_markdown(path: Path) -> str:
+    """``card.md``: what the model is, its data, protocol and every score recorded so far."""
+    cfg = read_config(path)
+    info = BundleInfo(path.name, path, cfg["encoder"], cfg["decoder"], cfg, read_records(path))
+    history = read_history(path)
+    d = cfg["decoder_config"]
+    rows = results(info)
+    keys = _columns(rows)
+    lines = [
+        f"# {cfg['name']}",
+        "",
+        f"An image captioner: the `{cfg['encoder']}` ImageNet encoder (frozen) and a "
+        f"`{cfg['decoder']}` LSTM decoder (hidden {d['hidden_dim']}, embedding {d['embed_dim']}, "
+        f"dropout {d['dropout']}) with a {d['vocab_size']}-word vocabulary.",
+        "",
+        _data_line(cfg),
+        f"- Best epoch: {cfg.get('best_epoch')} of {len(history)}; encoder weights sha256 "
+        f"`{cfg['encoder_sha256'][:16]}…`; git commit `{cfg.get('git_commit')}`.",
+        f"- Encoder features: precision `{cfg.get('precision', 'unknown')}`, runtime "
+        f"`{cfg.get('runtime', 'unknown')}`.",
+        f"- Default decoding: {decoding_label(default_decoding(info))} (chosen on dev).",
+        "- Protocol: corpus BLEU-1..4 (nltk, all 5 references, no smoothing), CIDEr-D, METEOR "
+        "and ROUGE-L (pycocoevalcap) on lowercased, punctuation-stripped tokens; 0–100 scale.",
+        "",
+    ]
+    if rows:
+        head = ["split", "images", "decoding", "precision", "runtime",
+                *(METRIC_LABELS[k] for k in keys)]  # fmt: skip
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            s = r.setting
+            split = f"{s.split} (first {s.limit})" if s.limit else s.split
+            mark = " (default)" if r.default else ""
+            lines.append(
+                f"| {split} | {r.n_images} | {decoding_label(s.decoding)}{mark} | {s.precision} "
+                f"| {s.runtime} | {_cells(r.metrics, keys)} |"
+            )
+    else:
+        lines.append("No evaluation recorded yet (`python -m captioning evaluate ... --record`).")
+    lines += [
+        "",
+        f'Load it with `Captioner.load("{cfg["name"]}")` or '
+        f"`python -m captioning caption --model {cfg['name']} IMAGE`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_card(path: Path) -> Path:
+    """Render and write ``path/card.md``; returns its path."""
+    try:
+        text = card_markdown(path)
+    except KeyError as e:
+        raise BundleError(f"{path / 'config.json'} lacks {e}") from None
+    atomic_write_text(path / "card.md", text)
+    return path / "card.md"
