@@ -13,11 +13,13 @@ same path (the bundle is loaded from the path the driver resolved).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +44,6 @@ READ_TASK_CPUS = 0.25
 THREADS_PER_WORKER = 2  # the default pool: one actor per this many CPUs
 BATCH_SIZE = 16
 BUNDLE_FILES = ("config.json", "decoder.safetensors", "vocab.json")
-RAY_START_ATTEMPTS = 3  # a local Ray start times out after 30 s on a saturated machine
 
 
 @dataclass
@@ -334,25 +335,40 @@ class CaptionActor:
 # ---------------------------------------------------------------- the job
 
 
-def _init_ray(address: str | None, attempts: int = RAY_START_ATTEMPTS) -> None:
+def _init_ray(address: str | None) -> None:
     """Join the cluster at ``address``, or start a local Ray on this machine's cores."""
     import ray
 
-    for attempt in range(1, attempts + 1):
-        try:
-            if address:
-                ray.init(address=address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-            return
-        except Exception as e:  # Ray raises bare Exception, ConnectionError, RuntimeError...
-            ray.shutdown()
-            if attempt == attempts:
-                where = f"the Ray cluster at {address}" if address else "a local Ray"
-                raise RuntimeError(
-                    f"could not start or join {where} ({e}); on a busy machine try again, or "
-                    "start one with `ray start --head` and pass --address auto"
-                ) from None
+    before = _descendants()
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    except Exception as e:  # Ray raises bare Exception, ConnectionError, RuntimeError...
+        for pid in _descendants() - before:  # a half-started local Ray: stop what it spawned
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        # a local start waits 30 s for its raylet, which a saturated machine can miss
+        raise RuntimeError(
+            f"could not start or join {where} ({e}); on a busy machine try again, or start one "
+            "with `ray start --head` and pass --address auto"
+        ) from None
+
+
+def _descendants() -> set[int]:
+    """PIDs of this process's children, grandchildren... (Linux /proc; empty elsewhere)."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, pp in parent.items() if pp in frontier} - found
+        found |= frontier
+    return found
 
 
 def run_batch(cfg: BatchConfig) -> BatchReport:

@@ -30,6 +30,7 @@ from captioning.encoders import ARTIFACTS_DIR
 from captioning.fileio import atomic_write_json
 from captioning.images import iter_image_files
 from captioning.pipeline import load_pixels
+from captioning.precision import FIXED_PRECISIONS
 
 SAMPLES = ARTIFACTS_DIR / "samples"
 BENCH_FORMAT = "captioning-bench"
@@ -269,7 +270,7 @@ def precision_report(encoder: str, images: list[Image.Image], batch: int = 32) -
         "threads": torch.get_num_threads(),
     }
     feats = {}
-    for prec in ("fp32", "bf16"):
+    for prec in FIXED_PRECISIONS:
         enc = build_encoder(encoder, prec)
         enc.encode(x[:2])  # warm-up
         t0 = time.perf_counter()

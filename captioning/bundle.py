@@ -20,7 +20,7 @@ from captioning.decoders import Decoder, DecoderConfig, build_decoder
 from captioning.decoding import DecodeConfig
 from captioning.encoders import ARTIFACTS_DIR
 from captioning.fileio import atomic_save_safetensors, atomic_write_json, read_json
-from captioning.precision import resolve_precision
+from captioning.precision import resolve_device, resolve_precision
 from captioning.vocab import Vocabulary
 
 MODELS_DIR = ARTIFACTS_DIR / "models"
@@ -30,7 +30,6 @@ REQUIRED_FILES = ("config.json", "decoder.safetensors", "vocab.json")
 METRICS_FORMAT = "captioning-metrics"
 METRICS_VERSION = 2
 DEFAULT_RUNTIME = "torch"
-WEIGHT_FILES = ("decoder.safetensors", "config.json", "vocab.json", "history.json")
 # files that describe one set of weights: a new export removes them
 MODEL_OUTPUTS = ("metrics.json", "bench.json", "card.md", "predictions_*.csv")
 BLOCK_FILE = "encoder_block.safetensors"  # a fine-tuned encoder block (captioning.finetune)
@@ -221,11 +220,11 @@ def add_record(directory: Path, setting: Setting, n_images: int, metrics: dict,
     config = read_config(directory) if is_bundle else None
     records = read_records(directory)
     kept = [r for r in records if record_setting(r) != setting]
+    referenced = {r.get("predictions") for r in kept} | {predictions}
     for old in records:  # the replaced record's predictions file, unless still referenced
         name = old.get("predictions")
-        if old not in kept and name and name != predictions:
-            if all(r.get("predictions") != name for r in kept):
-                (directory / name).unlink(missing_ok=True)
+        if old not in kept and name and name not in referenced:
+            (directory / name).unlink(missing_ok=True)
     record = {
         **setting.to_dict(),
         "n_images": n_images,
@@ -291,7 +290,7 @@ def export_bundle(
     sd = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     atomic_save_safetensors(out / "decoder.safetensors", sd, metadata={"format": "fp16"})
     vocab.save(out / "vocab.json")
-    resolved = resolve_precision(cfg.precision)
+    resolved = resolve_precision(cfg.precision, resolve_device(cfg.device))  # as train.py does
     precision = resolved.label
     train_config = {**asdict(cfg), "precision": resolved.dtype}  # "auto" made explicit
     config = {

@@ -280,9 +280,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     import torch
 
     from captioning.data import load_dataset
-    from captioning.encoders import build_encoder
     from captioning.features import FeatureCache, extract
-    from captioning.runtime import accelerate_encoder
+    from captioning.runtime import load_encoder
 
     precision, runtime = _on_device(args)
     ds = load_dataset(args.data)
@@ -292,7 +291,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
         enc = block_input_encoder(args.encoder, args.finetune, precision)
     else:
-        enc = accelerate_encoder(build_encoder(args.encoder, precision), runtime)
+        enc = load_encoder(args.encoder, precision, runtime)  # a cached compile: no torch model
     cache = FeatureCache.for_encoder(enc, args.cache)
     names = sorted(ds.captions)
     if args.limit:

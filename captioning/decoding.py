@@ -190,39 +190,38 @@ def beam_search(
     live = live.view(rows)  # [N*k] summed log-probs of the live hypotheses
     first_row = (torch.arange(n) * k)[:, None]  # [N, 1]
     hist = torch.zeros(rows, cfg.max_len + 1, dtype=torch.long) if cfg.no_repeat_ngram else None
-    # the pool: [N, p] score, log-prob, step of <end> (= words) and the row that emitted it
-    pool_score = torch.full((n, p), -math.inf)
-    pool_lp = torch.zeros(n, p)
-    pool_t = torch.zeros(n, p, dtype=torch.long)
-    pool_row = torch.zeros(n, p, dtype=torch.long)
+    # the pool [N, p, 4]: score, log-prob, step of <end> (= words), row that emitted it; float64
+    # holds the integers exactly
+    pool = torch.zeros(n, p, 4, dtype=torch.float64)
+    pool[..., 0] = -math.inf
     best_reach = (cfg.max_len + 1) ** cfg.length_alpha  # largest length normaliser
     words, backs, alphas = [], [], []  # per step: [N*k] word, [N*k] source row, [N*k, L]
     rules: _NextWordRules | None = None
     for t in range(cfg.max_len + 1):
         logp, state, alpha = decoder.step(ctx, state, word)  # [N*k, V]
         rules = rules or _NextWordRules(cfg, logp.shape[-1])
-        logp = rules.apply(logp, t, hist)
         vocab = logp.shape[-1]
-        cand = (logp + live[:, None]).view(n, k * vocab)
+        cand = rules.apply(logp, t, hist).add_(live[:, None]).view(n, k * vocab)
         top_lp, top = cand.topk(2 * k, dim=-1)  # [N, 2k], best first
-        src = top // vocab + first_row  # [N, 2k] source rows in N*k
         tok = top % vocab
-        ends = (tok == END_ID) & (top_lp > NEG / 2)
-        # finished: <end> among the top k joins the pool if it is among the p best
-        new_score = torch.where(ends[:, :k], top_lp[:, :k] / (t + 1) ** cfg.length_alpha, -math.inf)
-        merged = torch.cat([pool_score, new_score], 1)  # [N, p+k], old entries first
-        order = merged.argsort(dim=1, descending=True, stable=True)[:, :p]  # ties keep the old
-        pool_score = merged.gather(1, order)
-        pool_lp = torch.cat([pool_lp, top_lp[:, :k]], 1).gather(1, order)
-        pool_t = torch.cat([pool_t, torch.full((n, k), t)], 1).gather(1, order)
-        pool_row = torch.cat([pool_row, src[:, :k]], 1).gather(1, order)
+        ends = tok == END_ID
+        if bool(ends[:, :k].any()):  # <end> among the top k joins the pool if among the p best
+            lp_k = top_lp[:, :k]
+            score = torch.where(
+                ends[:, :k] & (lp_k > NEG / 2), lp_k / (t + 1) ** cfg.length_alpha, -math.inf
+            )
+            src_k = (top[:, :k] // vocab + first_row).to(score.dtype)
+            new = torch.stack([score, lp_k, torch.full_like(score, t), src_k], -1)  # [N, k, 4]
+            merged = torch.cat([pool, new.double()], 1)  # [N, p+k, 4], old entries first
+            order = merged[..., 0].argsort(dim=1, descending=True, stable=True)[:, :p]
+            pool = merged.gather(1, order[..., None].expand(-1, -1, 4))  # ties keep the old
         if t == cfg.max_len:  # every live hypothesis was closed with <end>
             break
         # live: the first k candidates that do not end (at most k of the 2k end)
-        keep = ends.to(torch.int8).argsort(dim=1, stable=True)[:, :k]  # [N, k]
-        live = top_lp.gather(1, keep).view(rows)
-        back = src.gather(1, keep).view(rows)
-        word = tok.gather(1, keep).view(rows)
+        keep = top.gather(1, ends.to(torch.int8).argsort(dim=1, stable=True)[:, :k])  # [N, k]
+        live = cand.gather(1, keep).view(rows)
+        back = (keep // vocab + first_row).view(rows)
+        word = (keep % vocab).view(rows)
         state = tuple(s.index_select(0, back) for s in state)
         words.append(word)
         backs.append(back)
@@ -231,39 +230,31 @@ def beam_search(
         if hist is not None:
             hist = hist.index_select(0, back)
             hist[:, t] = word
-        if stop_early:
-            reach = torch.where(live > NEG / 2, live / best_reach, -math.inf)
-            if bool((pool_score[:, -1] >= reach.view(n, k).amax(1)).all()):
-                break
-    return _trace_back(cfg, pool_score, pool_lp, pool_t, pool_row, words, backs, alphas)
+        # done when no live hypothesis can reach the p-th pooled score (dead rows sit near NEG)
+        if stop_early and bool((pool[:, -1, 0] * best_reach >= live.view(n, k).amax(1)).all()):
+            break
+    return _trace_back(cfg, pool, words, backs, alphas)
 
 
-def _trace_back(cfg, pool_score, pool_lp, pool_t, pool_row, words, backs, alphas):
-    """Rebuild the pooled hypotheses' words [E, T] and attention [E, T, L] from back-pointers."""
-    n, p = pool_score.shape
-    steps = int(pool_t.max())
-    ends = pool_t.view(-1)  # [E] words of each entry
-    cur = pool_row.view(-1).clone()  # [E] row that emitted <end>, then each ancestor
-    tokens = torch.zeros(n * p, steps, dtype=torch.long)
-    att = torch.zeros(n * p, steps, alphas[0].shape[-1]) if alphas and steps else None
-    for s in range(steps - 1, -1, -1):  # row r entering step s+1 left step s as row r
-        on = ends > s
-        prev = backs[s][cur]  # the row that emitted words[s][cur] at step s
-        tokens[:, s] = words[s][cur]
-        if att is not None:
-            att[:, s] = alphas[s][prev]
-        cur = torch.where(on, prev, cur)
+def _trace_back(cfg, pool, words, backs, alphas) -> list[list[Hypothesis]]:
+    """Follow the back-pointers of each pooled hypothesis to its words and attention [len, L]."""
+    steps = torch.stack(words).tolist() if words else []  # [T][N*k] word left in each row
+    froms = torch.stack(backs).tolist() if backs else []  # [T][N*k] the row it came from
+    att = torch.stack(alphas) if alphas else None  # [T, N*k, L] by the row that attended
     out = []
-    scores, lps, lens = pool_score.tolist(), pool_lp.tolist(), pool_t.tolist()
-    ids = tokens.tolist()
-    for i in range(n):
+    for entries in pool.tolist():
         hyps = []
-        for j in range(p):
-            if scores[i][j] == -math.inf:
+        for score, lp, end, row in entries:
+            if score == -math.inf:
                 continue
-            e, m = i * p + j, lens[i][j]
-            a = att[e, :m].clone() if att is not None else None
-            hyps.append(Hypothesis(ids[e][:m], lps[i][j], scores[i][j], True, a))
+            n_words, cur = int(end), int(row)  # the row that emitted <end> at step n_words
+            ids, rows = [0] * n_words, [0] * n_words
+            for s in range(n_words - 1, -1, -1):
+                ids[s], cur = steps[s][cur], froms[s][cur]
+                rows[s] = cur
+            idx = torch.tensor(rows, dtype=torch.long)
+            a = att[torch.arange(n_words), idx] if att is not None else None
+            hyps.append(Hypothesis(ids, lp, score, True, a))
         out.append(hyps[: cfg.n_best])
     return out
 

@@ -19,14 +19,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
-from torchvision import models
+
+if TYPE_CHECKING:  # torchvision is imported where models are built: captioning starts faster
+    from torchvision import models
 
 from captioning.fileio import sha256_file
 from captioning.precision import Precision, resolve_precision
@@ -148,6 +151,8 @@ class EncoderOutput:
 
 def resnet50_v1() -> models.ResNet:
     """torchvision ResNet50 with the v1 stride placement (stride 2 in the first 1x1 conv)."""
+    from torchvision import models
+
     net = models.resnet50(weights=None)
     for layer in (net.layer2, net.layer3, net.layer4):
         layer[0].conv1.stride = (2, 2)
@@ -159,6 +164,8 @@ class Encoder(nn.Module):
     """A CNN trunk that yields a pooled vector and a spatial grid (and logits if it has fc)."""
 
     def __init__(self, spec: EncoderSpec) -> None:
+        from torchvision import models
+
         super().__init__()
         self.spec = spec
         self.norm = InputNorm(spec.norm)
@@ -204,7 +211,7 @@ class Encoder(nn.Module):
 class LoadedEncoder:
     """An encoder in eval mode, its weights' sha256 and the precision it runs at."""
 
-    model: Encoder
+    model: Encoder | None  # None when only the compiled engine was loaded (captioning.runtime)
     spec: EncoderSpec
     sha256: str
     precision: Precision
@@ -247,10 +254,16 @@ def preprocess(image: Image.Image, mode: str = "features") -> torch.Tensor:
     training, evaluation and uploads all see the same geometry). ``classify``: the ImageNet eval
     recipe (shorter side 256, centre crop 224).
     """
-    x = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
-    if mode == "features":
-        return TF.resize(x, [INPUT_SIZE, INPUT_SIZE], antialias=True)
+    rgb = np.array(image if image.mode == "RGB" else image.convert("RGB"))  # [H, W, 3] uint8
+    x = torch.from_numpy(rgb).permute(2, 0, 1).to(torch.float32).mul_(1.0 / 255)  # [3, H, W]
+    if mode == "features":  # torchvision's resize, without importing torchvision
+        if x.shape[1:] == (INPUT_SIZE, INPUT_SIZE):
+            return x
+        size = (INPUT_SIZE, INPUT_SIZE)
+        return F.interpolate(x[None], size, mode="bilinear", align_corners=False, antialias=True)[0]
     if mode == "classify":
+        import torchvision.transforms.v2.functional as TF
+
         return TF.center_crop(TF.resize(x, 256, antialias=True), [INPUT_SIZE, INPUT_SIZE])
     raise ValueError(f"unknown preprocessing mode {mode!r}")
 
@@ -262,6 +275,8 @@ def weights_path(spec: EncoderSpec, encoder_dir: Path | None = None) -> Path:
 
 
 def _torchvision_weights(spec: EncoderSpec):
+    from torchvision import models
+
     enum_name, member = spec.tv_weights.split(".")
     return getattr(getattr(models, enum_name), member)
 
@@ -281,6 +296,8 @@ def _load_torchvision_state(spec: EncoderSpec) -> tuple[dict[str, torch.Tensor],
             f"be downloaded ({type(e).__name__}: {e}). Use the offline encoders 'resnet50' or "
             "'vgg16', whose weights ship in artifacts/encoders/."
         ) from None
+    from torchvision import models
+
     net = models.resnet50() if spec.arch.startswith("resnet50") else models.vgg16()
     net.load_state_dict(state)
     enc_state: dict[str, torch.Tensor] = {}
@@ -335,12 +352,11 @@ def shared_encoder(name: str, precision: str = "auto", runtime: str = "torch") -
     ``runtime`` "auto"/"openvino" compiles the forward pass (``captioning.runtime``); a failed
     compile falls back to torch with a notice, so check ``.runtime`` for what runs.
     """
-    encoder = build_encoder(name, precision)
     if runtime == "torch":
-        return encoder
-    from captioning.runtime import accelerate_encoder
+        return build_encoder(name, precision)
+    from captioning.runtime import load_encoder  # a cached compile skips the torch model
 
-    return accelerate_encoder(encoder, runtime)
+    return load_encoder(name, precision, runtime)
 
 
 def weights_sha256(name: str, encoder_dir: Path | None = None) -> str:

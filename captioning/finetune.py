@@ -40,6 +40,7 @@ from captioning.encoders import (
     LoadedEncoder,
     build_encoder,
     get_spec,
+    weights_sha256,
 )
 from captioning.features import FeatureCache, Features, extract
 from captioning.fileio import atomic_save_safetensors, sha256_file
@@ -139,11 +140,20 @@ def block_input_features(
     training loop reads, ``FinetuneModel`` turns it into the decoder's features.
     """
     precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
-    enc = block_input_encoder(cfg.encoder, cfg.finetune, precision)
+    spec = block_spec(cfg.encoder, cfg.finetune)
+    try:  # the cache's key needs only the weights' hash: build the trunk only to extract
+        sha = weights_sha256(cfg.encoder)
+        enc = BlockInputEncoder(None, get_spec(cfg.encoder), sha, precision, block=spec)
+    except FileNotFoundError:  # torchvision weights not downloaded yet: building fetches them
+        enc = block_input_encoder(cfg.encoder, cfg.finetune, precision)
     cache = FeatureCache.for_encoder(enc, cache_root)
     cached = cache.cached_names()
     missing = [n for n in names if n not in cached]
     if missing:
+        if enc.model is None:
+            enc = block_input_encoder(cfg.encoder, cfg.finetune, precision)
+            if enc.sha256 != cache.weights_sha256:
+                raise RuntimeError(f"the {cfg.encoder} weights changed while loading")
         what = f"{cfg.encoder} {enc.label} inputs of {cfg.finetune}"
         print(f"extracting {len(missing)} missing {what} first", file=sys.stderr)
         extract(enc, [(n, ds.image_path(n)) for n in missing], cache)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -105,7 +106,7 @@ def load_image(
     except UnidentifiedImageError:
         raise _unidentified(fp, label) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(f"{label}: refused, image is too large ({e})") from None
+        raise _bomb_error(label, e, max_pixels) from None
     except Exception as e:  # untrusted input: any decoder failure means a bad image
         raise _decode_error(label, e) from e
     finally:
@@ -262,7 +263,7 @@ def _decode(img: Image.Image, label: str, max_pixels: int, reduce_to: int | None
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(f"{label}: refused, image is too large ({e})") from None
+        raise _bomb_error(label, e, max_pixels) from None
     except Exception as e:  # untrusted input: any decoder failure means a bad image
         raise _decode_error(label, e) from e
 
@@ -283,6 +284,17 @@ def _orientation(img: Image.Image) -> int:
         return int(value)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not make the photo unusable
         return 1
+
+
+def _bomb_error(label: str, err: Exception, max_pixels: int) -> ImageLoadError:
+    """Pillow refused the header size: say how large, in the words of ``_check_geometry``."""
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    size = f"{int(found[1]):,} pixels" if found else "too large"
+    limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+    return ImageLoadError(
+        f"{label}: refused, image is {size}, over the limit of {limit:,} "
+        "(possible decompression bomb)"
+    )
 
 
 def _decode_error(label: str, err: Exception) -> ImageLoadError:

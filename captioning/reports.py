@@ -85,6 +85,28 @@ def default_result(bundle: BundleInfo, split: str = "test") -> Result | None:
     )
 
 
+def default_summary(bundle: BundleInfo, split: str = "test") -> dict | None:
+    """The default record of ``split`` as one flat dict (None when not recorded).
+
+    Keys: its metrics, ``n_images``, ``beam``, ``length_alpha``, ``precision``, ``runtime``.
+    """
+    r = default_result(bundle, split)
+    if r is None:
+        return None
+    return {**r.metrics, "n_images": r.n_images, "beam": r.beam, "length_alpha": r.length_alpha,
+            "precision": r.setting.precision, "runtime": r.setting.runtime}  # fmt: skip
+
+
+def bundle_info(path: Path) -> BundleInfo:
+    """``BundleInfo`` of one bundle directory (``list_bundles`` reads a whole models dir)."""
+    cfg = read_config(path)
+    try:
+        records = read_records(path)
+    except BundleError:
+        records = []
+    return BundleInfo(path.name, path, cfg["encoder"], cfg["decoder"], cfg, records)
+
+
 def default_decoding(bundle: BundleInfo) -> DecodeConfig:
     """The bundle's default decoding (``DecodeConfig`` defaults for missing fields)."""
     return DecodeConfig(**bundle.config.get("decode_defaults", {}))
@@ -202,8 +224,8 @@ def _data_line(config: dict) -> str:
 
 def card_markdown(path: Path) -> str:
     """``card.md``: what the model is, its data, protocol and every score recorded so far."""
-    cfg = read_config(path)
-    info = BundleInfo(path.name, path, cfg["encoder"], cfg["decoder"], cfg, read_records(path))
+    info = bundle_info(path)
+    cfg = info.config
     history = read_history(path)
     d = cfg["decoder_config"]
     rows = results(info)

@@ -34,7 +34,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from captioning.encoders import (
+    INPUT_SIZE,
+    EncoderOutput,
+    LoadedEncoder,
+    build_encoder,
+    get_spec,
+    weights_sha256,
+)
 from captioning.fileio import atomic_write_json, read_json
+from captioning.precision import Precision, resolve_precision
 
 RUNTIMES = ("auto", "torch", "openvino")
 OV_DIR = "openvino"  # under the captioning cache root
@@ -269,15 +278,13 @@ class _EncoderGraph(nn.Module):
 class OpenVINOEncoder(_Compiled):
     """A compiled encoder: ``encode(images [B,3,224,224])`` -> ``EncoderOutput`` (float32)."""
 
-    def encode(self, images: torch.Tensor):
-        from captioning.encoders import EncoderOutput
-
+    def encode(self, images: torch.Tensor) -> EncoderOutput:
         pooled, grid = self.infer([images.detach().float().numpy()])
         return EncoderOutput(pooled=pooled, grid=grid)
 
 
 def openvino_encoder(
-    encoder,
+    encoder: LoadedEncoder,
     *,
     fp32_model: Callable[[], nn.Module] | None = None,
     input_size: int | None = None,
@@ -289,8 +296,6 @@ def openvino_encoder(
     ``fp32_model`` builds the module to trace (default: the encoder's own model if it is fp32,
     else a fresh fp32 build of the registered encoder, so bf16 rounding never reaches the IR).
     """
-    from captioning.encoders import INPUT_SIZE, build_encoder
-
     if fp32_model is None:
 
         def fp32_model():
@@ -315,7 +320,38 @@ def openvino_encoder(
     return OpenVINOEncoder(compiled, key)
 
 
-def accelerate_encoder(encoder, runtime: str = "auto", **kwargs):
+def load_encoder(
+    name: str, precision: str | Precision = "auto", runtime: str = "auto"
+) -> LoadedEncoder:
+    """A registered encoder (``LoadedEncoder``) on ``runtime``.
+
+    When a compiled model is cached, the torch model is not built at all (``model`` is None):
+    start-up then skips torchvision and the weights' conversion. Otherwise the torch encoder is
+    built and compiled (or kept, on failure).
+    """
+    if resolve_runtime(runtime) == "openvino":
+        prec = precision if isinstance(precision, Precision) else resolve_precision(precision)
+        try:
+            sha = weights_sha256(name)
+        except FileNotFoundError:  # torchvision weights not downloaded: building fetches them
+            sha = None
+        spec = get_spec(name)
+        key = CompileKey(f"encoder-{name}", sha or "", prec.dtype, openvino_version())
+        if sha and _entry_ok(openvino_cache_dir() / key.dirname, key):
+            try:
+                compiled = compile_graph(
+                    key,
+                    lambda: _EncoderGraph(build_encoder(name, "fp32").model),
+                    [GraphInput((-1, 3, INPUT_SIZE, INPUT_SIZE))],
+                )
+                engine = OpenVINOEncoder(compiled, key)
+                return LoadedEncoder(None, spec, sha, prec, engine=engine)
+            except Exception:  # noqa: BLE001, S110 - the slow path below reports the failure
+                pass
+    return accelerate_encoder(build_encoder(name, precision), runtime)
+
+
+def accelerate_encoder(encoder: LoadedEncoder, runtime: str = "auto", **kwargs) -> LoadedEncoder:
     """``encoder`` with its forward pass on ``runtime`` (a LoadedEncoder either way).
 
     Falls back to the torch encoder, with a notice, when OpenVINO is missing or fails.

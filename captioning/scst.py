@@ -306,12 +306,15 @@ def main_scst(
     if bundle_cfg.get("encoder_block"):  # captioning.finetune: its features need the tuned block
         raise ValueError(f"{init} has a fine-tuned encoder block; SCST needs a frozen encoder")
     xe_history = _xe_history(init)
+    xe_config = bundle_cfg.get("train_config", {})
+    if xe_config.get("objective") == "scst":  # SCST again from an SCST bundle
+        xe_config = xe_config.get("xe_train_config", {})
     cfg = replace(
         cfg,
         precision=cfg.precision or _bundle_precision(bundle_cfg),
         encoder=bundle_cfg["encoder"],
         decoder=bundle_cfg["decoder"],
-        xe_train_config=bundle_cfg.get("train_config", {}),
+        xe_train_config=xe_config,
     )
     known = {f.name for f in fields(TrainConfig)}
     same = {"encoder": cfg.encoder, "decoder": cfg.decoder, "precision": cfg.precision}
@@ -346,7 +349,7 @@ def main_scst(
         if force:
             clear_out(out)
         t_eval = time.perf_counter()
-        start = evaluate_dev(model, data, cfg.dev_beam)  # the bar an SCST epoch must clear
+        start = evaluate_dev(model, data, cfg.dev_beam, precision=cfg.train_precision)  # to beat
         meta = {
             "epoch": 1,
             "step": 0,
@@ -388,7 +391,7 @@ def main_scst(
             print(f"time budget spent; resume with --resume (SCST epoch {epoch})", file=sys.stderr)
             return {"stopped": True, **meta}
         t_eval = time.perf_counter()
-        dev = evaluate_dev(model, data, cfg.dev_beam)
+        dev = evaluate_dev(model, data, cfg.dev_beam, precision=cfg.train_precision)
         record = {
             "stage": "scst",
             "epoch": meta["xe_epochs"] + epoch,

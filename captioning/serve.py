@@ -425,10 +425,10 @@ async def _read_image(request: Request) -> tuple[bytes, str, int | None]:
 
 @models.get("/models", response_model=list[ModelInfo], summary="The model this server runs")
 async def list_models(svc: ServiceDep) -> list[dict]:
+    from captioning.reports import bundle_info, default_summary
+
     cap = svc.captioner
     cfg = cap.config
-    beam = cap.defaults.beam_size
-    test = _read_metrics(cap.path).get("test", {})
     return [
         {
             "name": cap.name,
@@ -438,19 +438,9 @@ async def list_models(svc: ServiceDep) -> list[dict]:
             "precision": cap.encoder.precision.label,
             "decode_defaults": cfg.get("decode_defaults", {}),
             "max_beam": svc.cfg.max_beam,
-            "test_metrics": test.get(f"beam{beam}"),
+            "test_metrics": default_summary(bundle_info(cap.path), "test"),
         }
     ]
-
-
-def _read_metrics(bundle) -> dict:
-    from captioning.fileio import read_json
-
-    path = bundle / "metrics.json"
-    try:
-        return read_json(path) if path.exists() else {}
-    except ValueError:
-        return {}
 
 
 @health.get("/healthz", response_model=Health, summary="Liveness and queue depth")

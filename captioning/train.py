@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -479,16 +479,17 @@ def _main(cfg, data_dir, out: Path, cache, resume: bool, force: bool, dist_: Dis
     resuming = check_out(out, resume, force)
     distributed.barrier(dist_)  # every rank has looked at ``out`` before rank 0 changes it
     torch.manual_seed(cfg.seed)
-    ds = load_dataset(data_dir)
-    if dist_.local_rank == 0:  # one process per node extracts missing features ...
-        data = prepare_data(ds, cfg, cache)
-    distributed.barrier(dist_)
-    if dist_.local_rank != 0:  # ... the others find them cached
-        data = prepare_data(ds, cfg, cache)
-    dcfg = decoder_config(cfg, len(data.vocab))
-    device = resolve_device(cfg.device)
+    device = resolve_device("cpu" if dist_.enabled and cfg.device == "auto" else cfg.device)
     if device != "cpu" and dist_.enabled:  # CUDA-only: torchrun training runs on the CPU
         raise ValueError("multi-process (torchrun) training runs on the CPU; pass --device cpu")
+    ds = load_dataset(data_dir)
+    on_device = replace(cfg, device=device)  # features are extracted where the model trains
+    if dist_.local_rank == 0:  # one process per node extracts missing features ...
+        data = prepare_data(ds, on_device, cache)
+    distributed.barrier(dist_)
+    if dist_.local_rank != 0:  # ... the others find them cached
+        data = prepare_data(ds, on_device, cache)
+    dcfg = decoder_config(cfg, len(data.vocab))
     model = finetune.trainable_model(cfg, dcfg).to(device)  # the decoder, or block + decoder
     opt = torch.optim.AdamW(finetune.param_groups(model, cfg), lr=cfg.lr)
     n_batches = batches_per_epoch(cfg, data)

@@ -172,11 +172,7 @@ def metrics_entry(bundle: BundleInfo, split: str = "test") -> dict | None:
     Keys: every ``METRIC_LABELS`` metric present, ``n_images``, ``beam``, ``length_alpha``,
     ``precision`` and ``runtime``.
     """
-    r = reports.default_result(bundle, split)
-    if r is None:
-        return None
-    return {**r.metrics, "n_images": r.n_images, "beam": r.beam, "length_alpha": r.length_alpha,
-            "precision": r.setting.precision, "runtime": r.setting.runtime}  # fmt: skip
+    return reports.default_summary(bundle, split)
 
 
 def corpus_metrics(bundles: Sequence[BundleInfo], split: str = "test") -> pd.DataFrame:

@@ -305,8 +305,9 @@ def test_tables_disagreements_pairs_same_decoder():
             ("vgg16-inject", "vgg16", "inject", "b.jpg", 25.0),
             ("vgg16-attention", "vgg16", "attention", "a.jpg", 90.0)]  # fmt: skip
     df = pd.DataFrame(
-        [{"model": m, "encoder": e, "decoder": d, "split": "dev", "beam": 3, "image": i,
-          "caption": "x", "logprob": -1.0, "bleu1": s, "bleu2": s, "bleu3": s, "bleu4": s}
+        [{"model": m, "encoder": e, "decoder": d, "split": "dev", "beam": 3, "default": True,
+          "image": i, "caption": "x", "logprob": -1.0,
+          "bleu1": s, "bleu2": s, "bleu3": s, "bleu4": s}
          for m, e, d, i, s in rows]
     )  # fmt: skip
     gaps = tables.disagreements(df)

@@ -356,6 +356,18 @@ def test_unk_is_blocked_and_min_len():
     assert allowed[0].tokens[0] == UNK_ID
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_min_len_zero_allows_an_empty_caption(kind):
+    model, feats = random_decoder(kind), random_feats(kind, 3)
+    with torch.no_grad():
+        model.out.bias[END_ID] = 100.0  # <end> at once
+    for k in (1, 3):
+        for nbest in decode(model, feats, DecodeConfig(beam_size=k, min_len=0)):
+            assert nbest[0].tokens == [] and nbest[0].finished
+            if kind == "attention":
+                assert nbest[0].attention.shape == (0, 9)
+
+
 # ---------------------------------------------------------------- configuration
 
 

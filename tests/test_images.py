@@ -239,7 +239,7 @@ def test_corrupt_bytes_after_valid_header(chelsea_jpeg):
 
 def test_decompression_bomb_refused_from_header_before_decoding():
     before = Image.MAX_IMAGE_PIXELS
-    with pytest.raises(ImageLoadError, match="bomb.png: refused.*too large"):
+    with pytest.raises(ImageLoadError, match="bomb.png: refused, image is 10,000,000,000 pixels"):
         load_image(png_header(100_000, 100_000), name="bomb.png")  # beyond Pillow's own limit
     with pytest.raises(ImageLoadError, match=r"10000x6000 = 60,000,000 pixels.*50,000,000"):
         load_image(png_header(10_000, 6_000))  # under Pillow's limit, over ours
@@ -444,7 +444,7 @@ def test_smallest_and_most_elongated_accepted_images():
 def test_real_decompression_bomb_is_refused_before_decoding():
     data = hostile.png_bomb()  # 12000x10000 pixels in ~120 KB
     assert len(data) < 300_000
-    with pytest.raises(ImageLoadError, match="bomb.png: refused, image is too large"):
+    with pytest.raises(ImageLoadError, match=r"bomb.png: refused.*120,000,000 pixels.*bomb\)$"):
         load_image(data, name="bomb.png", reduce_to=INPUT_SIZE)
 
 

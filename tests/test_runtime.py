@@ -244,6 +244,11 @@ def test_captioner_runs_on_openvino_or_falls_back(tiny_world, monkeypatch):
     files = iter_image_files([tiny_world.data / "Images"])[:4]
     want = [r.text for r in ref.caption_batch(files, beam_size=3)]
     assert [r.text for r in fast.caption_batch(files, beam_size=3)] == want
+    # the next process finds the compiled encoder in the cache and builds no torch model
+    again = runtime.load_encoder("resnet50", "fp32", "openvino")
+    assert again.model is None and again.runtime == "openvino"
+    x = torch.rand(2, 3, 224, 224)
+    torch.testing.assert_close(again.encode(x).grid, fast.encoder.encode(x).grid)
     monkeypatch.setitem(sys.modules, "openvino", None)
     assert Captioner.load(bundle, precision="fp32", runtime="auto").runtime == "torch"
 
