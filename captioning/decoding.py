@@ -7,7 +7,8 @@ Beam search is the standard one (GNMT, fairseq, Hugging Face):
 * Each image has ``k`` live hypotheses and a pool of finished ones. The pool holds the
   ``min(n_best, k)`` best finished captions by the length-normalised score
   ``logprob / (words + 1) ** length_alpha`` (``<end>`` counts as a token; α=0 is the raw
-  log-prob).
+  log-prob). This is the plain ``len ** α`` of the old code, not GNMT's ``((5 + len) / 6) ** α``,
+  so the α tuned on dev for the shipped bundles keeps its meaning.
 * Each step ranks the ``k·V`` extensions by summed log-prob (all live hypotheses have the same
   length, so this is also the normalised order) and keeps the ``2k`` best. Those ending in
   ``<end>`` among the top ``k`` join the pool. The first ``k`` that do not end form the new live
@@ -17,6 +18,7 @@ Beam search is the standard one (GNMT, fairseq, Hugging Face):
   (an exact upper bound, as Hugging Face's ``early_stopping="never"``; for α=0 it is ``lp``
   itself). The early stop therefore returns exactly what running to ``max_len`` returns. With
   ``n_best=1`` the rule is "no live hypothesis can beat the best finished one".
+  A batch steps until its last image is done; the pools of done images cannot change.
 * At ``max_len`` words only ``<end>`` is allowed, which closes the live hypotheses.
 
 ``no_repeat_ngram=n`` forbids any word that would complete an n-gram already in the hypothesis

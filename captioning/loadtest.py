@@ -163,30 +163,37 @@ async def run_level(
     }
 
 
-async def _run_all(url: str, cfg: LoadConfig) -> list[dict]:
+async def _run_all(url: str, cfg: LoadConfig) -> tuple[dict, list[dict]]:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=cfg.timeout) as http:
+        served = (await http.get(f"{url}/v1/models")).json()[0]
     images = sample_images()
     await run_level(url, 1, images, cfg.warmup, cfg.seconds, cfg.beam, cfg.timeout)  # warm-up
-    return [
+    levels = [
         await run_level(url, c, images, cfg.requests, cfg.seconds, cfg.beam, cfg.timeout)
         for c in cfg.levels
     ]
+    return served, levels
 
 
 def bench_serve(cfg: LoadConfig) -> dict:
     """Run every level against ``cfg.url`` or a server started here; returns the report."""
     if cfg.url:
-        levels = asyncio.run(_run_all(cfg.url.rstrip("/"), cfg))
+        served, levels = asyncio.run(_run_all(cfg.url.rstrip("/"), cfg))
         target = cfg.url
     else:
         with local_server(cfg.model, cfg.server_args, cfg.startup_timeout) as url:
-            levels = asyncio.run(_run_all(url, cfg))
+            served, levels = asyncio.run(_run_all(url, cfg))
         target = "local"
     base = levels[0]["requests_per_s"] if levels[0]["clients"] == 1 else None
     top = levels[-1]
     return {
-        "model": cfg.model if not cfg.url else None,
+        "model": served.get("name"),
+        "runtime": served.get("runtime"),
+        "precision": served.get("precision"),
         "server": target,
-        "beam": cfg.beam,
+        "beam": cfg.beam or served.get("decode_defaults", {}).get("beam_size"),
         "cpus": os.cpu_count(),
         "levels": levels,
         "speedup_top_vs_1": round(top["requests_per_s"] / base, 2) if base else None,
@@ -195,8 +202,9 @@ def bench_serve(cfg: LoadConfig) -> dict:
 
 def format_report(rep: dict) -> str:
     lines = [
+        f"{rep['model']} on {rep['runtime']} ({rep['precision']}), beam {rep['beam']}",
         f"{'clients':>7s} {'ok':>5s} {'errors':>6s} {'req/s':>7s} {'p50 ms':>8s} {'p99 ms':>8s} "
-        f"{'batch':>6s}"
+        f"{'batch':>6s}",
     ]
     for lv in rep["levels"]:
         lines.append(

@@ -72,6 +72,7 @@ class ScstConfig:
     dev_beam: int = 1
     checkpoint_minutes: float = 3.0
     max_minutes: float = 0.0  # stop (resumably) after this long; 0 = no limit
+    device: str = "cpu"  # SCST runs on the CPU (export_bundle records it)
     # filled in from the --init bundle by main_scst (recorded in the exported bundle)
     objective: str = "scst"
     encoder: str = ""
@@ -88,6 +89,8 @@ class ScstConfig:
                 f"samples must be >= 2 with the mean baseline (got {self.samples}): the baseline "
                 "of a sample is the mean reward of the image's other samples"
             )
+        if self.device != "cpu":
+            raise ValueError(f"SCST runs on the CPU; got device {self.device!r}")
         for name in ("epochs", "batch_images", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -134,9 +137,9 @@ def sample_captions(
         model.cfg.vocab_size,
     )
     state = model.init_state(ctx)
-    rows = state[0].shape[0]
-    word = torch.full((rows,), START_ID, dtype=torch.long)
-    done = torch.zeros(rows, dtype=torch.bool)
+    rows, device = state[0].shape[0], state[0].device
+    word = torch.full((rows,), START_ID, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
     tokens, logps, masks = [], [], []
     for t in range(max_len + 1):
         logp, state, _ = model.step(ctx, state, word)  # [R, V]
@@ -318,6 +321,8 @@ def main_scst(
     )
     known = {f.name for f in fields(TrainConfig)}
     same = {"encoder": cfg.encoder, "decoder": cfg.decoder, "precision": cfg.precision}
+    if "device" in known:
+        same["device"] = cfg.device
     tcfg = TrainConfig(**{**{k: v for k, v in cfg.xe_train_config.items() if k in known}, **same})
     ds = load_dataset(data_dir)
     data = prepare_data(ds, tcfg, cache)

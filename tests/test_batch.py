@@ -95,7 +95,8 @@ def test_batch_captions_errors_and_resume(ray_session, tmp_path):
     (photos / "sub" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     (photos / "sub" / "empty.png").write_bytes(b"")
     out = tmp_path / "out"
-    cfg = BatchConfig(str(BUNDLE), str(photos), str(out), workers=2, beam=2, progress=False)
+    torch_rt = {"beam": 2, "runtime": "torch"}  # the reference runtime; nothing cached outside
+    cfg = BatchConfig(str(BUNDLE), str(photos), str(out), workers=2, progress=False, **torch_rt)
 
     report = run_batch(cfg)  # 2 actors on 2 CPUs: must not stall
     assert (report.inputs, report.captioned, report.errors) == (4, 2, 2)
@@ -105,7 +106,7 @@ def test_batch_captions_errors_and_resume(ray_session, tmp_path):
     assert "empty file" in rows[str(photos / "sub" / "empty.png")]["error"]
     assert "broken.jpg" in rows[str(photos / "sub" / "broken.jpg")]["error"]
 
-    cap = Captioner.load(BUNDLE)
+    cap = Captioner.load(BUNDLE, runtime="torch")
     for name in ("chelsea.jpg", "coffee.jpg"):
         row, ref = rows[str(photos / name)], cap.caption(photos / name, beam_size=2)
         assert row["error"] is None
@@ -118,16 +119,16 @@ def test_batch_captions_errors_and_resume(ray_session, tmp_path):
     # resume: a new photo and a shard left half-written by a killed run
     shutil.copy(SAMPLES / "rocket.jpg", photos / "rocket.jpg")
     (out / "killed_000003-0.parquet").write_bytes(b"PAR1\x00\x00 cut short")
-    again = run_batch(BatchConfig(str(BUNDLE), str(photos), str(out), workers=1, beam=2))
+    again = run_batch(BatchConfig(str(BUNDLE), str(photos), str(out), workers=1, **torch_rt))
     assert (again.already_done, again.captioned, again.errors) == (4, 1, 0)
     assert len(again.set_aside) == 1
     paths = [r["path"] for r in _rows(out)]
     assert len(paths) == len(set(paths)) == 5  # no path twice
 
-    nothing = run_batch(BatchConfig(str(BUNDLE), str(photos), str(out), beam=2))
+    nothing = run_batch(BatchConfig(str(BUNDLE), str(photos), str(out), **torch_rt))
     assert (nothing.already_done, nothing.captioned) == (5, 0)
     with pytest.raises(ValueError, match="use another --out"):
-        run_batch(BatchConfig(str(BUNDLE), str(photos), str(out), beam=3))
+        run_batch(BatchConfig(str(BUNDLE), str(photos), str(out), beam=3, runtime="torch"))
 
 
 def test_batch_cli_errors_are_one_line(tmp_path, capsys):

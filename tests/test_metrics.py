@@ -687,3 +687,20 @@ def test_cider_d_is_fast():
         scorer.score(caps, ids)
         times.append(time.perf_counter() - start)
     assert min(times) < 0.1  # ~2 ms on a loaded machine; pycocoevalcap's Cider takes ~100x longer
+
+
+def test_cider_d_matches_pycocoevalcap_on_flickr8k(flickr8k_dir):
+    from captioning.data import load_dataset
+
+    ds = load_dataset(flickr8k_dir)
+    names = ds.splits["test"][:300]
+    # each image's first caption against its other four, and a caption of the next image
+    hyps = {n: ds.captions[n][0] for n in names}
+    hyps.update(
+        {f"{n}/other": ds.captions[m][0] for n, m in zip(names, names[1:] + names[:1], strict=True)}
+    )
+    refs = {k: ds.captions[k.split("/")[0]][1:] for k in hyps}
+    mean, per = pycoco_cider(hyps, refs)
+    ours = CiderD(refs).score(list(hyps.values()), list(hyps))
+    np.testing.assert_allclose(ours, per, rtol=0, atol=1e-6)
+    assert float(ours.mean()) == pytest.approx(mean, abs=1e-6)

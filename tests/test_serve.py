@@ -19,7 +19,7 @@ with warnings.catch_warnings():  # starlette 1.x: "install httpx2 instead"; http
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
     from fastapi.testclient import TestClient
 
-from captioning.loadtest import LoadConfig, free_port  # noqa: E402
+from captioning.loadtest import LoadConfig, free_port, run_level, sample_images  # noqa: E402
 from captioning.serve import MicroBatcher, ServeConfig, create_app  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(
 def cap():
     from captioning import Captioner
 
-    return Captioner.load(BUNDLE)
+    return Captioner.load(BUNDLE, runtime="torch")  # the reference; nothing cached outside tmp
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +188,10 @@ def test_real_server_concurrent_requests_and_healthz_during_load(cap):
         assert max(r.json()["batch_size"] for r in results) > 1  # batched, not one by one
         assert health.status_code == 200 and health_s < 2.0
         assert t_health < t_last  # answered while captions were still being computed
+
+        level = asyncio.run(run_level(url, 3, sample_images(), 4, 60.0, 1, 120.0))  # bench-serve
+        assert (level["clients"], level["ok"], level["errors"]) == (3, 4, 0)
+        assert 0 < level["p50_ms"] <= level["p99_ms"] and level["requests_per_s"] > 0
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from captioning.bundle import BundleError
+from captioning.images import ImageLoadError
 from dashboard import components, state, tables
 from dashboard.attention import attention_overlay, fit
 
@@ -44,12 +45,16 @@ with right:
         with st.spinner(f"Captioning with {bundle.name}…"):
             result = state.caption(bundle, picked.data, picked.digest, beam)
             runtime = state.runtime_label(bundle)
+    except ImageLoadError as e:  # decoded for display, yet unusable for the model
+        st.error(str(e), icon=":material/broken_image:")
+        st.stop()
     except (BundleError, OSError) as e:
         st.error(f"Cannot use the model {bundle.name}: {e}")
         st.stop()
 
     with st.container(border=True, key="caption-result"):
-        st.caption(f"{bundle.name} · beam {beam} · {runtime}")
+        precision = runtime.partition(" · ")[2]  # the runtime itself is a metric below
+        st.caption(f"{bundle.name} · beam {beam}" + (f" · {precision}" if precision else ""))
         st.subheader(f"“{result.text}”" if result.text else "(empty caption)", anchor=False)
         with st.container(horizontal=True, gap="large"):
             components.timing_metrics(result.timings, runtime)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from captioning.bundle import BundleError, BundleInfo
+from captioning.images import ImageLoadError
 from captioning.metrics import sentence_bleu_smoothed
 from dashboard import charts, components, state, tables
 
@@ -33,6 +34,9 @@ def caption_card(bundle: BundleInfo, picked: components.PickedImage, beam: int) 
         with st.spinner("Captioning…"):
             res = state.caption(bundle, picked.data, picked.digest, beam)
             runtime = state.runtime_label(bundle)
+    except ImageLoadError as e:
+        st.error(str(e), icon=":material/broken_image:")
+        return
     except (BundleError, OSError) as e:
         st.error(f"Cannot use this model: {e}")
         return
