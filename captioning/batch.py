@@ -1,4 +1,4 @@
-"""Batch captioning on Ray Data: paths -> read bytes -> an actor pool of Captioners -> Parquet.
+"""Batch captioning on Ray Data: paths -> decode (tasks) -> an actor pool of Captioners -> Parquet.
 
 ``run_batch(BatchConfig(model, input, out))`` captions every image of ``input`` (a folder, a text
 file of paths, or a Parquet/CSV file with a ``path`` column) into Parquet shards in ``out``, one
@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from captioning.images import ImageLoadError, iter_image_files, load_image
+from captioning.images import ImageLoadError, iter_image_files
 
 ROW_FIELDS = (
     "path",
@@ -253,30 +253,33 @@ def row_schema():
     return pa.schema([(k, types.get(k, pa.string())) for k in ROW_FIELDS])
 
 
-def read_files(batch):
-    """Ray Data task: ``path`` -> ``path, data, error`` (a pyarrow Table); never raises."""
+def load_files(batch):
+    """Ray Data task: ``path`` -> ``path, pixels, error`` (a pyarrow Table); never raises.
+
+    Reads and decodes each image with the captioning input's one loader
+    (``pipeline.load_pixels``), so decoding runs in these tasks while the actors caption;
+    ``pixels`` holds the float32 [3, 224, 224] tensor's bytes, or nothing when ``error`` says
+    why the file is unusable.
+    """
     import pyarrow as pa
 
+    from captioning.pipeline import load_pixels
+
     paths = [str(p) for p in batch.column("path").to_pylist()]
-    datas, errors = [], []
+    pixels, errors = [], []
     for p in paths:
-        data, err = b"", None
         try:
-            data = Path(p).read_bytes()
-        except FileNotFoundError:
-            err = f"{p}: file not found"
-        except IsADirectoryError:
-            err = f"{p}: is a directory, not an image file"
-        except OSError as e:
-            err = f"{p}: cannot read file ({e.strerror or e})"
-        datas.append(data)
-        errors.append(err)
-    schema = pa.schema([("path", pa.string()), ("data", pa.binary()), ("error", pa.string())])
-    return pa.table({"path": paths, "data": datas, "error": errors}, schema=schema)
+            pixels.append(load_pixels(p).numpy().tobytes())
+            errors.append(None)
+        except ImageLoadError as e:
+            pixels.append(b"")
+            errors.append(str(e))
+    schema = pa.schema([("path", pa.string()), ("pixels", pa.binary()), ("error", pa.string())])
+    return pa.table({"path": paths, "pixels": pixels, "error": errors}, schema=schema)
 
 
 class CaptionActor:
-    """Ray Data callable class: loads the Captioner once, captions batches of image bytes."""
+    """Ray Data callable class: loads the Captioner once, captions batches of decoded images."""
 
     def __init__(
         self,
@@ -307,26 +310,28 @@ class CaptionActor:
         }
 
     def __call__(self, batch):
-        """A pyarrow Table ``path, data, error`` -> a Table of ``row_schema()``."""
+        """A pyarrow Table ``path, pixels, error`` -> a Table of ``row_schema()``."""
+        import numpy as np
         import pyarrow as pa
+        import torch
 
+        from captioning.encoders import INPUT_SIZE
+
+        shape = (3, INPUT_SIZE, INPUT_SIZE)  # what pipeline.load_pixels returns
         paths = batch.column("path").to_pylist()
+        errors = batch.column("error").to_pylist()
         rows = [
             {"path": p, "caption": None, "nbest": None, "logprob": None, "error": e, **self.const}
-            for p, e in zip(paths, batch.column("error").to_pylist(), strict=True)
+            for p, e in zip(paths, errors, strict=True)
         ]
-        images, where = [], []
-        for i, (p, data) in enumerate(zip(paths, batch.column("data").to_pylist(), strict=True)):
-            if rows[i]["error"] is not None:
-                continue
-            try:
-                images.append(load_image(data, name=p))
-                where.append(i)
-            except ImageLoadError as e:
-                rows[i]["error"] = str(e)
-        if images:
-            results = self.cap.caption_batch(images, **self.decoding)
-            for i, res in zip(where, results, strict=True):
+        ok = [i for i, e in enumerate(errors) if e is None]
+        if ok:
+            blobs = batch.column("pixels").to_pylist()
+            x = torch.stack(
+                [torch.from_numpy(np.frombuffer(blobs[i], np.float32).reshape(shape)) for i in ok]
+            )  # [n, 3, 224, 224]
+            results = self.cap.caption_pixels(x, **self.decoding)
+            for i, res in zip(ok, results, strict=True):
                 nbest = [{"caption": t, "logprob": round(s, 4)} for t, s in res.nbest]
                 rows[i].update(caption=res.text, logprob=res.score, nbest=json.dumps(nbest))
         return pa.Table.from_pylist(rows, schema=row_schema())
@@ -414,7 +419,7 @@ def run_batch(cfg: BatchConfig) -> BatchReport:
         n_blocks = max(plan.actors, math.ceil(len(todo) / (cfg.batch_size * 8)))
         ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=n_blocks)
         ds = ds.map_batches(
-            read_files, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=READ_TASK_CPUS
+            load_files, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=READ_TASK_CPUS
         )
         ds = ds.map_batches(
             CaptionActor,

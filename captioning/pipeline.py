@@ -25,13 +25,13 @@ from captioning.images import ImageLoadError, load_image
 MAX_WORKERS = 4
 
 
-def load_pixels(src) -> torch.Tensor:
+def load_pixels(src, **load_kw) -> torch.Tensor:
     """An image source (path, bytes, stream, PIL) -> [3, 224, 224] float RGB in [0, 1].
 
     The one loader of the captioning input: large images are reduced in uint8 while decoding.
-    Raises ImageLoadError.
+    ``load_kw`` (``name``, ``max_pixels``) go to ``load_image``. Raises ImageLoadError.
     """
-    return preprocess(load_image(src, reduce_to=INPUT_SIZE))
+    return preprocess(load_image(src, reduce_to=INPUT_SIZE, **load_kw))
 
 
 def default_workers() -> int:

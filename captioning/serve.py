@@ -491,6 +491,10 @@ def create_app(cfg: ServeConfig, captioner=None) -> FastAPI:
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return _error(exc.status, exc.code, exc.detail)
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return _error(500, "internal", f"{type(exc).__name__}: {exc}")
+
     return app
 
 

@@ -64,7 +64,10 @@ def metrics_bars(long: pd.DataFrame, colors: dict[str, str], *, title: str) -> g
             cliponaxis=False,
             hovertemplate="%{x}: %{y:.2f}<extra>" + str(model) + "</extra>",
         )
-    fig.update_layout(barmode="group", bargap=0.25, bargroupgap=0.05)
+    # labels shrink to their bar's width; below 8 px (six models on a phone) they are hidden and
+    # the hover and the table below give the numbers
+    fig.update_layout(barmode="group", bargap=0.25, bargroupgap=0.05,
+                      uniformtext={"minsize": 8, "mode": "hide"})  # fmt: skip
     fig.update_xaxes(categoryorder="array", categoryarray=labels)
     _layout(fig, title=title, ytitle="score (0–100)", height=420)
     fig.update_layout(hovermode="closest")

@@ -470,13 +470,21 @@ def test_compare_page_groups_six_models_by_encoder(app, tiny_world, tmp_path, mo
 
 def test_explore_page_shows_diversity_beside_bleu_and_cider(app):
     at = open_page(app, "explore")
-    summary = frame(at, "distinct").value
-    assert list(summary.columns) == ["model", "split", "beam", "bleu4", "cider", "distinct",
-                                     "repeat_trigram"]  # fmt: skip
-    assert set(summary["model"]) == set(MODEL_ORDER) and set(summary["split"]) == {"dev", "test"}
-    assert summary[["bleu4", "cider", "distinct", "repeat_trigram"]].notna().all().all()
-    assert summary["distinct"].between(0, 100).all()
-    assert "Rep. trigram %" in texts(at)
+    assert at.segmented_control(key="explore-summary-split").value == "test"
+    for split in ("test", "dev"):
+        at.segmented_control(key="explore-summary-split").set_value(split).run()
+        assert_clean(at)
+        summary = frame(at, "distinct").value
+        assert list(summary.columns) == ["model", "beam", "bleu4", "cider", "distinct",
+                                         "repeat_trigram"]  # fmt: skip
+        assert list(summary["model"]) == MODEL_ORDER
+        assert summary[["bleu4", "cider", "distinct", "repeat_trigram"]].notna().all().all()
+        preds = frame(at, "caption").value
+        for _, row in summary.iterrows():  # distinct % matches the captions actually written
+            caps = preds.loc[(preds["model"] == row["model"]) & (preds["split"] == split)]
+            expected = 100 * caps["caption"].str.lower().nunique() / len(caps)
+            assert row["distinct"] == pytest.approx(expected, abs=0.01)
+        assert f"Each model on the **{split}** split" in texts(at)
 
 
 def test_attention_fit_never_copies_at_full_size():

@@ -56,7 +56,7 @@ with right:
         precision = runtime.partition(" · ")[2]  # the runtime itself is a metric below
         st.caption(f"{bundle.name} · beam {beam}" + (f" · {precision}" if precision else ""))
         st.subheader(f"“{result.text}”" if result.text else "(empty caption)", anchor=False)
-        with st.container(horizontal=True, gap="large"):
+        with st.container(horizontal=True, gap="medium"):
             components.timing_metrics(result.timings, runtime)
             st.metric("Log-prob", f"{result.score:.2f}", width="content", help="Sum of the "
                       "log-probabilities of the words and the end token; closer to 0 = more "

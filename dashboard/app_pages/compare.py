@@ -26,10 +26,10 @@ colors = charts.model_colors([(b.name, b.encoder, b.decoder) for b in bundles])
 def caption_card(bundle: BundleInfo, picked: components.PickedImage, beam: int) -> None:
     """One model's caption of the photo: name, decoder, caption, timings and runtime."""
     st.markdown(
-        f"<span style='color:{colors[bundle.name]}'>●</span> **{bundle.name}**",
+        f"<span style='color:{colors[bundle.name]}'>●</span> **{bundle.name}** "
+        f":gray[· {bundle.decoder} decoder]",
         unsafe_allow_html=True,
     )
-    st.caption(f"{bundle.decoder} decoder")
     try:
         with st.spinner("Captioning…"):
             res = state.caption(bundle, picked.data, picked.digest, beam)

@@ -12,7 +12,8 @@ from captioning.metrics import METRIC_LABELS, diversity_stats
 from dashboard import components, state, tables
 
 SPLITS = ("dev", "test")
-SUMMARY_METRICS = ("bleu4", "cider", "distinct", "repeat_trigram")
+DIVERSITY = ("distinct", "repeat_trigram")
+SUMMARY_METRICS = ("bleu4", "cider", *DIVERSITY)
 
 st.title("Explore predictions", anchor=False)
 st.markdown(
@@ -36,29 +37,23 @@ if ds is None:
     components.data_note(status.message, "Without it the tables below still work.")
 
 
-def score_summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per model and split, at the model's default decoding: corpus BLEU-4 and CIDEr-D from
+def score_summary(frame: pd.DataFrame, split: str) -> pd.DataFrame:
+    """Per model on ``split``, at the model's default decoding: corpus BLEU-4 and CIDEr-D from
     its metrics records, and the distinct-caption and repeated-trigram shares (%).
 
     Shares missing from a record (evaluated before they were recorded) are computed from the
     predictions file, the same captions the record scored.
     """
     rows = []
-    for split in SPLITS:
-        wide = tables.corpus_metrics(bundles, split)
-        for _, rec in wide.iterrows():
-            row = {"model": rec["model"], "split": split, "beam": rec["beam"]}
-            row |= {k: rec.get(k) for k in SUMMARY_METRICS}
-            caps = frame.loc[
-                (frame["model"] == rec["model"]) & (frame["split"] == split) & frame["default"],
-                "caption",
-            ]
-            if len(caps) and any(pd.isna(row[k]) for k in ("distinct", "repeat_trigram")):
-                stats = diversity_stats(list(caps))
-                for k in ("distinct", "repeat_trigram"):
-                    row[k] = stats[k] if pd.isna(row[k]) else row[k]
-            rows.append(row)
-    return pd.DataFrame(rows, columns=["model", "split", "beam", *SUMMARY_METRICS])
+    for _, rec in tables.corpus_metrics(bundles, split).iterrows():
+        row = {"model": rec["model"], "beam": rec["beam"], **{k: rec[k] for k in SUMMARY_METRICS}}
+        mine = (frame["model"] == rec["model"]) & (frame["split"] == split) & frame["default"]
+        caps = frame.loc[mine, "caption"]
+        if len(caps) and any(pd.isna(row[k]) for k in DIVERSITY):
+            stats = diversity_stats(list(caps))
+            row |= {k: stats[k] for k in DIVERSITY if pd.isna(row[k])}
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["model", "beam", *SUMMARY_METRICS])
 
 
 def bleu_label(order: int) -> str:
@@ -100,27 +95,34 @@ def table_key(prefix: str, *parts: object) -> str:
     return f"{prefix}-{hashlib.sha1(repr(parts).encode()).hexdigest()[:10]}"
 
 
-summary = score_summary(preds)
-if not summary.empty:
+scored = [s for s in SPLITS if not tables.corpus_metrics(bundles, s).empty]
+if scored:
     st.subheader("Scores and diversity", anchor=False)
-    st.dataframe(
-        summary,
+    table_col, note_col = st.columns([3, 2], gap="large")
+    summary_split = table_col.segmented_control(
+        "Split", scored, default=scored[-1], required=True, key="explore-summary-split",
+        label_visibility="collapsed",
+    )  # fmt: skip
+    table_col.dataframe(
+        score_summary(preds, summary_split),
         hide_index=True,
         placeholder="n/a",
-        key="explore-summary",
         column_config={
+            "model": st.column_config.TextColumn("model", width="medium"),
             "beam": st.column_config.NumberColumn("beam", format="%d"),
             **{
                 k: st.column_config.NumberColumn(METRIC_LABELS[k], format="%.1f")
                 for k in SUMMARY_METRICS
             },
-        },  # fmt: skip
+        },
     )
-    st.caption(
-        "Each model at its default decoding. BLEU-4 and CIDEr-D are corpus scores (0–100). "
-        "Distinct % = different captions per 100 images of the split (a model that gives many "
-        "photos the same sentence scores low); Rep. trigram % = captions that repeat a trigram "
-        "(“a man and a man and …”)."
+    note_col.markdown(
+        f"Each model on the **{summary_split}** split at its default decoding.\n\n"
+        "- **BLEU-4** and **CIDEr-D**: corpus scores (0–100).\n"
+        "- **Distinct %**: different captions per 100 images; a model that gives many photos "
+        "the same sentence scores low.\n"
+        "- **Rep. trigram %**: captions that repeat a trigram (“a man and a man and …”); "
+        "lower reads better."
     )
 
 tab_all, tab_gap = st.tabs(["All predictions", "Where the models disagree"])
