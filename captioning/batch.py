@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -106,7 +105,7 @@ class BatchReport:
 def load_captioner(
     model: str | Path, precision: str = "auto", runtime: str = "auto", device: str = "cpu"
 ):
-    """``Captioner.load`` with the fastest runtime available (``runtime`` if the API takes it)."""
+    """``Captioner.load`` on ``device`` with the fastest runtime available there."""
     from captioning import Captioner
 
     if device != "cpu":  # CUDA-only: the encoder on the GPU at its autocast dtype, on torch
@@ -114,12 +113,7 @@ def load_captioner(
 
         precision, runtime = resolve_precision(precision, device), "torch"
 
-    kwargs = {"precision": precision}
-    if "runtime" in inspect.signature(Captioner.load).parameters:
-        kwargs["runtime"] = runtime
-    elif runtime not in ("auto", runtime_name(Captioner)):
-        raise ValueError(f"runtime {runtime!r} is not available; this build runs torch only")
-    return Captioner.load(model, **kwargs)
+    return Captioner.load(model, precision, runtime=runtime)
 
 
 def gpu_share(resources: dict, actors: int) -> dict:
@@ -128,14 +122,6 @@ def gpu_share(resources: dict, actors: int) -> dict:
     if not gpus:
         raise RuntimeError("--device cuda: the Ray cluster has no GPU; use --device cpu")
     return {"num_gpus": min(1.0, gpus / actors)}
-
-
-def runtime_name(cap) -> str:
-    """The runtime a Captioner runs on ("torch" unless it says otherwise)."""
-    rt = getattr(cap, "runtime", None)
-    if rt is None:
-        return "torch"
-    return str(getattr(rt, "name", rt))
 
 
 def bundle_sha256(bundle: Path) -> str:
@@ -304,7 +290,7 @@ class CaptionActor:
         self.const = {
             "model": self.cap.name,
             "bundle_sha256": sha256,
-            "runtime": runtime_name(self.cap),
+            "runtime": self.cap.runtime,
             "precision": self.cap.encoder.precision.label,
             "decoding": json.dumps(asdict(cfg), sort_keys=True),
         }
@@ -327,9 +313,8 @@ class CaptionActor:
         ok = [i for i, e in enumerate(errors) if e is None]
         if ok:
             blobs = batch.column("pixels").to_pylist()
-            x = torch.stack(
-                [torch.from_numpy(np.frombuffer(blobs[i], np.float32).reshape(shape)) for i in ok]
-            )  # [n, 3, 224, 224]
+            arrays = [np.frombuffer(blobs[i], np.float32).reshape(shape) for i in ok]
+            x = torch.from_numpy(np.stack(arrays))  # [n, 3, 224, 224], a writable copy
             results = self.cap.caption_pixels(x, **self.decoding)
             for i, res in zip(ok, results, strict=True):
                 nbest = [{"caption": t, "logprob": round(s, 4)} for t, s in res.nbest]

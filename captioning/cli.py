@@ -370,6 +370,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.objective == "scst":
+        return _train_scst(args)
+    if args.init or args.samples is not None or args.baseline is not None:
+        raise ValueError("--init, --samples and --baseline belong to --objective scst")
     from captioning.train import TrainConfig, main
 
     cfg = TrainConfig(
@@ -387,6 +391,25 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"best_{result['select_metric']}": result["best_score"],
         }
         print(json.dumps(summary))
+    return 0
+
+
+def _train_scst(args: argparse.Namespace) -> int:
+    """``train --objective scst --init BUNDLE``: the self-critical CIDEr-D stage."""
+    from captioning.scst import ScstConfig, main_scst
+
+    if not args.init:
+        raise ValueError("--objective scst needs --init BUNDLE (the cross-entropy model)")
+    if args.set or args.finetune:
+        raise ValueError("--set and --finetune apply to cross-entropy training, not to scst")
+    cfg = ScstConfig(init=args.init)
+    for key in ("epochs", "lr", "batch_images", "patience", "seed", "max_minutes",
+                "train_precision", "samples", "baseline"):  # fmt: skip
+        if getattr(args, key, None) is not None:
+            setattr(cfg, key, getattr(args, key))
+    result = main_scst(cfg, args.data, Path(args.out), _cache(args), args.resume, force=args.force)
+    if not result.get("stopped"):
+        print(json.dumps({"out": args.out, "best_epoch": result.get("best_epoch")}))
     return 0
 
 
@@ -739,6 +762,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     p.add_argument("--out", required=True, help="bundle directory, e.g. artifacts/models/NAME")
     _add_cache(p)
+    p.add_argument(
+        "--objective",
+        choices=("xe", "scst"),
+        default="xe",
+        help="xe = cross-entropy; scst = self-critical CIDEr-D from --init (default: xe)",
+    )
+    p.add_argument("--init", help="with --objective scst: the cross-entropy bundle to start from")
+    p.add_argument("--samples", type=positive_int, help="scst: sampled captions per image (5)")
+    p.add_argument(
+        "--baseline", choices=("mean", "greedy"), help="scst: reward baseline (default: mean)"
+    )
     p.add_argument("--epochs", type=positive_int, help="(default: 12)")
     p.add_argument("--lr", type=nonneg_float, help="peak learning rate (default: 5e-4)")
     p.add_argument("--batch-images", type=positive_int, help="images per batch (default: 32)")

@@ -18,15 +18,17 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+import torch
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 
 from captioning import __version__
-from captioning.batch import load_captioner, runtime_name
+from captioning.batch import load_captioner
 from captioning.decoding import MAX_BEAM
-from captioning.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from captioning.images import DEFAULT_MAX_PIXELS, ImageLoadError
+from captioning.pipeline import load_pixels
 
 MB = 1 << 20
 
@@ -230,18 +232,18 @@ class MicroBatcher:
         """In the worker thread: decode every image, then caption the good ones together."""
         t0 = time.perf_counter()
         out: list[dict | Exception] = [None] * len(batch)  # type: ignore[list-item]
-        images, where = [], []
+        pixels, where = [], []
         for i, job in enumerate(batch):
-            try:
-                images.append(load_image(job.data, name=job.name, **self.load_kw))
+            try:  # the captioning input's one loader, as `caption` uses
+                pixels.append(load_pixels(job.data, name=job.name, **self.load_kw))
                 where.append(i)
             except ImageLoadError as e:
                 out[i] = e
         t1 = time.perf_counter()
-        if images:
-            results = self.cap.caption_batch(images, beam_size=batch[0].beam)
+        if pixels:
+            results = self.cap.caption_pixels(torch.stack(pixels), beam_size=batch[0].beam)
             t2 = time.perf_counter()
-            n = len(images)
+            n = len(pixels)
             for i, res in zip(where, results, strict=True):
                 job = batch[i]
                 out[i] = {
@@ -469,7 +471,7 @@ def create_app(cfg: ServeConfig, captioner=None) -> FastAPI:
             cap, cfg.max_batch, cfg.max_wait_ms / 1000, cfg.max_queue, max_pixels=cfg.max_pixels
         )
         await batcher.start()
-        app.state.service = Service(cfg, cap, batcher, runtime_name(cap))
+        app.state.service = Service(cfg, cap, batcher, cap.runtime)
         try:
             yield
         finally:

@@ -108,7 +108,6 @@ if scored:
         hide_index=True,
         placeholder="n/a",
         column_config={
-            "model": st.column_config.TextColumn("model", width="medium"),
             "beam": st.column_config.NumberColumn("beam", format="%d"),
             **{
                 k: st.column_config.NumberColumn(METRIC_LABELS[k], format="%.1f")
