@@ -113,3 +113,32 @@ def test_attention_loss_has_doubly_stochastic_term(task):
 def test_unknown_decoder_kind():
     with pytest.raises(ValueError, match="unknown decoder"):
         build_decoder(DecoderConfig(kind="transformer", vocab_size=10))
+
+
+def test_attention_packed_teacher_forcing_equals_stepwise_decoding():
+    """forward() shrinks its batch as captions end; every real position must equal step()."""
+    import torch.nn.functional as F
+
+    from captioning.decoders import DecoderConfig, build_decoder
+
+    torch.manual_seed(0)
+    cfg = DecoderConfig(
+        kind="attention", vocab_size=40, feat_dim=12, embed_dim=8, hidden_dim=10, attn_dim=6
+    )
+    model = build_decoder(cfg).eval()
+    grid = torch.randn(3, 5, 12)  # [N, L, C]
+    lengths = [2, 7, 4, 7, 1]  # unsorted on purpose
+    tokens = torch.zeros(5, 9, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        tokens[i, 0], tokens[i, 1 : n + 1], tokens[i, n + 1] = 1, torch.randint(4, 40, (n,)), 2
+    owner = torch.tensor([0, 1, 2, 0, 1])
+    ctx = model.select(model.context(grid), owner)
+    with torch.no_grad():
+        logits, alphas = model(ctx, tokens)  # [5, 8, V], [5, 8, L]
+        state = model.init_state(ctx)
+        for t in range(tokens.shape[1] - 1):
+            logp, state, alpha = model.step(ctx, state, tokens[:, t])
+            live = tokens[:, t + 1] != 0
+            assert torch.allclose(F.log_softmax(logits[live, t], -1), logp[live], atol=1e-5)
+            assert torch.allclose(alphas[live, t], alpha[live], atol=1e-6)
+            assert (alphas[~live, t] == 0).all()
