@@ -120,37 +120,55 @@ def _ban_repeats(logp: torch.Tensor, words: torch.Tensor, n: int) -> None:
     logp.scatter_(1, banned, NEG)
 
 
+def _compact(done: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the images to keep once at least 1/8 of them are done, else None."""
+    n_done = int(done.sum())
+    return (~done).nonzero().squeeze(1) if n_done * 8 >= done.numel() else None
+
+
 @torch.inference_mode()
 def greedy_decode(
     decoder: Decoder, feats: torch.Tensor, cfg: DecodeConfig | None = None
 ) -> list[Hypothesis]:
-    """Argmax decoding of a batch. feats: pooled [N, D] or grid [N, L, C]."""
+    """Argmax decoding of a batch. feats: pooled [N, D] or grid [N, L, C].
+
+    Images that emitted <end> leave the batch (in groups, see ``_compact``).
+    """
     cfg = cfg or DecodeConfig(beam_size=1)
     ctx = decoder.context(feats)
     state = decoder.init_state(ctx)
     n = feats.shape[0]
-    word = torch.full((n,), START_ID, dtype=torch.long)
-    done = torch.zeros(n, dtype=torch.bool)
-    length = torch.full((n,), cfg.max_len, dtype=torch.long)  # words before <end>
-    logprob = torch.zeros(n)
+    act = torch.arange(n)  # [M] the images still in the batch
+    word = torch.full((n,), START_ID, dtype=torch.long)  # [M]
+    done = torch.zeros(n, dtype=torch.bool)  # [M] emitted <end> but not yet removed
+    length = torch.full((n,), cfg.max_len, dtype=torch.long)  # [N] words before <end>
+    logprob = torch.zeros(n)  # [N]
     seq = torch.zeros(n, cfg.max_len + 1, dtype=torch.long)  # [N, T] word of each step
+    att: torch.Tensor | None = None  # [N, T, L]
     rules: _NextWordRules | None = None
-    alphas = []  # each [N, L]
     for t in range(cfg.max_len + 1):
-        logp, state, alpha = decoder.step(ctx, state, word)  # [N, V]
+        logp, state, alpha = decoder.step(ctx, state, word)  # [M, V]
         rules = rules or _NextWordRules(cfg, logp.shape[-1])
-        best_lp, word = rules.apply(logp, t, seq).max(-1)  # [N] each
-        logprob += best_lp.masked_fill(done, 0.0)
+        hist = seq.index_select(0, act) if cfg.no_repeat_ngram and act.numel() < n else seq
+        best_lp, word = rules.apply(logp, t, hist).max(-1)  # [M] each
         word = word.masked_fill(done, PAD_ID)
-        seq[:, t] = word
+        logprob.index_add_(0, act, best_lp.masked_fill(done, 0.0))
+        seq[act, t] = word
         if alpha is not None:
-            alphas.append(alpha)
+            if att is None:
+                att = torch.zeros(n, cfg.max_len + 1, alpha.shape[-1])
+            att[act, t] = alpha
         ended = word == END_ID
-        length = torch.where(ended, t, length)
+        length[act[ended]] = t
         done |= ended
-        if bool(done.all()):
+        keep = _compact(done)
+        if keep is None:
+            continue
+        if keep.numel() == 0:
             break
-    att = torch.stack(alphas, 1) if alphas else None  # [N, T, L]
+        act, word, done = act[keep], word[keep], done[keep]
+        ctx = decoder.select(ctx, keep)
+        state = tuple(s.index_select(0, keep) for s in state)
     out = []
     for i, (ids, n_words, lp) in enumerate(
         zip(seq.tolist(), length.tolist(), logprob.tolist(), strict=True)
@@ -177,72 +195,93 @@ def beam_search(
 ) -> list[list[Hypothesis]]:
     """Batched beam search over N images at once; returns each image's n-best list, best first.
 
-    See the module docstring for the algorithm. ``stop_early=False`` runs every image to
-    ``max_len`` (the result is the same; tests use it to check the stop rule).
+    See the module docstring for the algorithm. Done images leave the batch (in groups, see
+    ``_compact``). ``stop_early=False`` runs every image to ``max_len`` (the result is the
+    same; tests use it to check the stop rule).
     """
     cfg = cfg or DecodeConfig()
     k, n = cfg.beam_size, feats.shape[0]
     p = min(cfg.n_best, k)  # pool size per image
-    rows = n * k
     ctx = decoder.select(decoder.context(feats), torch.arange(n).repeat_interleave(k))
     state = decoder.init_state(ctx)
-    word = torch.full((rows,), START_ID, dtype=torch.long)
+    # Rows: image i owns rows i*k .. i*k+k-1 of the N*k "global" rows. The tensors of the loop
+    # hold the M images still in the batch: act [M] images, act_rows [M*k] their global rows.
+    act, act_rows = torch.arange(n), torch.arange(n * k)
+    word = torch.full((n * k,), START_ID, dtype=torch.long)  # [M*k]
     live = torch.full((n, k), NEG)
     live[:, 0] = 0.0  # one live hypothesis at the start, so the k beams differ
-    live = live.view(rows)  # [N*k] summed log-probs of the live hypotheses
-    first_row = (torch.arange(n) * k)[:, None]  # [N, 1]
-    hist = torch.zeros(rows, cfg.max_len + 1, dtype=torch.long) if cfg.no_repeat_ngram else None
-    # the pool [N, p, 4]: score, log-prob, step of <end> (= words), row that emitted it; float64
-    # holds the integers exactly
+    live = live.view(n * k)  # [M*k] summed log-probs of the live hypotheses
+    hist = torch.zeros(n * k, cfg.max_len, dtype=torch.long) if cfg.no_repeat_ngram else None
+    # the pool [M, p, 4]: score, log-prob, step of <end> (= words), global row that emitted it;
+    # float64 holds the integers exactly. Done images move to ``final``.
     pool = torch.zeros(n, p, 4, dtype=torch.float64)
     pool[..., 0] = -math.inf
+    final = pool.clone()  # [N, p, 4]
     best_reach = (cfg.max_len + 1) ** cfg.length_alpha  # largest length normaliser
-    words, backs, alphas = [], [], []  # per step: [N*k] word, [N*k] source row, [N*k, L]
+    # per step t, by global row: the word left in it, the row it came from, its attention
+    words = torch.zeros(cfg.max_len, n * k, dtype=torch.long)
+    backs = torch.zeros(cfg.max_len, n * k, dtype=torch.long)
+    att: torch.Tensor | None = None  # [T, N*k, L], by the row that attended
     rules: _NextWordRules | None = None
     for t in range(cfg.max_len + 1):
-        logp, state, alpha = decoder.step(ctx, state, word)  # [N*k, V]
+        logp, state, alpha = decoder.step(ctx, state, word)  # [M*k, V]
         rules = rules or _NextWordRules(cfg, logp.shape[-1])
-        vocab = logp.shape[-1]
-        cand = rules.apply(logp, t, hist).add_(live[:, None]).view(n, k * vocab)
-        top_lp, top = cand.topk(2 * k, dim=-1)  # [N, 2k], best first
-        tok = top % vocab
-        ends = tok == END_ID
+        vocab, m = logp.shape[-1], act.numel()
+        first_row = (torch.arange(m) * k)[:, None]  # [M, 1] local rows
+        cand = rules.apply(logp, t, hist).add_(live[:, None]).view(m, k * vocab)
+        top_lp, top = cand.topk(2 * k, dim=-1)  # [M, 2k], best first
+        ends = top % vocab == END_ID
         if bool(ends[:, :k].any()):  # <end> among the top k joins the pool if among the p best
             lp_k = top_lp[:, :k]
             score = torch.where(
                 ends[:, :k] & (lp_k > NEG / 2), lp_k / (t + 1) ** cfg.length_alpha, -math.inf
             )
-            src_k = (top[:, :k] // vocab + first_row).to(score.dtype)
-            new = torch.stack([score, lp_k, torch.full_like(score, t), src_k], -1)  # [N, k, 4]
-            merged = torch.cat([pool, new.double()], 1)  # [N, p+k, 4], old entries first
+            src_k = act_rows[top[:, :k] // vocab + first_row].to(score.dtype)
+            new = torch.stack([score, lp_k, torch.full_like(score, t), src_k], -1)  # [M, k, 4]
+            merged = torch.cat([pool, new.double()], 1)  # [M, p+k, 4], old entries first
             order = merged[..., 0].argsort(dim=1, descending=True, stable=True)[:, :p]
             pool = merged.gather(1, order[..., None].expand(-1, -1, 4))  # ties keep the old
+        if alpha is not None and t < cfg.max_len:
+            if att is None:
+                att = torch.zeros(cfg.max_len, n * k, alpha.shape[-1])
+            att[t, act_rows] = alpha
         if t == cfg.max_len:  # every live hypothesis was closed with <end>
             break
         # live: the first k candidates that do not end (at most k of the 2k end)
-        keep = top.gather(1, ends.to(torch.int8).argsort(dim=1, stable=True)[:, :k])  # [N, k]
-        live = cand.gather(1, keep).view(rows)
-        back = (keep // vocab + first_row).view(rows)
-        word = (keep % vocab).view(rows)
+        keep = top.gather(1, ends.to(torch.int8).argsort(dim=1, stable=True)[:, :k])  # [M, k]
+        live = cand.gather(1, keep).view(-1)
+        back = (keep // vocab + first_row).view(-1)  # [M*k] local source rows
+        word = (keep % vocab).view(-1)
         state = tuple(s.index_select(0, back) for s in state)
-        words.append(word)
-        backs.append(back)
-        if alpha is not None:
-            alphas.append(alpha)
+        words[t, act_rows] = word
+        backs[t, act_rows] = act_rows[back]
         if hist is not None:
             hist = hist.index_select(0, back)
             hist[:, t] = word
-        # done when no live hypothesis can reach the p-th pooled score (dead rows sit near NEG)
-        if stop_early and bool((pool[:, -1, 0] * best_reach >= live.view(n, k).amax(1)).all()):
+        if not stop_early:
+            continue
+        # done: no live hypothesis can reach the p-th pooled score (dead rows sit near NEG)
+        done = pool[:, -1, 0] * best_reach >= live.view(m, k).amax(1)  # [M]
+        stay = _compact(done)
+        if stay is None:
+            continue
+        final[act[done]] = pool[done]
+        if stay.numel() == 0:
             break
-    return _trace_back(cfg, pool, words, backs, alphas)
+        rows = (stay[:, None] * k + torch.arange(k)).view(-1)  # [M'*k] local rows kept
+        act, act_rows, pool = act[stay], act_rows[rows], pool[stay]
+        live, word = live[rows], word[rows]
+        ctx = decoder.select(ctx, rows)
+        state = tuple(s.index_select(0, rows) for s in state)
+        if hist is not None:
+            hist = hist[rows]
+    final[act] = pool
+    return _trace_back(cfg, final, words, backs, att)
 
 
-def _trace_back(cfg, pool, words, backs, alphas) -> list[list[Hypothesis]]:
+def _trace_back(cfg, pool, words, backs, att) -> list[list[Hypothesis]]:
     """Follow the back-pointers of each pooled hypothesis to its words and attention [len, L]."""
-    steps = torch.stack(words).tolist() if words else []  # [T][N*k] word left in each row
-    froms = torch.stack(backs).tolist() if backs else []  # [T][N*k] the row it came from
-    att = torch.stack(alphas) if alphas else None  # [T, N*k, L] by the row that attended
+    steps, froms = words.tolist(), backs.tolist()  # [T][N*k]
     out = []
     for entries in pool.tolist():
         hyps = []
