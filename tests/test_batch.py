@@ -85,6 +85,8 @@ def _rows(out: Path) -> list[dict]:
 
 
 @pytest.mark.skipif(not BUNDLE.is_dir(), reason="shipped bundle resnet50-attention is absent")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray's own settings
+@pytest.mark.filterwarnings("ignore:The minimum number of concurrent actors:UserWarning")
 def test_batch_captions_errors_and_resume(ray_session, tmp_path):
     from captioning import Captioner
 
