@@ -345,7 +345,7 @@ def load_encoder(
                     [GraphInput((-1, 3, INPUT_SIZE, INPUT_SIZE))],
                 )
                 engine = OpenVINOEncoder(compiled, key)
-                return LoadedEncoder(None, spec, sha, prec, engine=engine)
+                return LoadedEncoder(None, spec, sha, _ov_precision(prec), engine=engine)
             except Exception:  # noqa: BLE001, S110 - the slow path below reports the failure
                 pass
     return accelerate_encoder(build_encoder(name, precision), runtime)
@@ -366,7 +366,12 @@ def accelerate_encoder(encoder: LoadedEncoder, runtime: str = "auto", **kwargs) 
             "running on torch"
         )
         return replace(encoder, engine=None)
-    return replace(encoder, engine=engine)
+    return replace(encoder, engine=engine, precision=_ov_precision(encoder.precision))
+
+
+def _ov_precision(prec: Precision) -> Precision:
+    """The precision an OpenVINO encoder records: its dtype (memory format is OpenVINO's)."""
+    return replace(prec, channels_last=False)
 
 
 # ---------------------------------------------------------------- decoder step
