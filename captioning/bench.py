@@ -165,6 +165,7 @@ def bench(
     warmup: int = 3,
     folder: Path | None = None,
     folder_images: int = 64,
+    folder_beam: int | None = None,
     batch_size: int = 16,
 ) -> dict:
     """Benchmark one bundle. ``runtime="auto"`` compares torch with OpenVINO (when installed)
@@ -178,13 +179,14 @@ def bench(
     images = sample_jpegs()
     lat = latency(caps, images, beams, runs, warmup)
     files = folder_files(folder, folder_images)
+    folder_beam = folder_beam or caps[-1].defaults.beam_size
     per_rt = {}
     for cap, beams_r in zip(caps, lat, strict=True):
         per_rt[cap.runtime] = {
             "runtime": cap.runtime,
             "precision": cap.encoder.label,
             "beams": beams_r,
-            "folder": folder_throughput(cap, files, cap.defaults.beam_size, batch_size),
+            "folder": folder_throughput(cap, files, folder_beam, batch_size),
         }
     loads.append(os.getloadavg()[0])
     head = per_rt[caps[-1].runtime]  # the runtime `auto` picks comes last
@@ -205,7 +207,7 @@ def bench(
         "beams": head["beams"],
         "batch_size": batch_size,
         "throughput_img_s": head["folder"]["images_per_s"],
-        "throughput_beam": caps[-1].defaults.beam_size,
+        "throughput_beam": folder_beam,
         "runtimes": per_rt,
         "ratios": ratios(per_rt["torch"], per_rt["openvino"])
         if {"torch", "openvino"} <= set(per_rt)

@@ -93,12 +93,12 @@ class Captioner:
 
     def _accelerate_decoder(self, runtime: str) -> None:
         from captioning.fileio import sha256_file
-        from captioning.runtime import accelerate_decoder, runtime_of
+        from captioning.runtime import DECODER_STEP_PRECISION, accelerate_decoder, runtime_of
 
         self.step_decoder = accelerate_decoder(
             self.decoder,
             sha256_file(self.path / "decoder.safetensors"),
-            self.encoder.precision.dtype,
+            DECODER_STEP_PRECISION,
             runtime,
             grid_cells=self.encoder.spec.grid_cells,
         )

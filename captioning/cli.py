@@ -583,6 +583,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         runs=args.runs,
         folder=Path(args.folder) if args.folder else None,
         folder_images=args.folder_images,
+        folder_beam=args.folder_beam,
     )
     for reason in res["noise"]:
         print(f"warning: noisy run, {reason}; compare ratios within this run", file=sys.stderr)
@@ -904,6 +905,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folder", help="images for the throughput run (default: the samples)")
     p.add_argument(
         "--folder-images", type=positive_int, default=64, help="throughput images (default: 64)"
+    )
+    p.add_argument(
+        "--folder-beam", type=beam_arg, default=None, help="throughput beam (default: the bundle's)"
     )
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--save", action="store_true", help="write bench.json into the bundle")

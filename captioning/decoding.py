@@ -152,14 +152,21 @@ def greedy_decode(
         hist = seq.index_select(0, act) if cfg.no_repeat_ngram and act.numel() < n else seq
         best_lp, word = rules.apply(logp, t, hist).max(-1)  # [M] each
         word = word.masked_fill(done, PAD_ID)
-        logprob.index_add_(0, act, best_lp.masked_fill(done, 0.0))
-        seq[act, t] = word
-        if alpha is not None:
-            if att is None:
-                att = torch.zeros(n, cfg.max_len + 1, alpha.shape[-1])
-            att[act, t] = alpha
         ended = word == END_ID
-        length[act[ended]] = t
+        if alpha is not None and att is None:
+            att = torch.zeros(n, cfg.max_len + 1, alpha.shape[-1])
+        if act.numel() == n:  # nobody left yet: plain slices are cheaper than indexing
+            logprob += best_lp.masked_fill(done, 0.0)
+            seq[:, t] = word
+            length.masked_fill_(ended, t)
+            if alpha is not None:
+                att[:, t] = alpha
+        else:
+            logprob.index_add_(0, act, best_lp.masked_fill(done, 0.0))
+            seq[act, t] = word
+            length[act[ended]] = t
+            if alpha is not None:
+                att[act, t] = alpha
         done |= ended
         keep = _compact(done)
         if keep is None:
@@ -223,11 +230,14 @@ def beam_search(
     backs = torch.zeros(cfg.max_len, n * k, dtype=torch.long)
     att: torch.Tensor | None = None  # [T, N*k, L], by the row that attended
     rules: _NextWordRules | None = None
+    first_row = (torch.arange(n) * k)[:, None]  # [M, 1] local rows
     for t in range(cfg.max_len + 1):
         logp, state, alpha = decoder.step(ctx, state, word)  # [M*k, V]
         rules = rules or _NextWordRules(cfg, logp.shape[-1])
         vocab, m = logp.shape[-1], act.numel()
-        first_row = (torch.arange(m) * k)[:, None]  # [M, 1] local rows
+        full = m == n  # nobody left yet: local rows are the global rows
+        if first_row.shape[0] != m:
+            first_row = (torch.arange(m) * k)[:, None]  # [M, 1] local rows
         cand = rules.apply(logp, t, hist).add_(live[:, None]).view(m, k * vocab)
         top_lp, top = cand.topk(2 * k, dim=-1)  # [M, 2k], best first
         ends = top % vocab == END_ID
@@ -236,7 +246,8 @@ def beam_search(
             score = torch.where(
                 ends[:, :k] & (lp_k > NEG / 2), lp_k / (t + 1) ** cfg.length_alpha, -math.inf
             )
-            src_k = act_rows[top[:, :k] // vocab + first_row].to(score.dtype)
+            src_k = top[:, :k] // vocab + first_row
+            src_k = (src_k if full else act_rows[src_k]).to(score.dtype)
             new = torch.stack([score, lp_k, torch.full_like(score, t), src_k], -1)  # [M, k, 4]
             merged = torch.cat([pool, new.double()], 1)  # [M, p+k, 4], old entries first
             order = merged[..., 0].argsort(dim=1, descending=True, stable=True)[:, :p]
@@ -244,7 +255,10 @@ def beam_search(
         if alpha is not None and t < cfg.max_len:
             if att is None:
                 att = torch.zeros(cfg.max_len, n * k, alpha.shape[-1])
-            att[t, act_rows] = alpha
+            if full:
+                att[t] = alpha
+            else:
+                att[t, act_rows] = alpha
         if t == cfg.max_len:  # every live hypothesis was closed with <end>
             break
         # live: the first k candidates that do not end (at most k of the 2k end)
@@ -253,8 +267,10 @@ def beam_search(
         back = (keep // vocab + first_row).view(-1)  # [M*k] local source rows
         word = (keep % vocab).view(-1)
         state = tuple(s.index_select(0, back) for s in state)
-        words[t, act_rows] = word
-        backs[t, act_rows] = act_rows[back]
+        if full:
+            words[t], backs[t] = word, back
+        else:
+            words[t, act_rows], backs[t, act_rows] = word, act_rows[back]
         if hist is not None:
             hist = hist.index_select(0, back)
             hist[:, t] = word
