@@ -60,6 +60,7 @@ ENCODER_CHOICES = LazyChoices("captioning.encoders", "ENCODERS")
 DECODER_CHOICES = LazyChoices("captioning.decoders", "DECODER_KINDS")
 RUNTIME_CHOICES = LazyChoices("captioning.runtime", "RUNTIMES")
 FINETUNE_CHOICES = LazyChoices("captioning.finetune", "FINETUNE_BLOCKS")
+TUNE_METRIC_CHOICES = LazyChoices("captioning.evaluate", "TUNE_METRICS")
 
 
 def _int(text: str, what: str) -> int:
@@ -470,21 +471,29 @@ def cmd_tune_decoding(args: argparse.Namespace) -> int:
     cap = Captioner.load(args.model, args.precision)
     ds = load_dataset(args.data)
     best, rows = tune_decoding(
-        cap, ds, beams=args.beams, alphas=args.alphas, cache_root=_cache(args)
+        cap, ds, beams=args.beams, alphas=args.alphas, cache_root=_cache(args),
+        ngrams=args.no_repeat_ngrams, metric=args.metric,
+    )  # fmt: skip
+    head = ("BLEU-1", "BLEU-4", "CIDEr-D", "distinct%", "rep3%")
+    print(
+        f"{'beam':>4s} {'alpha':>5s} {'ngram':>5s} " + " ".join(f"{h:>9s}" for h in head) + " (dev)"
     )
-    print(f"{'beam':>4s} {'alpha':>5s} {'BLEU-1':>7s} {'BLEU-4':>7s} {'CIDEr-D':>7s}  (dev)")
     for r in rows:
-        mark = "  <- best" if r is best else ""
+        mark = f"  <- best {args.metric}" if r is best else ""
+        vals = (r[k] for k in ("bleu1", "bleu4", "cider", "distinct", "repeat_trigram"))
         print(
-            f"{r['beam']:4d} {r['length_alpha']:5.1f} {r['bleu1']:7.2f} {r['bleu4']:7.2f} "
-            f"{r['cider']:7.2f}{mark}"
+            f"{r['beam']:4d} {r['length_alpha']:5.1f} {r['no_repeat_ngram']:5d} "
+            + " ".join(f"{v:9.2f}" for v in vals)
+            + mark
         )
     if args.apply:
-        set_decode_defaults(cap.path, beam_size=best["beam"], length_alpha=best["length_alpha"])
+        chosen = {k: best[k] for k in ("length_alpha", "no_repeat_ngram")}
+        set_decode_defaults(cap.path, beam_size=best["beam"], **chosen)
         card = write_card(cap.path)
         print(
             f"{cap.name}: default decoding is now beam {best['beam']}, alpha "
-            f"{best['length_alpha']} (wrote {cap.path / 'config.json'}, {card})"
+            f"{best['length_alpha']}, no_repeat_ngram {best['no_repeat_ngram']} "
+            f"(wrote {cap.path / 'config.json'}, {card})"
         )
     print(json.dumps({"best": best, "grid": rows}))
     return 0
@@ -542,11 +551,19 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from captioning.bundle import decoding_label, list_bundles, models_dir_default
-    from captioning.reports import default_decoding, default_result, results_markdown
+    from captioning.reports import (
+        comparison_markdown,
+        default_decoding,
+        default_result,
+        results_markdown,
+    )
 
     bundles = list_bundles(Path(args.models_dir) if args.models_dir else None)
     if args.markdown:
         print(results_markdown(bundles, args.split))
+        return 0
+    if args.compare:
+        print(comparison_markdown(bundles, args.split))
         return 0
     if not bundles:
         print(
@@ -853,9 +870,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "tune-decoding",
         cmd_tune_decoding,
-        "choose beam size and length normalisation on dev",
-        "Evaluate every beam x length normalisation on the dev split and pick the best BLEU-4 "
-        "(never looks at test).",
+        "choose beam size, length normalisation and n-gram blocking on dev",
+        "Evaluate every beam x length normalisation x no_repeat_ngram on the dev split and pick "
+        "the best by --metric (never looks at test).",
     )
     _add_model(p)
     _add_data(p)
@@ -865,6 +882,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--alphas", type=nonneg_float, nargs="+", default=[0.0, 0.5, 1.0],
         help="(default: 0 0.5 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-repeat-ngrams", type=nonneg_int, nargs="+", default=[0, 3],
+        help="n-gram blocking sizes to try, 0 = off (default: 0 3)",
+    )  # fmt: skip
+    p.add_argument(
+        "--metric", choices=TUNE_METRIC_CHOICES, default="cider",
+        help="dev metric to maximise (default: cider, as training selects checkpoints)",
     )  # fmt: skip
     _add_precision(p)
 
@@ -892,6 +917,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--markdown", action="store_true", help="a results table, one row per recorded setting"
     )
+    p.add_argument(
+        "--compare", action="store_true",
+        help="a markdown table, one row per bundle at its default decoding: BLEU-1/4, CIDEr-D, "
+        "distinct and trigram-repeating captions, decode latency (bench.json) and size",
+    )  # fmt: skip
     p.add_argument("--split", choices=("dev", "test"), default="test", help="(default: test)")
 
     p = add(

@@ -134,26 +134,42 @@ def save_evaluation(ev: Evaluation, directory: Path) -> list[str]:
     return lines
 
 
+TUNE_METRICS = ("cider", "bleu4")
+"""What ``tune_decoding`` may select on: CIDEr-D (as training selects checkpoints) or BLEU-4."""
+
+
 def tune_decoding(
     cap: Captioner,
     ds: Flickr8k,
     beams=(1, 3, 5),
     alphas=(0.0, 0.5, 1.0),
     cache_root: Path | None = None,
+    ngrams=(0,),
+    metric: str = "cider",
 ) -> tuple[dict, list[dict]]:
-    """Pick beam size and length normalisation by dev BLEU-4 (ties: the smaller beam)."""
+    """Pick beam size, length normalisation α and n-gram blocking by a dev ``metric``.
+
+    Every beam x α (α only for beam > 1) x ``no_repeat_ngram`` is scored on the dev split, never
+    on test. Ties go to the smaller beam, then to the smaller blocking size.
+    """
+    if metric not in TUNE_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(TUNE_METRICS)}")
+    keys = ("bleu1", "bleu4", "cider", "distinct", "repeat_trigram")
     rows = []
     for beam in beams:
         for alpha in alphas if beam > 1 else (0.0,):
-            ev = evaluate(
-                cap, ds, "dev", beam, cache_root=cache_root, meteor=False, length_alpha=alpha
-            )
-            rows.append(
-                {
-                    "beam": beam,
-                    "length_alpha": alpha,
-                    **{k: round(ev.metrics[k], 2) for k in ("bleu1", "bleu4", "cider")},
-                }
-            )
-    best = max(rows, key=lambda r: (r["bleu4"], -r["beam"]))
+            for ngram in ngrams:
+                ev = evaluate(
+                    cap, ds, "dev", beam, cache_root=cache_root, meteor=False,
+                    length_alpha=alpha, no_repeat_ngram=ngram,
+                )  # fmt: skip
+                rows.append(
+                    {
+                        "beam": beam,
+                        "length_alpha": alpha,
+                        "no_repeat_ngram": ngram,
+                        **{k: round(ev.metrics[k], 2) for k in keys},
+                    }
+                )
+    best = max(rows, key=lambda r: (r[metric], -r["beam"], -r["no_repeat_ngram"]))
     return best, rows

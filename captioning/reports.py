@@ -207,6 +207,45 @@ def results_markdown(bundles: list[BundleInfo], split: str = "test") -> str:
     return "\n".join(lines)
 
 
+def bundle_megabytes(path: Path) -> float:
+    """Size on disk of a bundle's files (weights, config, records, predictions), in MB."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
+
+
+def default_latency(bundle: BundleInfo) -> tuple[float, str] | None:
+    """(decode p50 ms at the default beam, runtime) from ``bench.json``, when it has that beam."""
+    bench = read_bench(bundle.path)
+    beam = str(default_decoding(bundle).beam_size)
+    try:
+        return float(bench["beams"][beam]["decode_ms"]["p50"]), str(bench.get("runtime", "torch"))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+COMPARE_KEYS = ("bleu1", "bleu4", "cider", "distinct", "repeat_trigram")
+
+
+def comparison_markdown(bundles: list[BundleInfo], split: str = "test") -> str:
+    """One row per bundle at its default decoding: the headline metrics, latency and size."""
+    head = ["model", "encoder", "decoder", "decoding", *(METRIC_LABELS[k] for k in COMPARE_KEYS),
+            "decode p50 (ms)", "size (MB)"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for b in bundles:
+        r = default_result(b, split)
+        cells = (
+            _cells(r.metrics, list(COMPARE_KEYS))
+            if r
+            else " | ".join(MISSING for _ in COMPARE_KEYS)
+        )
+        lat = default_latency(b)
+        lat_cell = f"{lat[0]:.1f} ({lat[1]})" if lat else MISSING
+        lines.append(
+            f"| {b.name} | {b.encoder} | {b.decoder} | {decoding_label(default_decoding(b))} "
+            f"| {cells} | {lat_cell} | {bundle_megabytes(b.path):.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def _data_line(config: dict) -> str:
     data = config.get("data")
     if not data:

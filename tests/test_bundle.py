@@ -168,11 +168,18 @@ def test_tune_decoding_picks_on_dev_and_applies(world_env, tmp_path):
     shutil.copytree(world_env.models / "resnet50-inject", bundle)
     cap = Captioner.load(bundle, precision="fp32")
     ds = load_flickr8k(world_env.data)
-    best, rows = tune_decoding(cap, ds, beams=(1, 2), alphas=(0.0, 1.0))
+    best, rows = tune_decoding(cap, ds, beams=(1, 2), alphas=(0.0, 1.0), metric="bleu4")
     assert [(r["beam"], r["length_alpha"]) for r in rows] == [(1, 0.0), (2, 0.0), (2, 1.0)]
     assert best["bleu4"] == max(r["bleu4"] for r in rows)
-    set_decode_defaults(bundle, beam_size=2, length_alpha=1.0)
-    assert Captioner.load(bundle, precision="fp32").defaults.beam_size == 2
+    best, rows = tune_decoding(cap, ds, beams=(2,), alphas=(0.0,), ngrams=(0, 3))
+    assert [r["no_repeat_ngram"] for r in rows] == [0, 3]
+    assert rows[1]["repeat_trigram"] == 0.0  # blocking trigrams leaves none repeated
+    assert best["cider"] == max(r["cider"] for r in rows)  # CIDEr-D is the default metric
+    with pytest.raises(ValueError, match="unknown metric"):
+        tune_decoding(cap, ds, beams=(1,), metric="bleu")
+    set_decode_defaults(bundle, beam_size=2, length_alpha=1.0, no_repeat_ngram=3)
+    loaded = Captioner.load(bundle, precision="fp32").defaults
+    assert (loaded.beam_size, loaded.no_repeat_ngram) == (2, 3)
     write_card(bundle)
     assert "Default decoding: beam 2 α 1" in (bundle / "card.md").read_text()
     with pytest.raises(TypeError):

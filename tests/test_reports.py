@@ -27,6 +27,7 @@ from captioning.decoding import DecodeConfig
 from captioning.evaluate import PREDICTION_FIELDS, write_predictions
 from captioning.precision import resolve_precision
 from captioning.reports import (
+    comparison_markdown,
     default_result,
     prediction_sets,
     read_bench,
@@ -212,6 +213,23 @@ def test_results_markdown_and_card_show_every_setting(tmp_path):
     card = (b / "card.md").read_text()
     assert "| test | 2 | beam 3 α 0 (default) | fp32 | torch |" in card
     assert "beam 3 α 1 no_repeat_ngram=2 | fp32" in card
+
+
+def test_comparison_markdown_has_one_row_per_bundle_at_its_default(tmp_path):
+    a = make_bundle(tmp_path, "a", beam=5)
+    b = make_bundle(tmp_path, "b", decoder="merge")
+    scores = {**SCORES, "distinct": 87.5, "repeat_trigram": 0.25}
+    record(a, setting(beam=3), scores={**scores, "bleu4": 11.0})  # not a's default
+    record(a, setting(beam=5), scores=scores)
+    (a / "bench.json").write_text(
+        json.dumps({"runtime": "openvino", "beams": {"5": {"decode_ms": {"p50": 7.25}}}})
+    )
+    md = comparison_markdown([info(a), info(b)], "test").splitlines()
+    assert len(md) == 4 and md[0].startswith("| model | encoder | decoder | decoding | BLEU-1")
+    size = sum(f.stat().st_size for f in a.rglob("*") if f.is_file()) / 1e6
+    assert md[2] == (f"| a | resnet50 | inject | beam 5 α 0 | 60.0 | 20.0 | 50.0 | 87.5 | 0.2 "
+                     f"| 7.2 (openvino) | {size:.1f} |")  # fmt: skip
+    assert md[3].startswith("| b | resnet50 | merge | beam 3 α 0 | — | — | — | — | — | — |")
 
 
 def test_unreadable_outputs_read_as_absent(tmp_path):
