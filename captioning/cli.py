@@ -468,7 +468,7 @@ def cmd_tune_decoding(args: argparse.Namespace) -> int:
     from captioning.evaluate import tune_decoding
     from captioning.reports import write_card
 
-    cap = Captioner.load(args.model, args.precision)
+    cap = Captioner.load(args.model, args.precision, runtime=args.runtime)
     ds = load_dataset(args.data)
     best, rows = tune_decoding(
         cap, ds, beams=args.beams, alphas=args.alphas, cache_root=_cache(args),
@@ -892,6 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="dev metric to maximise (default: cider, as training selects checkpoints)",
     )  # fmt: skip
     _add_precision(p)
+    _add_runtime(p)
 
     p = add(
         "caption",

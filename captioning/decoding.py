@@ -84,7 +84,7 @@ def _length_score(logprob: float, n_tokens: int, alpha: float) -> float:
     return logprob / max(n_tokens, 1) ** alpha if alpha else logprob
 
 
-class _NextWordRules:
+class NextWordRules:
     """Which next words are allowed at step t; builds its [V] masks once per search."""
 
     def __init__(self, cfg: DecodeConfig, vocab_size: int) -> None:
@@ -145,10 +145,10 @@ def greedy_decode(
     logprob = torch.zeros(n)  # [N]
     seq = torch.zeros(n, cfg.max_len + 1, dtype=torch.long)  # [N, T] word of each step
     att: torch.Tensor | None = None  # [N, T, L]
-    rules: _NextWordRules | None = None
+    rules: NextWordRules | None = None
     for t in range(cfg.max_len + 1):
         logp, state, alpha = decoder.step(ctx, state, word)  # [M, V]
-        rules = rules or _NextWordRules(cfg, logp.shape[-1])
+        rules = rules or NextWordRules(cfg, logp.shape[-1])
         hist = seq.index_select(0, act) if cfg.no_repeat_ngram and act.numel() < n else seq
         best_lp, word = rules.apply(logp, t, hist).max(-1)  # [M] each
         word = word.masked_fill(done, PAD_ID)
@@ -229,11 +229,11 @@ def beam_search(
     words = torch.zeros(cfg.max_len, n * k, dtype=torch.long)
     backs = torch.zeros(cfg.max_len, n * k, dtype=torch.long)
     att: torch.Tensor | None = None  # [T, N*k, L], by the row that attended
-    rules: _NextWordRules | None = None
+    rules: NextWordRules | None = None
     first_row = (torch.arange(n) * k)[:, None]  # [M, 1] local rows
     for t in range(cfg.max_len + 1):
         logp, state, alpha = decoder.step(ctx, state, word)  # [M*k, V]
-        rules = rules or _NextWordRules(cfg, logp.shape[-1])
+        rules = rules or NextWordRules(cfg, logp.shape[-1])
         vocab, m = logp.shape[-1], act.numel()
         full = m == n  # nobody left yet: local rows are the global rows
         if first_row.shape[0] != m:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from captioning.data import load_dataset
 from captioning.decoders import Decoder
-from captioning.decoding import DecodeConfig, _NextWordRules
+from captioning.decoding import DecodeConfig, NextWordRules
 from captioning.fileio import atomic_write_json, read_json
 from captioning.metrics import CiderD
 from captioning.precision import resolve_precision
@@ -40,6 +40,7 @@ from captioning.train import (
     check_out,
     clear_out,
     epoch_order,
+    epoch_timing,
     evaluate_dev,
     git_commit,
     image_feats,
@@ -132,7 +133,7 @@ def sample_captions(
     ``<pad>``), the log-probability of each chosen token [R, T] (differentiable when grad is on)
     and mask [R, T]: True for the words and the ``<end>`` of each caption, False after it.
     """
-    rules = _NextWordRules(
+    rules = NextWordRules(
         DecodeConfig(beam_size=1, max_len=max_len, min_len=min_len, block_unk=block_unk),
         model.cfg.vocab_size,
     )
@@ -409,10 +410,7 @@ def main_scst(
             ),
             "scst_loss": round(stats["scst_loss"], 4),
             **{k: round(v, 4) for k, v in dev.items()},
-            "lr": sched.get_last_lr()[0],
-            "epoch_seconds": round(stats["seconds"], 1),
-            "eval_seconds": round(time.perf_counter() - t_eval, 1),
-            "samples_per_s": round(stats["samples"] / stats["seconds"], 1),
+            **epoch_timing(stats, sched, t_eval),
         }
         meta["history"].append(record)
         tqdm.write(json.dumps(record))

@@ -349,6 +349,16 @@ def shard_loss(logits, tokens, alphas, alpha_c: float, tok_share: float, cap_sha
     return ce_only * tok_share + (loss - ce_only) * cap_share, ce
 
 
+def epoch_timing(stats: dict, sched, eval_started: float) -> dict:
+    """The history fields every stage records per epoch: lr, train and dev seconds, samples/s."""
+    return {
+        "lr": sched.get_last_lr()[0],
+        "epoch_seconds": round(stats["seconds"], 1),
+        "eval_seconds": round(time.perf_counter() - eval_started, 1),
+        "samples_per_s": round(stats["samples"] / stats["seconds"], 1),
+    }
+
+
 def train_one_epoch(
     model, opt, sched, data, cfg, epoch, start_step, acc, on_step, net=None, dist_: Dist = ONE
 ) -> dict:
@@ -570,10 +580,7 @@ def _main(cfg, data_dir, out: Path, cache, resume: bool, force: bool, dist_: Dis
             "epoch": epoch,
             "train_loss": round(stats["train_loss"], 4),
             **{k: round(v, 4) for k, v in dev.items()},
-            "lr": sched.get_last_lr()[0],
-            "epoch_seconds": round(stats["seconds"], 1),
-            "eval_seconds": round(time.perf_counter() - t_eval, 1),
-            "samples_per_s": round(stats["samples"] / stats["seconds"], 1),
+            **epoch_timing(stats, sched, t_eval),
         }
         meta["history"].append(record)
         if main_rank:

@@ -15,13 +15,7 @@ from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 A, B, C, D, E = 4, 5, 6, 7, 8  # word ids after the four specials
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread
 
 
 class TableDecoder:

@@ -13,7 +13,7 @@ from pycocoevalcap.cider.cider import Cider
 from safetensors.torch import load_file
 
 from captioning.decoders import DecoderConfig, build_decoder, caption_loss
-from captioning.decoding import DecodeConfig, _NextWordRules, greedy_decode
+from captioning.decoding import DecodeConfig, NextWordRules, greedy_decode
 from captioning.metrics import CiderD, normalize
 from captioning.scst import (
     CiderReward,
@@ -27,14 +27,7 @@ from captioning.scst import (
 from captioning.vocab import END_ID, PAD_ID, START_ID, Vocabulary, pad_batch
 from tests.synthetic import TEMPLATES, TinyEncoder, make_task
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread
 
 
 def references(caption: str) -> list[str]:
@@ -184,7 +177,7 @@ def test_sampling_masks_after_end_and_matches_teacher_forcing(task):
     full = torch.cat([torch.full((len(tokens), 1), START_ID), tokens], 1)  # [R, T+1]
     with torch.no_grad():
         logits, _ = model(ctx, full)  # [R, T, V]
-    rules = _NextWordRules(DecodeConfig(beam_size=1, max_len=max_len), logits.shape[-1])
+    rules = NextWordRules(DecodeConfig(beam_size=1, max_len=max_len), logits.shape[-1])
     steps = [
         torch.log_softmax(rules.apply(torch.log_softmax(logits[:, t], -1), t, None), -1)
         for t in range(tokens.shape[1])
