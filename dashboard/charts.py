@@ -74,6 +74,15 @@ def metrics_bars(long: pd.DataFrame, colors: dict[str, str], *, title: str) -> g
     return fig
 
 
+STAGE_SYMBOLS = {"xe": "circle", "scst": "diamond"}
+
+
+def _stage_symbols(g: pd.DataFrame) -> list[str]:
+    """One marker per epoch: circles for cross-entropy epochs, diamonds for SCST epochs."""
+    stages = g["stage"] if "stage" in g else pd.Series("xe", index=g.index)
+    return [STAGE_SYMBOLS.get(str(s), "circle") for s in stages]
+
+
 def history_chart(
     history: pd.DataFrame,
     columns: dict[str, str],
@@ -86,7 +95,8 @@ def history_chart(
     """Lines vs epoch, one colour per model; ``columns`` maps history column -> hover label.
 
     With several columns (train and dev loss) the line style tells them apart: solid for
-    train, dashed for dev; the legend has one entry per model (toggling both lines).
+    train, dashed for dev; the legend has one entry per model (toggling both lines). Markers
+    tell the stage: circles for cross-entropy epochs, diamonds for SCST epochs.
     """
     fig = go.Figure()
     for model, g in history.groupby("model", sort=False):
@@ -105,7 +115,7 @@ def history_chart(
                 mode="lines+markers",
                 line={"color": colors.get(str(model)), "dash": "dash" if dev else "solid",
                       "width": 2},
-                marker={"size": 6},
+                marker={"size": 7, "symbol": _stage_symbols(g)},
                 hovertemplate=f"{columns[col]}: %{{y:.4g}}<extra>{model}</extra>",
             )  # fmt: skip
             first = False

@@ -21,8 +21,11 @@ BLEU_COLUMNS = BLEU_KEYS
 PREDICTION_COLUMNS = ("model", "encoder", "decoder", "split", "beam", "default", "image",
                       "caption", "logprob", *BLEU_COLUMNS)  # fmt: skip
 CHART_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "meteor")
-HISTORY_COLUMNS = ("epoch", "train_loss", "dev_loss", "dev_bleu1", "dev_bleu2", "dev_bleu3",
-                   "dev_bleu4", "dev_cider", "lr", "epoch_seconds", "samples_per_s")  # fmt: skip
+HISTORY_COLUMNS = ("epoch", "stage", "train_loss", "dev_loss", "dev_bleu1", "dev_bleu2",
+                   "dev_bleu3", "dev_bleu4", "dev_cider", "reward", "lr", "epoch_seconds",
+                   "samples_per_s")  # fmt: skip
+"""``stage`` is "xe" (cross-entropy) or "scst"; ``reward`` (SCST only) is the mean CIDEr-D (×100)
+of the sampled train captions."""
 SORTS = {
     "score, high to low": ("score", False),
     "score, low to high": ("score", True),
@@ -209,6 +212,8 @@ def read_history(bundles: Sequence[BundleInfo]) -> pd.DataFrame:
     for c in cols:
         if c not in out:
             out[c] = float("nan")
+    out["stage"] = out["stage"].where(out["stage"].notna(), "xe")  # before SCST: no stage field
+    out["reward"] = out["reward"] * 100  # history.json keeps the raw CIDEr-D; ×100 like dev
     return out[cols]
 
 
@@ -224,9 +229,11 @@ def training_summary(history: pd.DataFrame, bundles: Sequence[BundleInfo]) -> pd
             row = g.loc[g["dev_bleu4"].idxmax()]
         else:
             row = g.iloc[-1]
+        stages = g["stage"].value_counts(sort=False)
         rows.append({
             "model": model,
             "epochs": int(g["epoch"].max()),
+            "stages": " + ".join(f"{n} {st}" for st, n in stages.items()),
             "best epoch": int(row["epoch"]),
             "dev BLEU-4": row["dev_bleu4"],
             "dev CIDEr-D": row["dev_cider"],

@@ -493,3 +493,21 @@ def test_attention_fit_never_copies_at_full_size():
     assert small.size == (300, 200) and small.mode == "RGB"
     tiny = Image.new("RGB", (50, 40))
     assert attention.fit(tiny, 300).size == (50, 40) and attention.fit(tiny, 300) is not tiny
+
+
+def test_history_of_an_scst_bundle_shows_both_stages(tiny_world, tmp_path):
+    """XE epochs (no stage field, as before SCST) then SCST epochs with a raw reward."""
+    src = next(b for b in list_bundles(tiny_world.models) if b.decoder == "attention")
+    bundle = tmp_path / "m-scst"
+    shutil.copytree(src.path, bundle)
+    xe = [{"epoch": e, "train_loss": 3.0 - e / 10, "dev_cider": 40.0 + e} for e in (1, 2)]
+    scst = [{"stage": "scst", "epoch": 3, "stage_epoch": 1, "reward": 0.61, "dev_cider": 47.5}]
+    (bundle / "history.json").write_text(json.dumps(xe + scst))
+    (info,) = list_bundles(tmp_path)
+    hist = tables.read_history([info])
+    assert list(hist["stage"]) == ["xe", "xe", "scst"]
+    assert hist["reward"].iloc[2] == pytest.approx(61.0) and hist["reward"].iloc[:2].isna().all()
+    fig = charts.history_chart(hist, {"dev_cider": "dev CIDEr-D"}, {}, title="t", ytitle="y")
+    assert list(fig.data[0].marker.symbol) == ["circle", "circle", "diamond"]
+    summary = tables.training_summary(hist, [info])
+    assert summary["stages"].iloc[0] == "2 xe + 1 scst"

@@ -9,7 +9,10 @@ from dashboard import charts, components, state, tables
 st.title("Training curves", anchor=False)
 st.markdown(
     "Each bundle's `history.json`: one point per epoch. Dev scores are corpus scores on the dev "
-    "split, decoded during training; the checkpoint kept is the one with the best dev BLEU-4."
+    "split, decoded during training; the checkpoint kept is the one with the best dev CIDEr-D. "
+    "A self-critical (SCST) bundle continues the cross-entropy epochs (●) of the bundle it "
+    "started from with its SCST epochs (◆), whose reward is the mean CIDEr-D of the captions "
+    "it sampled for the train images."
 )
 
 bundles = components.require_bundles()
@@ -37,8 +40,11 @@ specs = [
     ({"dev_cider": "dev CIDEr-D"}, f"Dev CIDEr-D ({decoding})", "CIDEr-D (×100)", False),
     ({"lr": "lr"}, "Learning rate (end of epoch)", "learning rate", True),
 ]  # fmt: skip
-for row in (specs[:2], specs[2:]):
-    for col, (columns, title, ytitle, exponent) in zip(st.columns(2), row, strict=True):
+if shown["reward"].notna().any():  # an SCST stage: its reward curve
+    specs.append(({"reward": "SCST reward"}, "SCST reward (train samples' CIDEr-D)",
+                  "CIDEr-D (×100)", False))  # fmt: skip
+for row in (specs[i : i + 2] for i in range(0, len(specs), 2)):
+    for col, (columns, title, ytitle, exponent) in zip(st.columns(2), row, strict=False):
         fig = charts.history_chart(
             shown, columns, colors, title=title, ytitle=ytitle, exponent=exponent
         )
