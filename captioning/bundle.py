@@ -274,8 +274,11 @@ def export_bundle(
     dataset=None,
     encoder_sha256: str | None = None,
     encoder_block: dict | None = None,
+    select_metric: str = "dev_cider",
 ) -> None:
     """Write a self-contained bundle (weights fp16) next to the training state.
+
+    ``select_metric``: the history field that chose ``best_epoch`` (the card names it).
 
     ``encoder_block``: the ``config.json`` entry of a fine-tuned block already written into
     ``out`` (``captioning.finetune.export_block``); None for a frozen encoder.
@@ -307,6 +310,7 @@ def export_bundle(
         "decoder_config": dcfg.to_dict(),
         "train_config": train_config,
         "best_epoch": best_epoch,
+        "select_metric": select_metric,
         "decode_defaults": asdict(DecodeConfig()),
         "git_commit": commit,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

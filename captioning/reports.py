@@ -254,10 +254,12 @@ def _data_line(config: dict) -> str:
     counts = ", ".join(f"{sizes[s]} {s}" for s in ("train", "dev", "test") if s in sizes)
     beam = config.get("train_config", {}).get("dev_beam", 1)
     how = "greedy" if beam == 1 else f"beam {beam}"
+    metric = config.get("select_metric", "dev_bleu4")  # bundles before it was recorded: BLEU-4
+    chosen = "dev " + METRIC_LABELS.get(metric.removeprefix("dev_"), metric)
     return (
         f"- Data: {data.get('name', 'Flickr8k')}, {data['layout']} layout ({data['split']}); "
         f"{counts} images. "
-        f"Trained on the train images (all captions), checkpoint chosen on dev BLEU-4 ({how})."
+        f"Trained on the train images (all captions), checkpoint chosen on {chosen} ({how})."
     )
 
 

@@ -34,6 +34,7 @@ from captioning.fileio import atomic_write_json, read_json
 from captioning.metrics import CiderD
 from captioning.precision import resolve_precision
 from captioning.train import (
+    SELECT_METRIC,
     STATE_DIR,
     TrainConfig,
     TrainData,
@@ -438,6 +439,7 @@ def main_scst(
         commit=git_commit(),
         dataset=ds,
         encoder_sha256=data.encoder_sha256,
+        select_metric=SELECT_METRIC,
     )
     write_card(out)
     return {"stopped": False, **meta}

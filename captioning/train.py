@@ -612,6 +612,7 @@ def _main(cfg, data_dir, out: Path, cache, resume: bool, force: bool, dist_: Dis
             commit=git_commit(),
             dataset=ds,
             encoder_sha256=data.encoder_sha256,
+            select_metric=SELECT_METRIC,
             encoder_block=block,
         )
         write_card(out)
