@@ -29,7 +29,13 @@ def captioner(request):
 
 
 def test_expected_bundles_are_shipped():
-    for name in ("resnet50-inject", "resnet50-attention", "vgg16-inject", "vgg16-attention"):
+    for name in (
+        "resnet50-inject",
+        "resnet50-merge",
+        "resnet50-attention",
+        "vgg16-inject",
+        "vgg16-attention",
+    ):
         assert name in SHIPPED
 
 
