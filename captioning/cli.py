@@ -889,7 +889,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--metric", choices=TUNE_METRIC_CHOICES, default="cider",
-        help="dev metric to maximise (default: cider, as training selects checkpoints)",
+        metavar="METRIC",  # a metavar keeps argparse from importing the choices (and torch)
+        help="dev metric to maximise: cider or bleu4 (default: cider, as training selects "
+        "checkpoints)",
     )  # fmt: skip
     _add_precision(p)
     _add_runtime(p)
