@@ -274,7 +274,7 @@ def export_bundle(
     dataset=None,
     encoder_sha256: str | None = None,
     encoder_block: dict | None = None,
-    select_metric: str = "dev_cider",
+    select_metric: str,
 ) -> None:
     """Write a self-contained bundle (weights fp16) next to the training state.
 

@@ -61,6 +61,7 @@ DECODER_CHOICES = LazyChoices("captioning.decoders", "DECODER_KINDS")
 RUNTIME_CHOICES = LazyChoices("captioning.runtime", "RUNTIMES")
 FINETUNE_CHOICES = LazyChoices("captioning.finetune", "FINETUNE_BLOCKS")
 TUNE_METRIC_CHOICES = LazyChoices("captioning.evaluate", "TUNE_METRICS")
+BASELINE_CHOICES = LazyChoices("captioning.scst", "BASELINES")
 
 
 def _int(text: str, what: str) -> int:
@@ -466,6 +467,7 @@ def cmd_tune_decoding(args: argparse.Namespace) -> int:
     from captioning.captioner import Captioner
     from captioning.data import load_dataset
     from captioning.evaluate import tune_decoding
+    from captioning.metrics import HEADLINE_KEYS, METRIC_LABELS
     from captioning.reports import write_card
 
     cap = Captioner.load(args.model, args.precision, runtime=args.runtime)
@@ -474,16 +476,14 @@ def cmd_tune_decoding(args: argparse.Namespace) -> int:
         cap, ds, beams=args.beams, alphas=args.alphas, cache_root=_cache(args),
         ngrams=args.no_repeat_ngrams, metric=args.metric,
     )  # fmt: skip
-    head = ("BLEU-1", "BLEU-4", "CIDEr-D", "distinct%", "rep3%")
-    print(
-        f"{'beam':>4s} {'alpha':>5s} {'ngram':>5s} " + " ".join(f"{h:>9s}" for h in head) + " (dev)"
-    )
+    head = " ".join(f"{METRIC_LABELS[k]:>14s}" for k in HEADLINE_KEYS)
+    print(f"{'beam':>4s} {'alpha':>5s} {'ngram':>5s} {head} (dev)")
     for r in rows:
         mark = f"  <- best {args.metric}" if r is best else ""
-        vals = (r[k] for k in ("bleu1", "bleu4", "cider", "distinct", "repeat_trigram"))
+        vals = (r[k] for k in HEADLINE_KEYS)
         print(
             f"{r['beam']:4d} {r['length_alpha']:5.1f} {r['no_repeat_ngram']:5d} "
-            + " ".join(f"{v:9.2f}" for v in vals)
+            + " ".join(f"{v:14.2f}" for v in vals)
             + mark
         )
     if args.apply:
@@ -789,7 +789,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="with --objective scst: the cross-entropy bundle to start from")
     p.add_argument("--samples", type=positive_int, help="scst: sampled captions per image (5)")
     p.add_argument(
-        "--baseline", choices=("mean", "greedy"), help="scst: reward baseline (default: mean)"
+        "--baseline",
+        choices=BASELINE_CHOICES,
+        metavar="BASELINE",  # no torch at parse time
+        help="scst: reward baseline, mean or greedy (default: mean)",
     )
     p.add_argument("--epochs", type=positive_int, help="(default: 12)")
     p.add_argument("--lr", type=nonneg_float, help="peak learning rate (default: 5e-4)")

@@ -19,7 +19,7 @@ from captioning.captioner import Captioner
 from captioning.data import Flickr8k
 from captioning.features import FeatureCache, extract
 from captioning.fileio import atomic_write_text
-from captioning.metrics import BLEU_KEYS, evaluate_captions, sentence_bleu_smoothed
+from captioning.metrics import BLEU_KEYS, HEADLINE_KEYS, evaluate_captions, sentence_bleu_smoothed
 
 PREDICTION_FIELDS = ("image", "caption", "logprob", *BLEU_KEYS)
 
@@ -154,7 +154,6 @@ def tune_decoding(
     """
     if metric not in TUNE_METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(TUNE_METRICS)}")
-    keys = ("bleu1", "bleu4", "cider", "distinct", "repeat_trigram")
     rows = []
     for beam in beams:
         for alpha in alphas if beam > 1 else (0.0,):
@@ -168,7 +167,7 @@ def tune_decoding(
                         "beam": beam,
                         "length_alpha": alpha,
                         "no_repeat_ngram": ngram,
-                        **{k: round(ev.metrics[k], 2) for k in keys},
+                        **{k: round(ev.metrics[k], 2) for k in HEADLINE_KEYS},
                     }
                 )
     best = max(rows, key=lambda r: (r[metric], -r["beam"], -r["no_repeat_ngram"]))

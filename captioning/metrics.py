@@ -78,6 +78,8 @@ METRIC_LABELS = {
 }
 """Every corpus metric :func:`evaluate_captions` reports (0-100), with its display label."""
 METRIC_KEYS = tuple(METRIC_LABELS)
+HEADLINE_KEYS = ("bleu1", "bleu4", "cider", "distinct", "repeat_trigram")
+"""The short list a model comparison shows (``tune-decoding``, ``models --compare``)."""
 TABLE_COLUMNS = tuple((label, key) for key, label in METRIC_LABELS.items())
 CIDER_N = 4  # CIDEr-D sums 1..4-grams
 CIDER_SIGMA = 6.0  # standard deviation of CIDEr-D's Gaussian length penalty

@@ -24,7 +24,7 @@ from captioning.bundle import (
 )
 from captioning.decoding import DecodeConfig
 from captioning.fileio import atomic_write_text, read_json
-from captioning.metrics import BLEU_KEYS, METRIC_LABELS, MISSING
+from captioning.metrics import BLEU_KEYS, HEADLINE_KEYS, METRIC_LABELS, MISSING
 
 PREDICTION_FLOATS = ("logprob", *BLEU_KEYS)
 
@@ -222,20 +222,17 @@ def default_latency(bundle: BundleInfo) -> tuple[float, str] | None:
         return None
 
 
-COMPARE_KEYS = ("bleu1", "bleu4", "cider", "distinct", "repeat_trigram")
-
-
 def comparison_markdown(bundles: list[BundleInfo], split: str = "test") -> str:
     """One row per bundle at its default decoding: the headline metrics, latency and size."""
-    head = ["model", "encoder", "decoder", "decoding", *(METRIC_LABELS[k] for k in COMPARE_KEYS),
+    head = ["model", "encoder", "decoder", "decoding", *(METRIC_LABELS[k] for k in HEADLINE_KEYS),
             "decode p50 (ms)", "size (MB)"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for b in bundles:
         r = default_result(b, split)
         cells = (
-            _cells(r.metrics, list(COMPARE_KEYS))
+            _cells(r.metrics, list(HEADLINE_KEYS))
             if r
-            else " | ".join(MISSING for _ in COMPARE_KEYS)
+            else " | ".join(MISSING for _ in HEADLINE_KEYS)
         )
         lat = default_latency(b)
         lat_cell = f"{lat[0]:.1f} ({lat[1]})" if lat else MISSING

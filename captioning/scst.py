@@ -322,9 +322,8 @@ def main_scst(
         xe_train_config=xe_config,
     )
     known = {f.name for f in fields(TrainConfig)}
-    same = {"encoder": cfg.encoder, "decoder": cfg.decoder, "precision": cfg.precision}
-    if "device" in known:
-        same["device"] = cfg.device
+    same = {"encoder": cfg.encoder, "decoder": cfg.decoder, "precision": cfg.precision,
+            "device": cfg.device}  # fmt: skip
     tcfg = TrainConfig(**{**{k: v for k, v in cfg.xe_train_config.items() if k in known}, **same})
     ds = load_dataset(data_dir)
     data = prepare_data(ds, tcfg, cache)

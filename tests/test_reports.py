@@ -70,7 +70,8 @@ def make_bundle(root: Path, name: str, *, encoder="resnet50", decoder="inject",
     cfg = TrainConfig(encoder=encoder, decoder=decoder, precision=precision)
     out = root / name
     export_bundle(out, build_decoder(dcfg), vocab, cfg=cfg, dcfg=dcfg, history=[{"epoch": 1}],
-                  best_epoch=1, commit=None, dataset=ds, encoder_sha256="0" * 64)  # fmt: skip
+                  best_epoch=1, commit=None, dataset=ds, encoder_sha256="0" * 64,
+                  select_metric="dev_cider")  # fmt: skip
     if beam != 3:
         set_decode_defaults(out, beam_size=beam)
     write_card(out)
