@@ -30,7 +30,8 @@ STRUCTURAL_KEYS = {
     "feat_dim": "--encoder",
 }
 TRAIN_FLAGS = ("epochs", "lr", "batch_images", "patience", "seed", "max_minutes",
-               "train_precision", "precision", "finetune", "finetune_lr", "device")  # fmt: skip
+               "train_precision", "precision", "finetune", "finetune_lr", "device",
+               "dev_beam")  # fmt: skip
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -406,7 +407,7 @@ def _train_scst(args: argparse.Namespace) -> int:
         raise ValueError("--set and --finetune apply to cross-entropy training, not to scst")
     cfg = ScstConfig(init=args.init)
     for key in ("epochs", "lr", "batch_images", "patience", "seed", "max_minutes",
-                "train_precision", "samples", "baseline"):  # fmt: skip
+                "train_precision", "samples", "baseline", "dev_beam"):  # fmt: skip
         if getattr(args, key, None) is not None:
             setattr(cfg, key, getattr(args, key))
     result = main_scst(cfg, args.data, Path(args.out), _cache(args), args.resume, force=args.force)
@@ -800,6 +801,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=positive_int, help="early-stopping epochs (default: 3)")
     p.add_argument("--seed", type=nonneg_int, help="(default: 0)")
     p.add_argument("--max-minutes", type=nonneg_float, help="stop resumably after M minutes")
+    p.add_argument(
+        "--dev-beam",
+        type=beam_arg,
+        metavar="K",
+        help="dev decoding that picks the best epoch: 1 = greedy (default), K > 1 = beam K "
+        "(with --objective scst, also the --init bundle's alpha and no_repeat_ngram)",
+    )
     state = p.add_mutually_exclusive_group()
     state.add_argument("--resume", action="store_true", help="continue the run in --out")
     state.add_argument(

@@ -382,6 +382,8 @@ def diversity_stats(hyps: Mapping[Hashable, Caption] | Sequence[Caption]) -> dic
 
 # -- CIDEr-D as a reward --------------------------------------------------------------------------
 
+_END_WORD = "\x00end"  # CiderD(end_word=True)'s end-of-caption word: no tokenized text holds it
+
 
 def _counts(row: np.ndarray, key: np.ndarray, order: np.ndarray):
     """Distinct (row, key) pairs of parallel arrays, sorted, with their order and count."""
@@ -413,6 +415,11 @@ class CiderD:
     N-grams are exact integers (word indices in base ``len(words) + 1 + spare_words``, no
     hashing). Candidate words that no reference uses (and ``<unk>``) get fresh indices, so they
     never match but still count in the candidate's norm, as in pycocoevalcap.
+
+    ``end_word=True`` appends an end-of-caption word to every reference and candidate (as SCST
+    implementations do), so n-grams that end a caption count: a caption cut off mid-phrase
+    ("... standing on a red") no longer scores like a finished one. The scores then equal
+    pycocoevalcap's on captions with one extra last word.
     """
 
     def __init__(
@@ -422,15 +429,19 @@ class CiderD:
         n: int = CIDER_N,
         sigma: float = CIDER_SIGMA,
         spare_words: int = 4096,
+        end_word: bool = False,
     ) -> None:
         if len(refs) == 0:
             raise ValueError("CiderD needs the references of at least one image")
-        self.n, self.sigma = n, sigma
+        self.n, self.sigma, self.end_word = n, sigma, end_word
         self.image_ids = tuple(refs)
         self._row = {k: i for i, k in enumerate(self.image_ids)}
         per_image = [_normalize_refs(refs[k], k) for k in self.image_ids]
+        if end_word:  # the last word of every reference
+            per_image = [tuple((*c, _END_WORD) for c in caps) for caps in per_image]
         words = sorted({w for caps in per_image for c in caps for w in c})
         self._word = {w: i + 1 for i, w in enumerate(words)}  # 0 = padding
+        self._end = self._word.get(_END_WORD, 0)  # index of the end word (0 = none)
         self._spare = (len(words) + 1, len(words) + 1 + spare_words)  # [first, end) for unknowns
         self._base = self._spare[1]
         if self._base**n >= 2**63:
@@ -550,6 +561,9 @@ class CiderD:
         """CIDEr-D of word-index captions tok [C, T] (cut at the first 0) against image rows [C]."""
         tok = np.asarray(tok, dtype=np.int64)
         tok = tok * np.cumprod(tok != 0, axis=1)  # nothing after the first 0
+        if self._end:  # the end word after each caption's last word
+            tok = np.concatenate([tok, np.zeros((len(tok), 1), np.int64)], 1)  # [C, T + 1]
+            tok[np.arange(len(tok)), (tok != 0).sum(1)] = self._end
         n_cand, n = len(tok), self.n
         length = np.maximum((tok != 0).sum(1) - 1, 0).astype(np.float64)  # [C] bigram counts
         row, key, order, tf = _counts(*self._ngrams(tok))

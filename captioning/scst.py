@@ -71,7 +71,8 @@ class ScstConfig:
     seed: int = 0
     precision: str = ""  # encoder precision of the feature cache; "" = the bundle's
     train_precision: str = "fp32"  # fp32 | bf16 autocast for the decoder
-    dev_beam: int = 1
+    dev_beam: int = 1  # 1 = greedy; K > 1: beam K with the --init bundle's alpha and n-gram block
+    reward_end: bool = True  # CIDEr-D with an end-of-caption word (no reward for cut-off endings)
     checkpoint_minutes: float = 3.0
     max_minutes: float = 0.0  # stop (resumably) after this long; 0 = no limit
     device: str = "cpu"  # SCST runs on the CPU (export_bundle records it)
@@ -105,10 +106,14 @@ class CiderReward:
     """CIDEr-D (coco scale) of vocabulary-id captions against each image's references.
 
     Document frequencies come from ``refs`` (for SCST: every train image's references).
+    ``end_word`` scores the end of each caption as a word (see :class:`CiderD`), which keeps
+    SCST from learning captions that stop mid-phrase.
     """
 
-    def __init__(self, refs: Mapping[str, Sequence[str]], vocab: Vocabulary) -> None:
-        self.cider = CiderD(refs)
+    def __init__(
+        self, refs: Mapping[str, Sequence[str]], vocab: Vocabulary, *, end_word: bool = True
+    ) -> None:
+        self.cider = CiderD(refs, end_word=end_word)
         self.table = self.cider.word_table(vocab.itos)  # [V] vocabulary id -> CiderD word
 
     def __call__(self, tokens: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
@@ -275,6 +280,16 @@ def _bundle_precision(bundle_cfg: dict) -> str:
     return str(label or "auto").split("+")[0]
 
 
+def _dev_decoding(beam: int, bundle_cfg: dict) -> DecodeConfig:
+    """Dev decoding that picks the SCST epoch: greedy, or beam ``beam`` with the starting
+    bundle's length penalty and n-gram blocking (the decoding the exported bundle will use)."""
+    if beam == 1:
+        return DecodeConfig(beam_size=1)
+    base = bundle_cfg.get("decode_defaults", {})
+    keep = ("length_alpha", "no_repeat_ngram", "block_unk", "max_len", "min_len")
+    return DecodeConfig(beam_size=beam, **{k: base[k] for k in keep if k in base})
+
+
 def _xe_history(bundle: Path) -> list[dict]:
     """The starting bundle's history, each row marked with its stage (``xe`` if unmarked)."""
     path = bundle / "history.json"
@@ -335,7 +350,10 @@ def main_scst(
         )
     if data.encoder_sha256 and data.encoder_sha256 != bundle_cfg["encoder_sha256"]:
         raise ValueError(f"{init} was trained on features of other {cfg.encoder} weights")
-    reward = CiderReward({n: ds.captions[n] for n in data.train_images}, vocab)
+    reward = CiderReward(
+        {n: ds.captions[n] for n in data.train_images}, vocab, end_word=cfg.reward_end
+    )
+    dev_decoding = _dev_decoding(cfg.dev_beam, bundle_cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     xe_epochs = max((int(r.get("epoch", 0)) for r in xe_history), default=0)
@@ -355,7 +373,8 @@ def main_scst(
         if force:
             clear_out(out)
         t_eval = time.perf_counter()
-        start = evaluate_dev(model, data, cfg.dev_beam, precision=cfg.train_precision)  # to beat
+        # the starting model's dev scores: an SCST epoch must beat them
+        start = evaluate_dev(model, data, precision=cfg.train_precision, decoding=dev_decoding)
         meta = {
             "epoch": 1,
             "step": 0,
@@ -397,7 +416,7 @@ def main_scst(
             print(f"time budget spent; resume with --resume (SCST epoch {epoch})", file=sys.stderr)
             return {"stopped": True, **meta}
         t_eval = time.perf_counter()
-        dev = evaluate_dev(model, data, cfg.dev_beam, precision=cfg.train_precision)
+        dev = evaluate_dev(model, data, precision=cfg.train_precision, decoding=dev_decoding)
         record = {
             "stage": "scst",
             "epoch": meta["xe_epochs"] + epoch,

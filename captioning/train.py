@@ -428,12 +428,19 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def evaluate_dev(
-    model: Decoder, data: TrainData, beam: int = 1, chunk: int = 250, precision: str = "fp32"
+    model: Decoder,
+    data: TrainData,
+    beam: int = 1,
+    chunk: int = 250,
+    precision: str = "fp32",
+    decoding: DecodeConfig | None = None,
 ) -> dict:
     """Teacher-forced dev loss, and decoded (not teacher-forced) dev BLEU-1..4 and CIDEr-D.
 
-    All dev images, batched; ``precision`` "bf16" runs both passes under bf16 autocast.
+    All dev images, batched; ``precision`` "bf16" runs both passes under bf16 autocast. The
+    captions come from ``decoding`` when given, else from beam ``beam`` (1 = greedy).
     """
+    decoding = decoding or DecodeConfig(beam_size=beam)
     model.eval()
     uses_grid = model.cfg.uses_grid
     device = next(model.parameters()).device
@@ -447,7 +454,7 @@ def evaluate_dev(
             ctx = model.select(model.context(feats), owner)
             logits, alphas = model(ctx, tokens)
             _, ce = caption_loss(logits, tokens, alphas, 0.0)
-            nbests = decode(model, feats, DecodeConfig(beam_size=beam))
+            nbests = decode(model, feats, decoding)
         tot += float(ce) * len(owner)
         n += len(owner)
         for name, best in zip(names, nbests, strict=True):

@@ -640,6 +640,35 @@ def test_cider_d_uses_the_corpus_document_frequencies():
     assert np.abs(alone - subset).max() > 0.01  # the subset's own df would differ
 
 
+def test_cider_d_end_word_equals_pycocoevalcap_with_a_last_word():
+    # end_word=True is CIDEr-D on captions with one more last word, on both sides
+    def ended(caption):
+        return [*normalize(caption), "zzend"]
+
+    hyps = {k: ended(v) for k, v in FIXED_HYPS.items()}
+    refs = {k: [ended(r) for r in v] for k, v in FIXED_REFS.items()}
+    _, per = pycoco_cider(hyps, refs)
+    scorer = CiderD(FIXED_REFS, end_word=True)
+    ours = scorer.score(list(FIXED_HYPS.values()), list(FIXED_HYPS))
+    np.testing.assert_allclose(ours, per, rtol=0, atol=1e-6)
+    plain = CiderD(FIXED_REFS).score(list(FIXED_HYPS.values()), list(FIXED_HYPS))
+    assert np.abs(ours - plain).max() > 0.01  # the end word changes the scores
+
+
+def test_cider_d_end_word_penalises_a_caption_cut_off_mid_phrase():
+    refs = {
+        "a": ["a dog runs on the grass", "a brown dog runs on green grass", "a dog on the grass"],
+        "b": ["a man rides a red bike", "a man on a red bike", "a cyclist rides a bike"],
+    }
+    whole, cut = "a dog runs on the grass", "a dog runs on the"
+    for end_word in (False, True):
+        scores = CiderD(refs, end_word=end_word).score([whole, cut], ["a", "a"])
+        assert scores[0] > scores[1]
+    plain = CiderD(refs).score([whole, cut], ["a", "a"])
+    ended = CiderD(refs, end_word=True).score([whole, cut], ["a", "a"])
+    assert ended[1] / ended[0] < plain[1] / plain[0]  # the cut caption loses more
+
+
 def test_cider_d_on_vocabulary_ids():
     from captioning.vocab import END_ID, PAD_ID, START_ID, Vocabulary
 

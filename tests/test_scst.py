@@ -18,6 +18,7 @@ from captioning.metrics import CiderD, normalize
 from captioning.scst import (
     CiderReward,
     ScstConfig,
+    _dev_decoding,
     main_scst,
     mean_of_others,
     sample_captions,
@@ -136,7 +137,7 @@ def test_greedy_baseline_is_the_greedy_captions_reward(task):
     assert model.training  # restored after decoding the baseline in eval mode
     hyps = greedy_decode(model.eval(), feats[:8], DecodeConfig(beam_size=1, max_len=20))
     texts = [task["vocab"].decode(h.tokens) for h in hyps]
-    exact = CiderD(task["train_refs"]).score(texts, names[:8])
+    exact = CiderD(task["train_refs"], end_word=True).score(texts, names[:8])  # the reward's
     assert stats["greedy_reward"] == pytest.approx(float(exact.mean()), abs=1e-6)
     assert torch.isfinite(loss) and loss.requires_grad
     # and the greedy baseline also teaches the decoder to stop
@@ -193,24 +194,37 @@ def test_sampling_masks_after_end_and_matches_teacher_forcing(task):
     torch.testing.assert_close(leaf.grad, expected)
 
 
-def test_reward_is_exact_cider_d(task):
+@pytest.mark.parametrize("end_word", [False, True])
+def test_reward_is_exact_cider_d(task, end_word):
     # One sampled caption for every train image: pycocoevalcap's Cider on that set takes its
-    # document frequencies from exactly the references the reward was built on.
+    # document frequencies from exactly the references the reward was built on. With the end
+    # word (SCST's default), that is Cider on captions with one more last word on both sides.
     model = copy.deepcopy(task["model"]).train()  # with dropout: varied samples
     feats, names = task["train"]
     torch.manual_seed(1)
     with torch.no_grad():
         tokens, _, _ = sample_captions(model, model.context(feats), 20)
-    rewards = task["reward"](tokens, names)
+    reward = CiderReward(task["train_refs"], task["vocab"], end_word=end_word)
+    rewards = reward(tokens, names)
     texts = {n: task["vocab"].decode(row) for n, row in zip(names, tokens.tolist(), strict=True)}
     assert len(set(texts.values())) > 20
+    end = " zzend" if end_word else ""
     gts = {
-        n: [" ".join(normalize(r, keep_unk=False)) for r in task["train_refs"][n]] for n in names
+        n: [" ".join(normalize(r, keep_unk=False)) + end for r in task["train_refs"][n]]
+        for n in names
     }
-    res = {n: [" ".join(normalize(texts[n]))] for n in names}
+    res = {n: [" ".join(normalize(texts[n])) + end] for n in names}
     mean, per = Cider().compute_score(gts, res)
     np.testing.assert_allclose(rewards.numpy(), per, atol=1e-5)  # float32 rewards
     assert float(rewards.mean()) == pytest.approx(mean, abs=1e-5)
+
+
+def test_dev_decoding_is_greedy_or_the_bundles_beam_settings():
+    bundle_cfg = {"decode_defaults": {"beam_size": 5, "length_alpha": 0.5, "no_repeat_ngram": 3}}
+    assert _dev_decoding(1, bundle_cfg) == DecodeConfig(beam_size=1)
+    beam = _dev_decoding(3, bundle_cfg)
+    assert (beam.beam_size, beam.length_alpha, beam.no_repeat_ngram) == (3, 0.5, 3)
+    assert _dev_decoding(2, {}) == DecodeConfig(beam_size=2)  # a bundle without defaults
 
 
 # ---------------------------------------------------------------- the stage, end to end
