@@ -387,7 +387,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             setattr(cfg, key, getattr(args, key))
     _check_finetune(cfg)
     result = main(cfg, args.data, Path(args.out), _cache(args), args.resume, force=args.force)
-    if not result["stopped"]:
+    if not result["stopped"] and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
         summary = {
             "out": args.out,
             "best_epoch": result["best_epoch"],

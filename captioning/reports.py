@@ -281,8 +281,9 @@ def card_markdown(path: Path) -> str:
         f"- Encoder features: precision `{cfg.get('precision', 'unknown')}`, runtime "
         f"`{cfg.get('runtime', 'unknown')}`.",
         f"- Default decoding: {decoding_label(default_decoding(info))} (chosen on dev).",
-        "- Protocol: corpus BLEU-1..4 (nltk, all 5 references, no smoothing), CIDEr-D, METEOR "
-        "and ROUGE-L (pycocoevalcap) on lowercased, punctuation-stripped tokens; 0–100 scale.",
+        "- Protocol: corpus BLEU-1..4 (nltk, all of each image's references, no smoothing), "
+        "CIDEr-D, METEOR and ROUGE-L (pycocoevalcap) on lowercased, punctuation-stripped "
+        "tokens; 0–100 scale.",
         "",
     ]
     if rows:

@@ -152,7 +152,7 @@ def test_torchrun_runs_the_cli(world, tmp_path):
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert '"best_epoch": 1' in proc.stdout
+    assert proc.stdout.count('"best_epoch": 1') == 1  # rank 0 alone prints the summary
     meta, tensors = read_state(out)
     assert meta["world_size"] == 2 and "rng.torch.1" in tensors
     cap = Captioner.load(out, precision="fp32")

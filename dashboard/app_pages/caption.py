@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from captioning.bundle import BundleError
+from captioning.decoding import MAX_BEAM
 from captioning.images import ImageLoadError
 from dashboard import components, state, tables
 from dashboard.attention import attention_overlay, fit
@@ -35,7 +36,7 @@ with right:
         "Model", list(by_name), index=list(by_name).index(attention_first), key="caption-model"
     )
     bundle = by_name[name]
-    beam = c_beam.slider("Beam size", 1, 5, tables.default_beam(bundle), key="caption-beam")
+    beam = c_beam.slider("Beam size", 1, MAX_BEAM, tables.default_beam(bundle), key="caption-beam")
     st.caption(components.model_blurb(bundle))
 
     if picked is None:

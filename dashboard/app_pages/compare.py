@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from captioning.bundle import BundleError, BundleInfo
+from captioning.decoding import MAX_BEAM
 from captioning.images import ImageLoadError
 from captioning.metrics import sentence_bleu_smoothed
 from dashboard import charts, components, state, tables
@@ -53,7 +54,7 @@ def caption_card(bundle: BundleInfo, picked: components.PickedImage, beam: int) 
 controls, photo = st.columns([2, 3], gap="large")
 with controls:
     picked = components.image_picker("compare", allow_dataset=True)
-    beam = st.slider("Beam size", 1, 5, 3, key="compare-beam")
+    beam = st.slider("Beam size", 1, MAX_BEAM, 3, key="compare-beam")
     if picked is not None and picked.split is not None:
         st.markdown(f"**Reference captions** ({picked.split} split)")
         components.references_list(picked.references)
@@ -105,7 +106,9 @@ else:
             for label in tables.METRIC_LABELS.values()
         },
     )
-    notes = ["Corpus scores on the 0–100 scale (CIDEr-D ×100), all 5 references per image."]
+    notes = [
+        "Corpus scores on the 0–100 scale (CIDEr-D ×100), against all of each image's references."
+    ]
     missing = [b.name for b in bundles if b.name not in set(wide["model"])]
     if missing:
         notes.append(f"Not evaluated on test: {', '.join(missing)}.")
