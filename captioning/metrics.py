@@ -433,7 +433,7 @@ class CiderD:
     ) -> None:
         if len(refs) == 0:
             raise ValueError("CiderD needs the references of at least one image")
-        self.n, self.sigma, self.end_word = n, sigma, end_word
+        self.n, self.sigma = n, sigma
         self.image_ids = tuple(refs)
         self._row = {k: i for i, k in enumerate(self.image_ids)}
         per_image = [_normalize_refs(refs[k], k) for k in self.image_ids]

@@ -374,7 +374,7 @@ def main_scst(
             clear_out(out)
         t_eval = time.perf_counter()
         # the starting model's dev scores: an SCST epoch must beat them
-        start = evaluate_dev(model, data, precision=cfg.train_precision, decoding=dev_decoding)
+        start = evaluate_dev(model, data, dev_decoding, precision=cfg.train_precision)
         meta = {
             "epoch": 1,
             "step": 0,
@@ -416,7 +416,7 @@ def main_scst(
             print(f"time budget spent; resume with --resume (SCST epoch {epoch})", file=sys.stderr)
             return {"stopped": True, **meta}
         t_eval = time.perf_counter()
-        dev = evaluate_dev(model, data, precision=cfg.train_precision, decoding=dev_decoding)
+        dev = evaluate_dev(model, data, dev_decoding, precision=cfg.train_precision)
         record = {
             "stage": "scst",
             "epoch": meta["xe_epochs"] + epoch,

@@ -430,17 +430,14 @@ def train_one_epoch(
 def evaluate_dev(
     model: Decoder,
     data: TrainData,
-    beam: int = 1,
+    decoding: DecodeConfig,
     chunk: int = 250,
     precision: str = "fp32",
-    decoding: DecodeConfig | None = None,
 ) -> dict:
-    """Teacher-forced dev loss, and decoded (not teacher-forced) dev BLEU-1..4 and CIDEr-D.
+    """Teacher-forced dev loss, and dev BLEU-1..4 and CIDEr-D of captions decoded by ``decoding``.
 
-    All dev images, batched; ``precision`` "bf16" runs both passes under bf16 autocast. The
-    captions come from ``decoding`` when given, else from beam ``beam`` (1 = greedy).
+    All dev images, batched; ``precision`` "bf16" runs both passes under bf16 autocast.
     """
-    decoding = decoding or DecodeConfig(beam_size=beam)
     model.eval()
     uses_grid = model.cfg.uses_grid
     device = next(model.parameters()).device
@@ -581,7 +578,9 @@ def _main(cfg, data_dir, out: Path, cache, resume: bool, force: bool, dist_: Dis
         # and it is a small part of an epoch; its score decides best/patience on every rank
         dev = {}
         if main_rank:
-            dev = evaluate_dev(model, data, cfg.dev_beam, precision=cfg.train_precision)
+            dev = evaluate_dev(
+                model, data, DecodeConfig(beam_size=cfg.dev_beam), precision=cfg.train_precision
+            )
         (score,) = distributed.broadcast(dist_, [dev.get(SELECT_METRIC, 0.0)])
         record = {
             "epoch": epoch,
