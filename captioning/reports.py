@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captioning.bundle import (
+    BLOCK_KEY,
     BundleError,
     BundleInfo,
     Setting,
@@ -268,10 +269,12 @@ def card_markdown(path: Path) -> str:
     d = cfg["decoder_config"]
     rows = results(info)
     keys = _columns(rows)
+    block = (cfg.get(BLOCK_KEY) or {}).get("block")
+    how = f"with its `{block}` fine-tuned with the decoder" if block else "(frozen)"
     lines = [
         f"# {cfg['name']}",
         "",
-        f"An image captioner: the `{cfg['encoder']}` ImageNet encoder (frozen) and a "
+        f"An image captioner: the `{cfg['encoder']}` ImageNet encoder {how} and a "
         f"`{cfg['decoder']}` LSTM decoder (hidden {d['hidden_dim']}, embedding {d['embed_dim']}, "
         f"dropout {d['dropout']}) with a {d['vocab_size']}-word vocabulary.",
         "",

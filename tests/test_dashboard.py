@@ -440,6 +440,15 @@ def test_model_grid_lines_up_decoders_across_encoders():
         ["resnet50-inject", "resnet50-attention"],
         [None, "vgg16-attention"],
     ]
+    tuned = _bundle("resnet50", "merge", "-ft")
+    tuned.config["encoder_block"] = {"block": "layer4"}
+    grid = components.model_grid([*six, tuned])  # a fine-tuned encoder is a row of its own
+    assert [(enc, [b and b.name for b in cells]) for enc, cells in grid] == [
+        ("resnet50", ["resnet50-inject", "resnet50-merge", "resnet50-attention"]),
+        ("resnet50+layer4", [None, "resnet50-merge-ft", None]),
+        ("vgg16", ["vgg16-inject", "vgg16-merge", "vgg16-attention"]),
+    ]
+    assert tables.pretty_encoder_group("resnet50+layer4") == "ResNet50 encoder, layer4 fine-tuned"
     twice = components.model_grid(
         [_bundle("vgg16", "attention"), _bundle("vgg16", "attention", "2")]
     )

@@ -258,6 +258,8 @@ def test_the_bundle_ships_the_tuned_block(tuned):
         else:  # every conv weight and BN affine weight trained
             assert v.dtype == torch.float16 and not torch.equal(v, shipped[k]), k
     assert not any(k.startswith("block.") for k in load_file(str(out / "decoder.safetensors")))
+    card = (out / "card.md").read_text()
+    assert "`layer4` fine-tuned with the decoder" in card and "(frozen)" not in card
 
 
 def test_captioner_uses_the_tuned_block_and_leaves_the_shared_encoder_alone(tuned):

@@ -69,7 +69,7 @@ else:
     shown_encoder = None
     for encoder, cells in components.model_grid(bundles, MAX_COLUMNS):
         if encoder != shown_encoder:
-            st.markdown(f"##### {tables.pretty_encoder(encoder)} encoder")
+            st.markdown(f"##### {tables.pretty_encoder_group(encoder)}")
             shown_encoder = encoder
         for col, bundle in zip(st.columns(len(cells), gap="small"), cells, strict=True):
             if bundle is not None:
