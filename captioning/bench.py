@@ -30,7 +30,7 @@ from captioning.encoders import ARTIFACTS_DIR
 from captioning.fileio import atomic_write_json
 from captioning.images import iter_image_files
 from captioning.pipeline import load_pixels
-from captioning.precision import FIXED_PRECISIONS
+from captioning.precision import FIXED_PRECISIONS, cpu_description
 
 SAMPLES = ARTIFACTS_DIR / "samples"
 BENCH_FORMAT = "captioning-bench"
@@ -197,6 +197,7 @@ def bench(
         "model": caps[0].name,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": cpu_description(),  # bench figures are comparable only on the same CPU
         "threads": threads,
         "runs": runs,
         "images": "artifacts/samples JPEG bytes" if SAMPLES.is_dir() else "noise JPEGs",

@@ -21,13 +21,29 @@ PRECISIONS = ("auto", *FIXED_PRECISIONS)  # every --precision choice
 DEVICES = ("auto", "cpu", "cuda")  # every --device choice
 
 
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matmuls
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU runs bf16 matmuls natively (AMX-BF16 or AVX512-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    flags = _cpuinfo()
+    return any(f in flags for f in BF16_FLAGS)
+
+
+def cpu_description() -> dict:
+    """The CPU's model name and which native bf16 flags it has (for benchmark records)."""
+    info = _cpuinfo()
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
+                  if ln.startswith("model name")), "")  # fmt: skip
+    words = set(info.split())
+    return {"model": model, "bf16_flags": [f for f in BF16_FLAGS if f in words]}
 
 
 @dataclass(frozen=True)

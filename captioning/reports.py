@@ -238,7 +238,8 @@ def comparison_markdown(bundles: list[BundleInfo], split: str = "test") -> str:
         lat = default_latency(b)
         lat_cell = f"{lat[0]:.1f} ({lat[1]})" if lat else MISSING
         lines.append(
-            f"| {b.name} | {b.encoder} | {b.decoder} | {decoding_label(default_decoding(b))} "
+            f"| {b.name} | {encoder_group(b)} | {b.decoder} "
+            f"| {decoding_label(default_decoding(b))} "
             f"| {cells} | {lat_cell} | {bundle_megabytes(b.path):.1f} |"
         )
     return "\n".join(lines)
@@ -310,6 +311,15 @@ def card_markdown(path: Path) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def encoder_group(bundle: BundleInfo) -> str:
+    """What a bundle's captions come from: its encoder, plus the block it fine-tuned if any.
+
+    ``resnet50`` (frozen) or ``resnet50+layer4`` (``train --finetune layer4``).
+    """
+    block = (bundle.config.get(BLOCK_KEY) or {}).get("block")
+    return f"{bundle.encoder}+{block}" if block else bundle.encoder
 
 
 def write_card(path: Path) -> Path:

@@ -11,13 +11,13 @@ from pathlib import Path
 import streamlit as st
 from PIL import Image
 
+from captioning import reports
 from captioning.bundle import BundleInfo
 from captioning.data import DATA_ENV, FIX_HELP, Flickr8k
 from captioning.images import ACCEPTED_FORMATS, ImageLoadError, load_image
 from dashboard import state
 from dashboard.tables import (
     default_beam,
-    encoder_group,
     metrics_entry,
     order_bundles,
     pretty_encoder,
@@ -224,7 +224,7 @@ def model_grid(
     bundles: list[BundleInfo], max_columns: int = 3
 ) -> list[tuple[str, list[BundleInfo | None]]]:
     """Rows of a model grid: ``(encoder group, cells)``, one row per encoder group (the encoder,
-    and apart from it each fine-tuned block of it: ``tables.encoder_group``) in bundle order.
+    and apart from it each fine-tuned block of it: ``reports.encoder_group``) in bundle order.
 
     When every encoder has each decoder kind at most once and there are at most
     ``max_columns`` kinds, each kind gets its own column (so inject, merge and attention line
@@ -233,7 +233,7 @@ def model_grid(
     """
     ordered = order_bundles(bundles)
     kinds = list(dict.fromkeys(b.decoder for b in ordered))
-    groups = [(enc, list(g)) for enc, g in itertools.groupby(ordered, key=encoder_group)]
+    groups = [(enc, list(g)) for enc, g in itertools.groupby(ordered, key=reports.encoder_group)]
     aligned = len(kinds) <= max_columns and all(
         len({b.decoder for b in g}) == len(g) for _, g in groups
     )

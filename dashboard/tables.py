@@ -47,15 +47,6 @@ def pretty_encoder(encoder: str) -> str:
     return names.get(fam, fam) + encoder[len(fam) :].upper()
 
 
-def encoder_group(bundle: BundleInfo) -> str:
-    """What a bundle's captions come from: its encoder, plus the block it fine-tuned if any.
-
-    ``resnet50`` (frozen) or ``resnet50+layer4`` (``train --finetune layer4``).
-    """
-    block = (bundle.config.get("encoder_block") or {}).get("block")
-    return f"{bundle.encoder}+{block}" if block else bundle.encoder
-
-
 def pretty_encoder_group(group: str) -> str:
     """``resnet50`` -> ``ResNet50 encoder``; ``resnet50+layer4`` -> ``ResNet50 encoder, layer4
     fine-tuned``."""
@@ -71,7 +62,8 @@ def model_sort_key(encoder: str, decoder: str, name: str = "") -> tuple:
 
 def order_bundles(bundles: Iterable[BundleInfo]) -> list[BundleInfo]:
     """Bundles sorted for side-by-side display: ResNet50 before VGG16, inject before attention."""
-    return sorted(bundles, key=lambda b: model_sort_key(encoder_group(b), b.decoder, b.name))
+    group = reports.encoder_group
+    return sorted(bundles, key=lambda b: model_sort_key(group(b), b.decoder, b.name))
 
 
 def default_beam(bundle: BundleInfo) -> int:

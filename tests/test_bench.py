@@ -9,6 +9,7 @@ import skimage.data
 from PIL import Image
 
 from captioning import bench as B
+from captioning.precision import cpu_description
 from captioning.runtime import openvino_module
 
 BUNDLE = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "resnet50-inject"
@@ -60,6 +61,7 @@ def test_bench_runs_each_runtime_and_saves(tmp_path):
     assert (res["ratios"] is not None) == both
     assert isinstance(res["noisy"], bool) and res["noisy"] == bool(res["noise"])
     assert len(res["loadavg"]) == 2
+    assert res["cpu_model"] == cpu_description()  # figures compare only on the same CPU
     path = B.save_bench(tmp_path, res)
     assert path == tmp_path / "bench.json" and read_bench(tmp_path) == res
     text = B.format_bench(res)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from captioning import cli
+from captioning import precision as P
 from captioning.encoders import LoadedEncoder, get_spec
 from captioning.features import FeatureCache
 from captioning.precision import (
@@ -28,6 +29,15 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has
 
 
 @no_cuda
+def test_cpu_description_names_the_model_and_its_bf16_flags(monkeypatch):
+    info = "processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx512f avx512_bf16 sse\n"
+    monkeypatch.setattr("captioning.precision._cpuinfo", lambda: info)
+    assert P.cpu_description() == {"model": "Test CPU 9000", "bf16_flags": ["avx512_bf16"]}
+    assert P.cpu_has_fast_bf16()
+    monkeypatch.setattr("captioning.precision._cpuinfo", lambda: "flags\t: fpu sse\n")
+    assert P.cpu_description() == {"model": "", "bf16_flags": []} and not P.cpu_has_fast_bf16()
+
+
 def test_auto_picks_the_cpu_here():
     assert resolve_device("auto") == "cpu"
     assert resolve_device("cpu") == "cpu"

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from captioning import cli
+from captioning import cli, reports
 from captioning.bundle import BLOCK_FILE, BLOCK_KEY, BundleError
 from captioning.captioner import Captioner
 from captioning.data import load_flickr8k
@@ -260,6 +260,9 @@ def test_the_bundle_ships_the_tuned_block(tuned):
     assert not any(k.startswith("block.") for k in load_file(str(out / "decoder.safetensors")))
     card = (out / "card.md").read_text()
     assert "`layer4` fine-tuned with the decoder" in card and "(frozen)" not in card
+    info = reports.bundle_info(out)
+    assert reports.encoder_group(info) == "resnet50+layer4"
+    assert f"| {info.name} | resnet50+layer4 | " in reports.comparison_markdown([info])
 
 
 def test_captioner_uses_the_tuned_block_and_leaves_the_shared_encoder_alone(tuned):
