@@ -381,6 +381,11 @@ class BundleInfo:
     records: list[dict] = field(default_factory=list)  # see ``read_records``
 
 
+def tuned_block(config: dict) -> str | None:
+    """The encoder block a bundle fine-tuned (``layer4``, ``block5``), or None for a frozen one."""
+    return (config.get(BLOCK_KEY) or {}).get("block")
+
+
 def list_bundles(models_dir: Path | None = None) -> list[BundleInfo]:
     """Every complete bundle under ``models_dir`` (default ``artifacts/models``), sorted."""
     root = models_dir or models_dir_default()

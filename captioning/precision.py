@@ -31,10 +31,14 @@ def _cpuinfo() -> str:
         return ""
 
 
+def _bf16_flags(info: str) -> list[str]:
+    words = set(info.split())
+    return [f for f in BF16_FLAGS if f in words]
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU runs bf16 matmuls natively (AMX-BF16 or AVX512-BF16)."""
-    flags = _cpuinfo()
-    return any(f in flags for f in BF16_FLAGS)
+    return bool(_bf16_flags(_cpuinfo()))
 
 
 def cpu_description() -> dict:
@@ -42,8 +46,7 @@ def cpu_description() -> dict:
     info = _cpuinfo()
     model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
                   if ln.startswith("model name")), "")  # fmt: skip
-    words = set(info.split())
-    return {"model": model, "bf16_flags": [f for f in BF16_FLAGS if f in words]}
+    return {"model": model, "bf16_flags": _bf16_flags(info)}
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captioning.bundle import (
-    BLOCK_KEY,
     BundleError,
     BundleInfo,
     Setting,
     decoding_label,
     read_config,
     read_records,
+    tuned_block,
 )
 from captioning.decoding import DecodeConfig
 from captioning.fileio import atomic_write_text, read_json
@@ -270,7 +270,7 @@ def card_markdown(path: Path) -> str:
     d = cfg["decoder_config"]
     rows = results(info)
     keys = _columns(rows)
-    block = (cfg.get(BLOCK_KEY) or {}).get("block")
+    block = tuned_block(cfg)
     how = f"with its `{block}` fine-tuned with the decoder" if block else "(frozen)"
     lines = [
         f"# {cfg['name']}",
@@ -318,7 +318,7 @@ def encoder_group(bundle: BundleInfo) -> str:
 
     ``resnet50`` (frozen) or ``resnet50+layer4`` (``train --finetune layer4``).
     """
-    block = (bundle.config.get(BLOCK_KEY) or {}).get("block")
+    block = tuned_block(bundle.config)
     return f"{bundle.encoder}+{block}" if block else bundle.encoder
 
 

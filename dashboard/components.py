@@ -16,12 +16,7 @@ from captioning.bundle import BundleInfo
 from captioning.data import DATA_ENV, FIX_HELP, Flickr8k
 from captioning.images import ACCEPTED_FORMATS, ImageLoadError, load_image
 from dashboard import state
-from dashboard.tables import (
-    default_beam,
-    metrics_entry,
-    order_bundles,
-    pretty_encoder,
-)
+from dashboard.tables import default_beam, metrics_entry, order_bundles, pretty_encoder
 
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
 SOURCES = {"sample": "Sample photo", "upload": "Upload", "dataset": "Flickr8k image"}

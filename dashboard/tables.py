@@ -62,8 +62,9 @@ def model_sort_key(encoder: str, decoder: str, name: str = "") -> tuple:
 
 def order_bundles(bundles: Iterable[BundleInfo]) -> list[BundleInfo]:
     """Bundles sorted for side-by-side display: ResNet50 before VGG16, inject before attention."""
-    group = reports.encoder_group
-    return sorted(bundles, key=lambda b: model_sort_key(group(b), b.decoder, b.name))
+    return sorted(
+        bundles, key=lambda b: model_sort_key(reports.encoder_group(b), b.decoder, b.name)
+    )
 
 
 def default_beam(bundle: BundleInfo) -> int:

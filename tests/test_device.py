@@ -28,7 +28,6 @@ from tests.synthetic import make_tiny_flickr
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 
 
-@no_cuda
 def test_cpu_description_names_the_model_and_its_bf16_flags(monkeypatch):
     info = "processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx512f avx512_bf16 sse\n"
     monkeypatch.setattr("captioning.precision._cpuinfo", lambda: info)
@@ -38,6 +37,7 @@ def test_cpu_description_names_the_model_and_its_bf16_flags(monkeypatch):
     assert P.cpu_description() == {"model": "", "bf16_flags": []} and not P.cpu_has_fast_bf16()
 
 
+@no_cuda
 def test_auto_picks_the_cpu_here():
     assert resolve_device("auto") == "cpu"
     assert resolve_device("cpu") == "cpu"
