@@ -90,6 +90,7 @@ class BatchReport:
     seconds: float = 0.0  # the Ray Data pipeline, start-up excluded
     startup_seconds: float = 0.0  # Ray start and bundle checks
     plan: dict | None = None
+    steady_images_per_s: float | None = None  # after the first shard: actor start-up excluded
 
     @property
     def images_per_s(self) -> float | None:
@@ -199,6 +200,29 @@ def existing_rows(out: Path) -> tuple[list[dict], list[str]]:
     return rows, aside
 
 
+def steady_rate(shards: list[tuple[float, int]]) -> float | None:
+    """Images/s between the first and the last shard written: ``shards`` = (mtime, rows).
+
+    The first shard's images are not counted, so actor start-up and model load drop out (like
+    ``caption``'s loop rate, which starts after its model is loaded). None below two shards.
+    """
+    if len(shards) < 2:
+        return None
+    shards = sorted(shards)
+    span = shards[-1][0] - shards[0][0]
+    return round(sum(n for _, n in shards[1:]) / span, 2) if span > 0 else None
+
+
+def _new_shards(out: Path, before: set[str]) -> list[tuple[float, int]]:
+    import pyarrow.parquet as pq
+
+    return [
+        (p.stat().st_mtime, pq.ParquetFile(p).metadata.num_rows)
+        for p in out.glob("*.parquet")
+        if p.name not in before and not p.name.startswith(("_", "."))
+    ]
+
+
 def _check_compatible(rows: list[dict], model: str, sha: str, decoding: str, out: Path) -> None:
     """Refuse to mix captions of another bundle or other decoding settings in one ``out``."""
     for r in rows[:1] + rows[-1:]:
@@ -240,28 +264,46 @@ def row_schema():
 
 
 def load_files(batch):
-    """Ray Data task: ``path`` -> ``path, pixels, error`` (a pyarrow Table); never raises.
+    """Ray Data task: ``path`` -> ``path, rgb, height, width, error`` (a pyarrow Table).
 
-    Reads and decodes each image with the captioning input's one loader
-    (``pipeline.load_pixels``), so decoding runs in these tasks while the actors caption;
-    ``pixels`` holds the float32 [3, 224, 224] tensor's bytes, or nothing when ``error`` says
-    why the file is unusable.
+    Reads and decodes each image with the captioning input's loader (``pipeline.load_rgb``:
+    decode, orient, reduce in uint8), so decoding runs in these tasks while the actors caption.
+    ``rgb`` holds the reduced uint8 [height, width, 3] image's bytes (a quarter of the float
+    pixels; the actor finishes ``preprocess``), or nothing when ``error`` says why the file is
+    unusable. Never raises for a bad image.
     """
     import pyarrow as pa
 
-    from captioning.pipeline import load_pixels
+    from captioning.pipeline import load_rgb
 
     paths = [str(p) for p in batch.column("path").to_pylist()]
-    pixels, errors = [], []
+    cols: dict[str, list] = {"path": paths, "rgb": [], "height": [], "width": [], "error": []}
     for p in paths:
         try:
-            pixels.append(load_pixels(p).numpy().tobytes())
-            errors.append(None)
+            rgb = load_rgb(p)  # [H, W, 3] uint8
+            cols["rgb"].append(rgb.tobytes())
+            cols["height"].append(rgb.shape[0])
+            cols["width"].append(rgb.shape[1])
+            cols["error"].append(None)
         except ImageLoadError as e:
-            pixels.append(b"")
-            errors.append(str(e))
-    schema = pa.schema([("path", pa.string()), ("pixels", pa.binary()), ("error", pa.string())])
-    return pa.table({"path": paths, "pixels": pixels, "error": errors}, schema=schema)
+            for k, v in (("rgb", b""), ("height", 0), ("width", 0), ("error", str(e))):
+                cols[k].append(v)
+    return pa.table(cols, schema=loaded_schema())
+
+
+def loaded_schema():
+    """The schema of ``load_files``' output."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("rgb", pa.binary()),
+            ("height", pa.int32()),
+            ("width", pa.int32()),
+            ("error", pa.string()),
+        ]
+    )
 
 
 class CaptionActor:
@@ -296,14 +338,13 @@ class CaptionActor:
         }
 
     def __call__(self, batch):
-        """A pyarrow Table ``path, pixels, error`` -> a Table of ``row_schema()``."""
+        """A ``load_files`` Table -> a Table of ``row_schema()``."""
         import numpy as np
         import pyarrow as pa
         import torch
 
-        from captioning.encoders import INPUT_SIZE
+        from captioning.encoders import preprocess
 
-        shape = (3, INPUT_SIZE, INPUT_SIZE)  # what pipeline.load_pixels returns
         paths = batch.column("path").to_pylist()
         errors = batch.column("error").to_pylist()
         rows = [
@@ -312,9 +353,9 @@ class CaptionActor:
         ]
         ok = [i for i, e in enumerate(errors) if e is None]
         if ok:
-            blobs = batch.column("pixels").to_pylist()
-            arrays = [np.frombuffer(blobs[i], np.float32).reshape(shape) for i in ok]
-            x = torch.from_numpy(np.stack(arrays))  # [n, 3, 224, 224], a writable copy
+            blobs, hs, ws = (batch.column(c).to_pylist() for c in ("rgb", "height", "width"))
+            rgbs = [np.frombuffer(blobs[i], np.uint8).reshape(hs[i], ws[i], 3) for i in ok]
+            x = torch.stack([preprocess(rgb) for rgb in rgbs])  # [n, 3, 224, 224]
             results = self.cap.caption_pixels(x, **self.decoding)
             for i, res in zip(ok, results, strict=True):
                 nbest = [{"caption": t, "logprob": round(s, 4)} for t, s in res.nbest]
@@ -391,6 +432,7 @@ def run_batch(cfg: BatchConfig) -> BatchReport:
         report.startup_seconds = round(time.perf_counter() - t0, 2)
         return report
 
+    before = {p.name for p in out.glob("*.parquet")} if out.is_dir() else set()
     started = not ray.is_initialized()
     if started:
         _init_ray(cfg.address)
@@ -431,4 +473,5 @@ def run_batch(cfg: BatchConfig) -> BatchReport:
     new = [r for r in existing_rows(out)[0] if r["path"] not in done]
     report.captioned = sum(1 for r in new if r["error"] is None)
     report.errors = len(new) - report.captioned
+    report.steady_images_per_s = steady_rate(_new_shards(out, before))
     return report

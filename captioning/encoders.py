@@ -247,14 +247,19 @@ class LoadedEncoder:
             return self.model.classify(x).softmax(-1)
 
 
-def preprocess(image: Image.Image, mode: str = "features") -> torch.Tensor:
-    """PIL RGB -> [3,224,224] float in [0,1].
+def preprocess(image: Image.Image | np.ndarray, mode: str = "features") -> torch.Tensor:
+    """PIL RGB (or its uint8 [H, W, 3] array) -> [3,224,224] float in [0,1].
 
     ``features``: resize straight to 224x224 (Flickr8k images are already 224x224, squashed, so
     training, evaluation and uploads all see the same geometry). ``classify``: the ImageNet eval
     recipe (shorter side 256, centre crop 224).
     """
-    rgb = np.array(image if image.mode == "RGB" else image.convert("RGB"))  # [H, W, 3] uint8
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected a uint8 [H, W, 3] array, got {image.dtype} {image.shape}")
+        rgb = image if image.flags.writeable else image.copy()  # torch wants writable memory
+    else:
+        rgb = np.array(image if image.mode == "RGB" else image.convert("RGB"))  # [H, W, 3] uint8
     x = torch.from_numpy(rgb).permute(2, 0, 1).to(torch.float32).mul_(1.0 / 255)  # [3, H, W]
     if mode == "features":  # torchvision's resize, without importing torchvision
         if x.shape[1:] == (INPUT_SIZE, INPUT_SIZE):

@@ -6,11 +6,14 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from captioning.encoders import preprocess
 from captioning.images import ImageLoadError
-from captioning.pipeline import Batch, load_pixels, prefetch
+from captioning.pipeline import Batch, load_pixels, load_rgb, prefetch
 
 SAMPLES = Path(__file__).resolve().parents[1] / "artifacts" / "samples"
 BUNDLE = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "resnet50-inject"
@@ -89,6 +92,20 @@ def test_load_pixels_on_a_real_photo_and_junk():
     assert torch.equal(x, same)  # bytes and paths decode alike
     with pytest.raises(ImageLoadError):
         load_pixels(b"not an image")
+
+
+@pytest.mark.parametrize("size", [(224, 224), (640, 427), (1999, 301)])
+def test_load_rgb_is_the_uint8_half_of_load_pixels(tmp_path, size):
+    """What batch workers ship between processes finishes into exactly load_pixels' tensor."""
+    photo = tmp_path / "photo.jpg"
+    Image.open(SAMPLES / "coffee.jpg").convert("RGB").resize(size).save(photo, quality=90)
+    rgb = load_rgb(photo)
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+    assert min(rgb.shape[:2]) >= 224 and rgb.size <= 4 * 4 * 3 * 224 * 224  # reduced, not resized
+    shipped = np.frombuffer(rgb.tobytes(), np.uint8).reshape(rgb.shape)  # read-only, as in Ray
+    assert torch.equal(preprocess(shipped), load_pixels(photo))
+    with pytest.raises(ValueError, match="uint8"):
+        preprocess(rgb.astype(np.float32))
 
 
 @pytest.mark.skipif(not BUNDLE.is_dir(), reason="needs the shipped resnet50-inject bundle")
