@@ -67,6 +67,20 @@ def order_bundles(bundles: Iterable[BundleInfo]) -> list[BundleInfo]:
     )
 
 
+def default_model(bundles: Sequence[BundleInfo]) -> BundleInfo:
+    """The model the pages open with: the best dev CIDEr-D at its default decoding.
+
+    Dev, never test, chooses (the evaluation protocol). Bundles without a dev record come last,
+    attention decoders before the others, then the display order.
+    """
+
+    def rank(b: BundleInfo) -> tuple:
+        cider = (reports.default_summary(b, "dev") or {}).get("cider")
+        return (cider is not None, cider if cider is not None else 0.0, b.decoder == "attention")
+
+    return max(order_bundles(bundles), key=rank)  # max keeps the first of equal ranks
+
+
 def default_beam(bundle: BundleInfo) -> int:
     """The bundle's default beam size."""
     return reports.default_decoding(bundle).beam_size

@@ -77,7 +77,7 @@ def upload(at: AppTest, page: str, name: str, data: bytes, mime: str = "image/jp
 # ---------------------------------------------------------------- Caption
 
 
-def test_caption_page_shows_a_caption_for_the_sample(app):
+def test_caption_page_shows_a_caption_for_the_sample(app, tiny_world):
     at = open_page(app, "caption")
     assert at.title[0].value == "Caption a photo"
     assert caption_text(at).startswith("“")
@@ -86,7 +86,8 @@ def test_caption_page_shows_a_caption_for_the_sample(app):
     assert all(m.value.endswith(" ms") for m in at.metric if m.label in ("Encode", "Decode"))
     nbest = at.dataframe[0].value
     assert list(nbest.columns) == ["rank", "caption", "log-prob", "per token"]
-    assert at.selectbox(key="caption-model").value == "resnet50-attention"  # attention first
+    best = tables.default_model(list_bundles(tiny_world.models)).name
+    assert at.selectbox(key="caption-model").value == best  # the best on dev
     assert "Where the model looks" in [s.value for s in at.subheader]
     assert len(at.image) >= 2  # the photo and its attention overlay
 
@@ -425,6 +426,18 @@ def test_inference_slots_bound_concurrency():
 def _bundle(encoder: str, decoder: str, suffix: str = "") -> BundleInfo:
     name = f"{encoder}-{decoder}{suffix}"
     return BundleInfo(name, Path(name), encoder, decoder, {})
+
+
+def test_default_model_is_the_best_dev_cider_d(tiny_world):
+    from captioning import reports
+
+    bundles = list_bundles(tiny_world.models)
+    dev = {b.name: reports.default_summary(b, "dev")["cider"] for b in bundles}
+    assert len(set(dev.values())) > 1  # the tiny models differ, so the choice means something
+    assert tables.default_model(bundles).name == max(dev, key=dev.get)
+    unscored = [_bundle("resnet50", "inject"), _bundle("vgg16", "attention")]
+    assert tables.default_model(unscored).name == "vgg16-attention"  # then attention first
+    assert tables.default_model([*unscored, *bundles]).name == max(dev, key=dev.get)
 
 
 def test_model_grid_lines_up_decoders_across_encoders():

@@ -31,9 +31,9 @@ with left:
 
 with right:
     c_model, c_beam = st.columns([3, 2])
-    attention_first = next((b.name for b in bundles if b.decoder == "attention"), bundles[0].name)
+    best = tables.default_model(bundles).name
     name = c_model.selectbox(
-        "Model", list(by_name), index=list(by_name).index(attention_first), key="caption-model"
+        "Model", list(by_name), index=list(by_name).index(best), key="caption-model"
     )
     bundle = by_name[name]
     beam = c_beam.slider("Beam size", 1, MAX_BEAM, tables.default_beam(bundle), key="caption-beam")
