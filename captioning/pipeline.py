@@ -32,13 +32,13 @@ def load_pixels(src, **load_kw) -> torch.Tensor:
     The one loader of the captioning input: large images are reduced in uint8 while decoding.
     ``load_kw`` (``name``, ``max_pixels``) go to ``load_image``. Raises ImageLoadError.
     """
-    return preprocess(load_image(src, reduce_to=INPUT_SIZE, **load_kw))
+    return preprocess(load_rgb(src, **load_kw))
 
 
 def load_rgb(src, **load_kw) -> np.ndarray:
     """An image source -> the reduced image as uint8 RGB [H, W, 3], before the final resize.
 
-    ``load_pixels(src)`` equals ``preprocess(load_rgb(src))``: this is its first half, for
+    ``load_pixels(src)`` is ``preprocess(load_rgb(src))``: this is its first half, for
     callers that move images between processes (4x fewer bytes than the float pixels).
     """
     image = load_image(src, reduce_to=INPUT_SIZE, **load_kw)

@@ -85,9 +85,6 @@ def _rows(out: Path) -> list[dict]:
     return pq.read_table(out).to_pylist()  # pyarrow skips the _partial-* files
 
 
-@pytest.mark.skipif(not BUNDLE.is_dir(), reason="shipped bundle resnet50-attention is absent")
-@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray's own settings
-@pytest.mark.filterwarnings("ignore:The minimum number of concurrent actors:UserWarning")
 def test_steady_rate_leaves_out_the_first_shard():
     # shards finished at t = 10 s (start-up included), 12 s and 14 s with 128, 128, 64 rows
     assert steady_rate([(14.0, 64), (10.0, 128), (12.0, 128)]) == pytest.approx(48.0)
@@ -95,6 +92,9 @@ def test_steady_rate_leaves_out_the_first_shard():
     assert steady_rate([(10.0, 1), (10.0, 1)]) is None
 
 
+@pytest.mark.skipif(not BUNDLE.is_dir(), reason="shipped bundle resnet50-attention is absent")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray's own settings
+@pytest.mark.filterwarnings("ignore:The minimum number of concurrent actors:UserWarning")
 def test_batch_captions_errors_and_resume(ray_session, tmp_path):
     from captioning import Captioner
 
