@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 DECODER_KINDS = ("inject", "merge", "attention")
+INJECT_MODES = ("init", "par")
 
 
 @dataclass
@@ -33,6 +34,13 @@ class DecoderConfig:
     dropout: float = 0.4
     feat_dropout: float = 0.0
     alpha_c: float = 1.0  # λ of the doubly stochastic attention regulariser
+    # inject only: "init" = the image sets the LSTM's initial h and c (Show and Tell); "par" =
+    # also an image vector beside every word at the LSTM's input (Tanti et al. 2018's par-inject)
+    inject_mode: str = "init"
+
+    def __post_init__(self) -> None:
+        if self.inject_mode not in INJECT_MODES:
+            raise ValueError(f"inject_mode must be one of {INJECT_MODES}, not {self.inject_mode!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,29 +90,45 @@ class Decoder(nn.Module):
 
 
 class InjectDecoder(Decoder):
-    """Show and Tell, with the image injected into the LSTM's initial h and c."""
+    """Show and Tell: the image sets the LSTM's initial h and c; with ``inject_mode="par"`` an
+    image vector also sits beside every word embedding at the LSTM's input."""
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__(cfg, cfg.hidden_dim)
+        self.par = cfg.inject_mode == "par"
         self.init_hc = nn.Linear(cfg.feat_dim, 2 * cfg.hidden_dim)
-        self.lstm = nn.LSTM(cfg.embed_dim, cfg.hidden_dim, batch_first=True)
+        if self.par:
+            self.img_proj = nn.Linear(cfg.feat_dim, cfg.embed_dim)
+        in_dim = cfg.embed_dim * (2 if self.par else 1)
+        self.lstm = nn.LSTM(in_dim, cfg.hidden_dim, batch_first=True)
 
     def context(self, feats):  # pooled [N, D]
-        return {"feat": self.feat_drop(feats.float())}
+        feat = self.feat_drop(feats.float())
+        if not self.par:
+            return {"feat": feat}
+        return {"feat": feat, "img": F.relu(self.img_proj(self.drop(feat)))}  # img [N, E]
 
     def init_state(self, ctx):
         h, c = torch.tanh(self.init_hc(ctx["feat"])).chunk(2, dim=-1)  # [B, H] each
         return h.contiguous(), c.contiguous()
 
+    def _inputs(self, ctx, emb: torch.Tensor) -> torch.Tensor:
+        """emb [B, T, E] -> LSTM input [B, T, E] (init) or [B, T, 2E] (par)."""
+        if not self.par:
+            return emb
+        img = ctx["img"][:, None].expand(-1, emb.shape[1], -1)  # [B, T, E]
+        return torch.cat([emb, img], dim=-1)
+
     def forward(self, ctx, tokens):  # tokens [B, T]
         h, c = self.init_state(ctx)
-        x = self.drop(self.embed(tokens[:, :-1]))  # [B, T-1, E]
+        x = self._inputs(ctx, self.drop(self.embed(tokens[:, :-1])))  # [B, T-1, E or 2E]
         out, _ = self.lstm(x, (h[None], c[None]))  # [B, T-1, H]
         return self.out(self.drop(out)), None
 
     def step(self, ctx, state, word):  # word [B]
         h, c = state
-        out, (h2, c2) = self.lstm(self.embed(word)[:, None], (h[None], c[None]))
+        x = self._inputs(ctx, self.embed(word)[:, None])  # [B, 1, E or 2E]
+        out, (h2, c2) = self.lstm(x, (h[None], c[None]))
         return F.log_softmax(self.out(out[:, 0]).float(), -1), (h2[0], c2[0]), None
 
 

@@ -272,11 +272,13 @@ def card_markdown(path: Path) -> str:
     keys = _columns(rows)
     block = tuned_block(cfg)
     how = f"with its `{block}` fine-tuned with the decoder" if block else "(frozen)"
+    par = cfg["decoder"] == "inject" and d.get("inject_mode") == "par"
+    kind = "`inject` (par-inject: the image beside every word)" if par else f"`{cfg['decoder']}`"
     lines = [
         f"# {cfg['name']}",
         "",
         f"An image captioner: the `{cfg['encoder']}` ImageNet encoder {how} and a "
-        f"`{cfg['decoder']}` LSTM decoder (hidden {d['hidden_dim']}, embedding {d['embed_dim']}, "
+        f"{kind} LSTM decoder (hidden {d['hidden_dim']}, embedding {d['embed_dim']}, "
         f"dropout {d['dropout']}) with a {d['vocab_size']}-word vocabulary.",
         "",
         _data_line(cfg),

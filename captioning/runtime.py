@@ -59,6 +59,13 @@ DECODER_STEP_PRECISION = "fp32"
 STEP_CONTEXT = {"inject": (), "merge": ("img",), "attention": ("proj", "grid")}
 
 
+def step_context(cfg) -> tuple[str, ...]:
+    """The context tensors ``cfg``'s decoder step reads (par-inject also reads its image vector)."""
+    if cfg.kind == "inject" and getattr(cfg, "inject_mode", "init") == "par":
+        return ("img",)
+    return STEP_CONTEXT[cfg.kind]
+
+
 def note(message: str) -> None:
     """A one-line notice on stderr (a fallback, not an error)."""
     print(f"note: {message}", file=sys.stderr)
@@ -437,9 +444,9 @@ def openvino_decoder(
     cfg = decoder.cfg
     if cfg.kind not in STEP_CONTEXT:
         raise ValueError(f"no OpenVINO step for decoder kind {cfg.kind!r}")
-    keys = STEP_CONTEXT[cfg.kind]
+    keys = step_context(cfg)
     shapes = {
-        "img": (-1, cfg.merge_dim),
+        "img": (-1, cfg.embed_dim if cfg.kind == "inject" else cfg.merge_dim),
         "proj": (-1, grid_cells or -1, cfg.attn_dim),
         "grid": (-1, grid_cells or -1, cfg.feat_dim),
     }

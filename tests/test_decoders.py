@@ -15,7 +15,13 @@ from captioning.vocab import Vocabulary, pad_batch
 from tests.synthetic import TinyEncoder, make_task
 
 LR = 3e-3
-STEPS = {"inject": 800, "merge": 400, "attention": 400}  # inject learns slowest
+STEPS = {"inject": 800, "inject-par": 600, "merge": 400, "attention": 400}  # inject: slowest
+
+
+def kind_and_mode(name: str) -> tuple[str, str]:
+    """ "inject-par" -> ("inject", "par"); other names are kinds with the default inject mode."""
+    kind, _, mode = name.partition("-")
+    return kind, mode or "init"
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread
@@ -35,9 +41,10 @@ def task():
     }
 
 
-def train_decoder(kind: str, task, steps: int | None = None, seed: int = 0):
+def train_decoder(name: str, task, steps: int | None = None, seed: int = 0):
     torch.manual_seed(seed)
-    steps = STEPS[kind] if steps is None else steps
+    steps = STEPS[name] if steps is None else steps
+    kind, mode = kind_and_mode(name)
     pooled, grid, seqs = task["train"]
     feats = grid if kind == "attention" else pooled
     cfg = DecoderConfig(
@@ -49,6 +56,7 @@ def train_decoder(kind: str, task, steps: int | None = None, seed: int = 0):
         attn_dim=32,
         merge_dim=64,
         dropout=0.1,
+        inject_mode=mode,
     )
     model = build_decoder(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -65,13 +73,14 @@ def train_decoder(kind: str, task, steps: int | None = None, seed: int = 0):
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=["inject", "merge", "attention"])
+@pytest.fixture(scope="module", params=["inject", "inject-par", "merge", "attention"])
 def trained(request, task):
     return request.param, train_decoder(request.param, task)
 
 
 def test_decoder_learns_the_task_on_held_out_pictures(trained, task):
-    kind, model = trained
+    name, model = trained
+    kind, _ = kind_and_mode(name)
     pooled, grid, refs = task["test"]
     feats = grid if kind == "attention" else pooled
     greedy = greedy_decode(model, feats)
@@ -81,7 +90,7 @@ def test_decoder_learns_the_task_on_held_out_pictures(trained, task):
     for hyps in (greedy, beam):
         texts = {str(i): task["vocab"].decode(h.tokens) for i, h in enumerate(hyps)}
         bleu = corpus_bleu_scores(texts, {str(i): [r] for i, r in enumerate(refs)})
-        assert bleu["bleu4"] >= 90, (kind, bleu, list(texts.values())[:3])
+        assert bleu["bleu4"] >= 90, (name, bleu, list(texts.values())[:3])
 
 
 def test_attention_loss_has_doubly_stochastic_term(task):
@@ -102,6 +111,42 @@ def test_attention_loss_has_doubly_stochastic_term(task):
     loss, ce = caption_loss(logits, tokens, alphas, 1.0)
     no_reg, _ = caption_loss(logits, tokens, alphas, 0.0)
     assert loss.item() > no_reg.item() == pytest.approx(ce.item())
+
+
+@pytest.mark.parametrize("mode", ["init", "par"])
+def test_inject_teacher_forcing_equals_stepwise_decoding(mode):
+    """Both inject modes: forward()'s log-probs at every position equal step() fed the same words;
+    par-inject's LSTM reads an image vector beside each word, init-inject's only the word."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    cfg = DecoderConfig(kind="inject", vocab_size=30, feat_dim=12, embed_dim=8, hidden_dim=10,
+                        dropout=0.0, inject_mode=mode)  # fmt: skip
+    model = build_decoder(cfg).eval()
+    assert model.lstm.input_size == (16 if mode == "par" else 8)
+    assert ("img" in model.context(torch.randn(1, 12))) == (mode == "par")
+    feats = torch.randn(3, 12)
+    tokens = torch.randint(3, 30, (3, 6))
+    tokens[:, 0] = 1
+    with torch.no_grad():
+        ctx = model.context(feats)
+        logits, _ = model(ctx, tokens)  # [3, 5, V]
+        state = model.init_state(ctx)
+        for t in range(tokens.shape[1] - 1):
+            logp, state, _ = model.step(ctx, state, tokens[:, t])
+            assert torch.allclose(F.log_softmax(logits[:, t], -1), logp, atol=1e-5)
+        if mode == "par":  # the image reaches every step, not only the initial state
+            other = dict(ctx, img=ctx["img"].flip(0))
+            moved, _, _ = model.step(other, model.init_state(ctx), tokens[:, 1])
+            same, _, _ = model.step(ctx, model.init_state(ctx), tokens[:, 1])
+            assert not torch.allclose(moved, same)
+
+
+def test_unknown_inject_mode():
+    with pytest.raises(ValueError, match="inject_mode must be one of"):
+        DecoderConfig(kind="inject", vocab_size=10, inject_mode="pre")
+    with pytest.raises(ValueError, match="inject_mode must be one of"):
+        DecoderConfig.from_dict({"kind": "inject", "vocab_size": 10, "inject_mode": ""})
 
 
 def test_unknown_decoder_kind():

@@ -205,11 +205,13 @@ def test_cpu_with_bf16_compiles_bf16_close_to_fp32(tmp_path):
 
 
 @needs_openvino
-@pytest.mark.parametrize("kind", ["inject", "merge", "attention"])
-def test_decoder_step_matches_torch(kind, tmp_path):
+@pytest.mark.parametrize("name", ["inject", "inject-par", "merge", "attention"])
+def test_decoder_step_matches_torch(name, tmp_path):
     torch.manual_seed(0)
-    cfg = DecoderConfig(kind=kind, vocab_size=12, feat_dim=8, embed_dim=8, hidden_dim=16,
-                        attn_dim=8, merge_dim=8, dropout=0.0)  # fmt: skip
+    kind, _, mode = name.partition("-")
+    mode = mode or "init"
+    cfg = DecoderConfig(kind=kind, vocab_size=12, feat_dim=8, embed_dim=6, hidden_dim=16,
+                        attn_dim=8, merge_dim=8, dropout=0.0, inject_mode=mode)  # fmt: skip
     dec = build_decoder(cfg).eval()
     path = tmp_path / "decoder.safetensors"
     save_file({k: v.contiguous() for k, v in dec.state_dict().items()}, str(path))
