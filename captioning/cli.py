@@ -31,7 +31,7 @@ STRUCTURAL_KEYS = {
 }
 TRAIN_FLAGS = ("epochs", "lr", "batch_images", "patience", "seed", "max_minutes",
                "train_precision", "precision", "finetune", "finetune_lr", "device",
-               "dev_beam")  # fmt: skip
+               "dev_beam", "runtime")  # fmt: skip
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -425,6 +425,8 @@ def _check_finetune(cfg) -> None:
         from captioning.finetune import block_spec
 
         block_spec(cfg.encoder, cfg.finetune)
+        if cfg.runtime != "torch":
+            raise ValueError("--finetune caches the block's input with torch: drop --runtime")
     elif cfg.finetune_lr:
         raise ValueError("--finetune-lr sets the tuned block's learning rate: add --finetune")
 
@@ -824,6 +826,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         help="encoder precision of the feature cache (default: auto)",
+    )
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIME_CHOICES,
+        metavar="RUNTIME",
+        help="which feature cache training reads, and what extracts its missing images: torch "
+        "(the reference), openvino (the cache `extract --runtime openvino` writes; faster on "
+        "CPUs) or auto; the decoder always trains on torch (default: torch)",
     )
     p.add_argument(
         "--set",

@@ -37,11 +37,12 @@ from captioning.data import Flickr8k, load_dataset
 from captioning.decoders import Decoder, DecoderConfig, caption_loss
 from captioning.decoding import DecodeConfig, decode
 from captioning.distributed import ONE, Dist
-from captioning.encoders import build_encoder, get_spec
+from captioning.encoders import get_spec
 from captioning.features import FeatureCache, Features, extract
 from captioning.fileio import atomic_save_safetensors, atomic_write_json, read_json
 from captioning.metrics import coco_scores, corpus_bleu_scores
 from captioning.precision import device_scope, resolve_device, resolve_precision
+from captioning.runtime import load_encoder
 from captioning.vocab import Vocabulary, pad_batch
 
 STATE_DIR = "train_state"  # inside --out: the resumable run
@@ -76,6 +77,7 @@ class TrainConfig:
     finetune: str = ""  # "" = frozen encoder; "layer4"/"block5": tune it (captioning.finetune)
     finetune_lr: float = 0.0  # the tuned block's peak LR; 0 = lr / 10
     device: str = "auto"  # auto | cpu | cuda (captioning.precision.resolve_device)
+    runtime: str = "torch"  # which feature cache: torch (reference) | openvino | auto
 
 
 @dataclass
@@ -110,9 +112,9 @@ def prepare_data(ds: Flickr8k, cfg: TrainConfig, cache_root: Path | None) -> Tra
     if cfg.finetune:  # the cached inputs of the block that trains (captioning.finetune)
         feats, sha = finetune.block_input_features(ds, cfg, train + dev, cache_root)
     else:
-        enc = build_encoder(
-            cfg.encoder, resolve_precision(cfg.precision, resolve_device(cfg.device))
-        )
+        device = resolve_device(cfg.device)
+        runtime = cfg.runtime if device == "cpu" else "torch"  # OpenVINO runs on CPUs only
+        enc = load_encoder(cfg.encoder, resolve_precision(cfg.precision, device), runtime)
         cache = FeatureCache.for_encoder(enc, cache_root)
         cached = cache.cached_names()  # one manifest read, not one per image
         missing = [n for n in train + dev if n not in cached]

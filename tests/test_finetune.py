@@ -172,6 +172,9 @@ def test_cli_refuses_a_block_of_another_encoder(tmp_path, capsys):
     args = ["train", "--finetune-lr", "1e-5", "--out", str(tmp_path / "o")]
     assert cli.main(args) == cli.EXIT_USER_ERROR
     assert "add --finetune" in capsys.readouterr().err
+    args = ["train", "--finetune", "layer4", "--runtime", "openvino", "--out", str(tmp_path / "o")]
+    assert cli.main(args) == cli.EXIT_USER_ERROR
+    assert "drop --runtime" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -261,3 +261,23 @@ def test_torchvision_encoder_trains_and_exports(offline_torchvision, cache_dir, 
     assert sha == sha256_file(offline_torchvision) == weights_sha256("resnet50-tv")
     cap = Captioner.load(out, precision="fp32")  # checks the encoder's sha against the bundle's
     assert cap.caption(data / "Images" / "0000_synthetic.png").text
+
+
+@pytest.mark.skipif(
+    __import__("captioning.runtime").runtime.openvino_module() is None, reason="needs openvino"
+)
+def test_train_reads_the_openvino_feature_cache_and_records_it(tiny_flickr, tmp_path):
+    """``--runtime openvino``: missing features are extracted by OpenVINO into its own cache
+    (``…-fp32-openvino``), the torch cache is never made, and the bundle records the runtime."""
+    cache = tmp_path / "cache"
+    out = tmp_path / "tiny-par-inject"
+    cfg = config(decoder="inject", epochs=1, runtime="openvino",
+                 decoder_cfg={"embed_dim": 16, "hidden_dim": 32, "inject_mode": "par"})  # fmt: skip
+    assert not main(cfg, str(tiny_flickr), out, cache, resume=False)["stopped"]
+    feature_dirs = sorted(p.name for p in cache.iterdir() if p.name.startswith("resnet50-"))
+    assert len(feature_dirs) == 1 and feature_dirs[0].endswith("-fp32-openvino"), feature_dirs
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train_config"]["runtime"] == "openvino"
+    assert saved["decoder_config"]["inject_mode"] == "par"
+    cap = Captioner.load(out, precision="fp32", runtime="torch")
+    assert cap.caption(tiny_flickr / "Images" / "0000_synthetic.png", beam_size=2).text
