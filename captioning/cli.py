@@ -558,6 +558,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         comparison_markdown,
         default_decoding,
         default_result,
+        latency_markdown,
         results_markdown,
     )
 
@@ -567,6 +568,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     if args.compare:
         print(comparison_markdown(bundles, args.split))
+        return 0
+    if args.latency:
+        print(latency_markdown(bundles))
         return 0
     if not bundles:
         print(
@@ -945,6 +949,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare", action="store_true",
         help="a markdown table, one row per bundle at its default decoding: BLEU-1/4, CIDEr-D, "
         "distinct and trigram-repeating captions, decode latency (bench.json) and size",
+    )  # fmt: skip
+    p.add_argument(
+        "--latency", action="store_true",
+        help="a markdown table from each bundle's bench.json: encode, decode and total p50 at "
+        "beams 1/3/5 per runtime, the folder rate and the machine it was measured on",
     )  # fmt: skip
     p.add_argument("--split", choices=("dev", "test"), default="test", help="(default: test)")
 

@@ -245,6 +245,54 @@ def comparison_markdown(bundles: list[BundleInfo], split: str = "test") -> str:
     return "\n".join(lines)
 
 
+def _p50(runtime: dict, beam: str, key: str) -> str:
+    try:
+        return f"{float(runtime['beams'][beam][key]['p50']):.1f}"
+    except (KeyError, TypeError, ValueError):
+        return MISSING
+
+
+def _folder_cell(bench: dict, runtime: dict) -> str:
+    folder = runtime.get("folder") or {}
+    if folder.get("images_per_s") is None:
+        return MISSING
+    where = "samples" if "samples" in str(bench.get("folder", "")) else "images"
+    beam = bench.get("throughput_beam", "?")
+    return f"{float(folder['images_per_s']):.1f} ({folder.get('images', '?')} {where}, beam {beam})"
+
+
+def _machine(bench: dict) -> str:
+    """ "Intel(R) Xeon(R) Processor (amx_bf16, avx512_bf16)" from a bench record's CPU fields."""
+    cpu = bench.get("cpu_model") if isinstance(bench.get("cpu_model"), dict) else {}
+    model = cpu.get("model") or bench.get("cpu") or "?"
+    flags = cpu.get("bf16_flags")
+    return f"{model} ({', '.join(flags) or 'no native bf16'})" if flags is not None else model
+
+
+def latency_markdown(bundles: list[BundleInfo]) -> str:
+    """One row per bundle and runtime from each ``bench.json`` (`bench --save`): batch-1 p50s of
+    encode, decode and JPEG bytes -> caption at beams 1/3/5, the folder rate, and the machine."""
+    head = ["model", "runtime", "encode p50 ms", "decode p50 ms, beam 1 / 3 / 5",
+            "total p50 ms, beam 1 / 3 / 5", "folder images/s", "measured on"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for b in bundles:
+        bench = read_bench(b.path)
+        if not bench:
+            continue
+        where = _machine(bench) + f", {bench.get('threads', '?')} threads, "
+        where += str(bench.get("created", "?"))[:10]
+        runtimes = bench.get("runtimes") or {bench.get("runtime", "torch"): bench}
+        for name, rt in runtimes.items():
+            per_beam = [str(k) for k in (1, 3, 5)]
+            decode = " / ".join(_p50(rt, k, "decode_ms") for k in per_beam)
+            total = " / ".join(_p50(rt, k, "total_ms") for k in per_beam)
+            lines.append(
+                f"| {b.name} | {name} {rt.get('precision', '')} | {_p50(rt, '3', 'encode_ms')} "
+                f"| {decode} | {total} | {_folder_cell(bench, rt)} | {where} |"
+            )
+    return "\n".join(lines)
+
+
 def _data_line(config: dict) -> str:
     data = config.get("data")
     if not data:

@@ -29,6 +29,7 @@ from captioning.precision import resolve_precision
 from captioning.reports import (
     comparison_markdown,
     default_result,
+    latency_markdown,
     prediction_sets,
     read_bench,
     read_history,
@@ -231,6 +232,33 @@ def test_comparison_markdown_has_one_row_per_bundle_at_its_default(tmp_path):
     assert md[2] == (f"| a | resnet50 | inject | beam 5 α 0 | 60.0 | 20.0 | 50.0 | 87.5 | 0.2 "
                      f"| 7.2 (openvino) | {size:.1f} |")  # fmt: skip
     assert md[3].startswith("| b | resnet50 | merge | beam 3 α 0 | — | — | — | — | — | — |")
+
+
+def test_latency_markdown_has_a_row_per_bundle_and_runtime_with_its_machine(tmp_path):
+    a = make_bundle(tmp_path, "a")
+    make_bundle(tmp_path, "b")  # never benched: no row
+
+    def beams(enc):
+        return {str(k): {"encode_ms": {"p50": enc}, "decode_ms": {"p50": 10.0 * k},
+                         "total_ms": {"p50": enc + 10.0 * k + 1}} for k in (1, 3)}  # fmt: skip
+
+    (a / "bench.json").write_text(json.dumps({
+        "created": "2026-12-03T08:50:43+00:00", "threads": 2, "throughput_beam": 3,
+        "cpu_model": {"model": "Xeon", "bf16_flags": ["amx_bf16"]}, "folder": "/x/test1000",
+        "runtimes": {
+            "torch": {"precision": "bf16+cl", "beams": beams(30.0),
+                      "folder": {"images": 1000, "images_per_s": 26.16}},
+            "openvino": {"precision": "bf16-openvino", "beams": beams(9.0)},
+        },
+    }))  # fmt: skip
+    md = latency_markdown([info(a), info(tmp_path / "b")]).splitlines()
+    assert len(md) == 4 and md[0].startswith("| model | runtime | encode p50 ms")
+    assert md[2] == (
+        "| a | torch bf16+cl | 30.0 | 10.0 / 30.0 / — | 41.0 / 61.0 / — "
+        "| 26.2 (1000 images, beam 3) | Xeon (amx_bf16), 2 threads, 2026-12-03 |"
+    )
+    assert md[3].startswith("| a | openvino bf16-openvino | 9.0 | 10.0 / 30.0 / — | 20.0 / 40.0")
+    assert md[3].endswith("| — | Xeon (amx_bf16), 2 threads, 2026-12-03 |")
 
 
 def test_unreadable_outputs_read_as_absent(tmp_path):
