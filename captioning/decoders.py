@@ -59,7 +59,10 @@ class DecoderConfig:
 
 
 class Decoder(nn.Module):
-    """Shared parts: word embedding, dropout and the output layer."""
+    """Shared parts: word embedding, dropout and the output layer. ``step_keys``: the per-image
+    context tensors ``step`` reads (the rest is state and word), for compiled steps."""
+
+    step_keys: tuple[str, ...] = ()
 
     def __init__(self, cfg: DecoderConfig, out_in: int) -> None:
         super().__init__()
@@ -96,6 +99,7 @@ class InjectDecoder(Decoder):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__(cfg, cfg.hidden_dim)
         self.par = cfg.inject_mode == "par"
+        self.step_keys = ("img",) if self.par else ()
         self.init_hc = nn.Linear(cfg.feat_dim, 2 * cfg.hidden_dim)
         if self.par:
             self.img_proj = nn.Linear(cfg.feat_dim, cfg.embed_dim)
@@ -135,6 +139,8 @@ class InjectDecoder(Decoder):
 class MergeDecoder(Decoder):
     """Keras-style merge: LSTM over words only; its state and the image meet after the LSTM."""
 
+    step_keys = ("img",)
+
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__(cfg, cfg.merge_dim)
         self.img_proj = nn.Linear(cfg.feat_dim, cfg.merge_dim)
@@ -167,6 +173,8 @@ class MergeDecoder(Decoder):
 
 class AttentionDecoder(Decoder):
     """Show, Attend and Tell (soft): additive attention over the grid, gate β, deep output."""
+
+    step_keys = ("proj", "grid")
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__(cfg, cfg.embed_dim)

@@ -55,15 +55,6 @@ OV_HINTS = {"fp32": "f32", "bf16": "bf16"}  # Precision.dtype -> INFERENCE_PRECI
 # The decoder step always runs in f32: in bf16 it changed 10% of resnet50-attention's dev
 # captions (beam 5) against the torch fp32 path; f32 changed none. The encoder may run bf16.
 DECODER_STEP_PRECISION = "fp32"
-# which per-image context tensors each decoder kind's step reads (the rest is state and word)
-STEP_CONTEXT = {"inject": (), "merge": ("img",), "attention": ("proj", "grid")}
-
-
-def step_context(cfg) -> tuple[str, ...]:
-    """The context tensors ``cfg``'s decoder step reads (par-inject also reads its image vector)."""
-    if cfg.kind == "inject" and getattr(cfg, "inject_mode", "init") == "par":
-        return ("img",)
-    return STEP_CONTEXT[cfg.kind]
 
 
 def note(message: str) -> None:
@@ -442,11 +433,11 @@ def openvino_decoder(
     ``weights_sha256``. ``grid_cells`` (attention decoders) fixes the grid length. Raises on
     failure."""
     cfg = decoder.cfg
-    if cfg.kind not in STEP_CONTEXT:
+    keys = getattr(decoder, "step_keys", None)  # the per-image context its step reads
+    if keys is None:
         raise ValueError(f"no OpenVINO step for decoder kind {cfg.kind!r}")
-    keys = step_context(cfg)
     shapes = {
-        "img": (-1, cfg.embed_dim if cfg.kind == "inject" else cfg.merge_dim),
+        "img": (-1, decoder.img_proj.out_features if "img" in keys else -1),
         "proj": (-1, grid_cells or -1, cfg.attn_dim),
         "grid": (-1, grid_cells or -1, cfg.feat_dim),
     }
