@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -196,7 +195,6 @@ def bench(
         "version": BENCH_VERSION,
         "model": caps[0].name,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "cpu": platform.processor() or platform.machine(),
         "cpu_model": cpu_description(),  # bench figures are comparable only on the same CPU
         "threads": threads,
         "runs": runs,

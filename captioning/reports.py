@@ -264,7 +264,9 @@ def _folder_cell(bench: dict, runtime: dict) -> str:
 def _machine(bench: dict) -> str:
     """ "Intel(R) Xeon(R) Processor (amx_bf16, avx512_bf16)" from a bench record's CPU fields."""
     cpu = bench.get("cpu_model") if isinstance(bench.get("cpu_model"), dict) else {}
-    model = cpu.get("model") or bench.get("cpu") or "?"
+    if not cpu:  # records before cpu_model had only the architecture ("x86_64")
+        return f"{bench.get('cpu') or '?'} (CPU model not recorded)"
+    model = cpu.get("model") or "?"
     flags = cpu.get("bf16_flags")
     return f"{model} ({', '.join(flags) or 'no native bf16'})" if flags is not None else model
 

@@ -259,6 +259,14 @@ def test_latency_markdown_has_a_row_per_bundle_and_runtime_with_its_machine(tmp_
     )
     assert md[3].startswith("| a | openvino bf16-openvino | 9.0 | 10.0 / 30.0 / — | 20.0 / 40.0")
     assert md[3].endswith("| — | Xeon (amx_bf16), 2 threads, 2026-12-03 |")
+    old = {"created": "2026-12-02T08:00:00+00:00", "threads": 2, "cpu": "x86_64",
+           "runtime": "torch", "precision": "fp32", "beams": beams(50.0)}  # fmt: skip
+    (a / "bench.json").write_text(json.dumps(old))  # a record from before cpu_model
+    assert (
+        latency_markdown([info(a)])
+        .splitlines()[2]
+        .endswith("| x86_64 (CPU model not recorded), 2 threads, 2026-12-02 |")
+    )
 
 
 def test_unreadable_outputs_read_as_absent(tmp_path):
