@@ -274,11 +274,14 @@ def export_bundle(
     dataset=None,
     encoder_sha256: str | None = None,
     encoder_block: dict | None = None,
+    encoder_runtime: str = DEFAULT_RUNTIME,
     select_metric: str,
 ) -> None:
     """Write a self-contained bundle (weights fp16) next to the training state.
 
     ``select_metric``: the history field that chose ``best_epoch`` (the card names it).
+
+    ``encoder_runtime``: what ran the encoder that made the training features (torch, openvino).
 
     ``encoder_block``: the ``config.json`` entry of a fine-tuned block already written into
     ``out`` (``captioning.finetune.export_block``); None for a frozen encoder.
@@ -305,7 +308,7 @@ def export_bundle(
         "encoder_sha256": encoder_sha256 or weights_sha256(cfg.encoder),
         **({BLOCK_KEY: encoder_block} if encoder_block else {}),
         "precision": precision,  # of the encoder features the decoder was trained on
-        "runtime": DEFAULT_RUNTIME,
+        "runtime": encoder_runtime,  # of those features
         "data": data_description(dataset) if dataset is not None else None,
         "decoder_config": dcfg.to_dict(),
         "train_config": train_config,

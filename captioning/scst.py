@@ -457,6 +457,7 @@ def main_scst(
         commit=git_commit(),
         dataset=ds,
         encoder_sha256=data.encoder_sha256,
+        encoder_runtime=data.encoder_runtime,
         select_metric=SELECT_METRIC,
     )
     write_card(out)

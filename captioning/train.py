@@ -89,6 +89,7 @@ class TrainData:
     captions: dict[str, list[list[int]]]  # encoded, truncated
     dev_refs: dict[str, list[str]]
     encoder_sha256: str = ""  # of the weights that made ``feats``
+    encoder_runtime: str = "torch"  # what ran the encoder that made ``feats``
 
 
 def git_commit() -> str | None:
@@ -109,6 +110,7 @@ def prepare_data(ds: Flickr8k, cfg: TrainConfig, cache_root: Path | None) -> Tra
     """Vocabulary from train captions only; features from the cache (extracted when missing)."""
     train, dev = ds.splits["train"], ds.splits["dev"]
     vocab = Vocabulary.build((c for n in train for c in ds.captions[n]), min_freq=cfg.min_freq)
+    made_by = "torch"
     if cfg.finetune:  # the cached inputs of the block that trains (captioning.finetune)
         feats, sha = finetune.block_input_features(ds, cfg, train + dev, cache_root)
     else:
@@ -124,7 +126,7 @@ def prepare_data(ds: Flickr8k, cfg: TrainConfig, cache_root: Path | None) -> Tra
             )
             extract(enc, [(n, ds.image_path(n)) for n in missing], cache)
         need_grid = DecoderConfig(kind=cfg.decoder).uses_grid
-        feats, sha = cache.load(train + dev, with_grid=need_grid), enc.sha256
+        feats, sha, made_by = cache.load(train + dev, with_grid=need_grid), enc.sha256, enc.runtime
     caps: dict[str, list[list[int]]] = {}
     for n in train + dev:
         caps[n] = []
@@ -133,7 +135,8 @@ def prepare_data(ds: Flickr8k, cfg: TrainConfig, cache_root: Path | None) -> Tra
             if len(ids) > cfg.max_words + 2:
                 ids = ids[: cfg.max_words + 1] + [vocab.end_id]
             caps[n].append(ids)
-    return TrainData(vocab, feats, train, dev, caps, {n: ds.captions[n] for n in dev}, sha)
+    refs = {n: ds.captions[n] for n in dev}
+    return TrainData(vocab, feats, train, dev, caps, refs, sha, made_by)
 
 
 def decoder_config(cfg: TrainConfig, vocab_size: int) -> DecoderConfig:
@@ -620,6 +623,7 @@ def _main(cfg, data_dir, out: Path, cache, resume: bool, force: bool, dist_: Dis
             commit=git_commit(),
             dataset=ds,
             encoder_sha256=data.encoder_sha256,
+            encoder_runtime=data.encoder_runtime,
             select_metric=SELECT_METRIC,
             encoder_block=block,
         )

@@ -68,7 +68,8 @@ def test_records_say_what_made_each_number(name):
     doc = json.loads((b.path / "metrics.json").read_text())
     assert doc["format"] == METRICS_FORMAT and doc["version"] == 2
     cfg = b.config
-    assert cfg["precision"] not in ("auto", None) and cfg["runtime"] == "torch"
+    assert cfg["precision"] not in ("auto", None) and cfg["runtime"] in ("torch", "openvino")
+    assert cfg["runtime"] == cfg["train_config"].get("runtime", "torch")  # of its train features
     assert cfg["data"]["layout"] == "flickr8k-official" and cfg["data"]["images"]["test"] == 1000
     settings = [r.setting.to_dict() for r in results(b)]
     assert len(settings) == len({json.dumps(s, sort_keys=True) for s in settings}), "one per key"

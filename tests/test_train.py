@@ -278,6 +278,7 @@ def test_train_reads_the_openvino_feature_cache_and_records_it(tiny_flickr, tmp_
     assert len(feature_dirs) == 1 and feature_dirs[0].endswith("-fp32-openvino"), feature_dirs
     saved = json.loads((out / "config.json").read_text())
     assert saved["train_config"]["runtime"] == "openvino"
+    assert saved["runtime"] == "openvino"  # of the features the decoder was trained on
     assert saved["decoder_config"]["inject_mode"] == "par"
     cap = Captioner.load(out, precision="fp32", runtime="torch")
     assert cap.caption(tiny_flickr / "Images" / "0000_synthetic.png", beam_size=2).text
