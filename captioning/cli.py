@@ -31,7 +31,7 @@ STRUCTURAL_KEYS = {
 }
 TRAIN_FLAGS = ("epochs", "lr", "batch_images", "patience", "seed", "max_minutes",
                "train_precision", "precision", "finetune", "finetune_lr", "device",
-               "dev_beam", "runtime")  # fmt: skip
+               "dev_beam", "runtime", "init")  # fmt: skip
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -375,8 +375,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.objective == "scst":
         return _train_scst(args)
-    if args.init or args.samples is not None or args.baseline is not None:
-        raise ValueError("--init, --samples and --baseline belong to --objective scst")
+    if args.samples is not None or args.baseline is not None:
+        raise ValueError("--samples and --baseline belong to --objective scst")
     from captioning.train import TrainConfig, main
 
     cfg = TrainConfig(
@@ -793,7 +793,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="xe",
         help="xe = cross-entropy; scst = self-critical CIDEr-D from --init (default: xe)",
     )
-    p.add_argument("--init", help="with --objective scst: the cross-entropy bundle to start from")
+    p.add_argument(
+        "--init",
+        metavar="BUNDLE",
+        help="start from this bundle's decoder: with --objective scst, the cross-entropy model; "
+        "with xe, a warm start (same encoder, decoder and vocabulary; e.g. to --finetune it)",
+    )
     p.add_argument("--samples", type=positive_int, help="scst: sampled captions per image (5)")
     p.add_argument(
         "--baseline",

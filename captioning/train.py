@@ -78,6 +78,7 @@ class TrainConfig:
     finetune_lr: float = 0.0  # the tuned block's peak LR; 0 = lr / 10
     device: str = "auto"  # auto | cpu | cuda (captioning.precision.resolve_device)
     runtime: str = "torch"  # which feature cache: torch (reference) | openvino | auto
+    init: str = ""  # "" = a fresh decoder; a bundle: start from its decoder weights (warm_start)
 
 
 @dataclass
@@ -179,6 +180,45 @@ def epoch_order(images: list[str], seed: int, epoch: int) -> list[str]:
 
 def batches_per_epoch(cfg: TrainConfig, data: TrainData) -> int:
     return math.ceil(len(data.train_images) / cfg.batch_images)
+
+
+def warm_start(cfg: TrainConfig, data: TrainData, dcfg: DecoderConfig) -> dict[str, torch.Tensor]:
+    """The decoder weights of bundle ``cfg.init``, checked to fit this run (``train --init``).
+
+    The bundle must have the same encoder weights (frozen: a fine-tuned bundle's block is not
+    restored), decoder kind, vocabulary and decoder shape; dropout and the attention regulariser
+    may differ. Typical use: ``--finetune`` a trained frozen-encoder bundle's last block.
+    """
+    from captioning.bundle import load_decoder, resolve_bundle
+
+    path = resolve_bundle(cfg.init)
+    decoder, vocab, bcfg = load_decoder(path)
+    if bcfg.get("encoder_block"):
+        raise ValueError(f"--init {path} has a fine-tuned encoder block; start from a frozen one")
+    if (bcfg["encoder"], bcfg["decoder"]) != (cfg.encoder, cfg.decoder):
+        raise ValueError(
+            f"--init {path} is a {bcfg['encoder']} + {bcfg['decoder']} bundle; this run trains "
+            f"{cfg.encoder} + {cfg.decoder}"
+        )
+    if vocab.itos != data.vocab.itos:
+        raise ValueError(
+            f"--init {path}'s vocabulary ({len(vocab)} words) is not the one this data's train "
+            f"split gives with min_freq={cfg.min_freq} ({len(data.vocab)} words)"
+        )
+    if data.encoder_sha256 and bcfg.get("encoder_sha256") != data.encoder_sha256:
+        raise ValueError(f"--init {path} was trained on features of other {cfg.encoder} weights")
+    theirs, ours = decoder.cfg.to_dict(), dcfg.to_dict()
+    differ = [k for k in ours if k not in _FREE_DECODER_FIELDS and theirs.get(k) != ours.get(k)]
+    if differ:
+        raise ValueError(
+            f"--init {path}'s decoder differs in {', '.join(differ)} "
+            f"({', '.join(f'{k}={theirs.get(k)}' for k in differ)}); drop those --set overrides"
+        )
+    return decoder.state_dict()
+
+
+# regularisation only: a warm start (--init) may change these
+_FREE_DECODER_FIELDS = ("dropout", "feat_dropout", "alpha_c")
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -509,7 +549,10 @@ def _main(cfg, data_dir, out: Path, cache, resume: bool, force: bool, dist_: Dis
     if dist_.local_rank != 0:  # ... the others find them cached
         data = prepare_data(ds, on_device, cache)
     dcfg = decoder_config(cfg, len(data.vocab))
-    model = finetune.trainable_model(cfg, dcfg).to(device)  # the decoder, or block + decoder
+    model = finetune.trainable_model(cfg, dcfg)  # the decoder, or block + decoder
+    if cfg.init and not resuming:  # a resumed run has its own weights in its state
+        finetune.decoder_of(model).load_state_dict(warm_start(cfg, data, dcfg))
+    model = model.to(device)
     opt = torch.optim.AdamW(finetune.param_groups(model, cfg), lr=cfg.lr)
     n_batches = batches_per_epoch(cfg, data)
     total = n_batches * cfg.epochs

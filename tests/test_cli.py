@@ -213,10 +213,10 @@ def test_set_error_is_one_line_before_any_training(tmp_path, capsys):
 
 
 def test_train_scst_flags_are_checked_before_any_work(capsys):
-    """--init belongs to --objective scst, and scst needs --init: one clear line each."""
+    """--samples belongs to --objective scst, and scst needs --init: one clear line each."""
     from captioning.cli import main
 
-    assert main(["train", "--init", "resnet50-attention", "--out", "/nonexistent/x"]) == 2
+    assert main(["train", "--samples", "3", "--out", "/nonexistent/x"]) == 2
     assert "--objective scst" in capsys.readouterr().err
     assert main(["train", "--objective", "scst", "--out", "/nonexistent/x"]) == 2
     assert "needs --init" in capsys.readouterr().err

@@ -282,3 +282,26 @@ def test_train_reads_the_openvino_feature_cache_and_records_it(tiny_flickr, tmp_
     assert saved["decoder_config"]["inject_mode"] == "par"
     cap = Captioner.load(out, precision="fp32", runtime="torch")
     assert cap.caption(tiny_flickr / "Images" / "0000_synthetic.png", beam_size=2).text
+
+
+def test_init_warm_starts_the_decoder_and_checks_it_fits(tiny_flickr, cache_dir, tmp_path):
+    """``train --init BUNDLE`` (cross-entropy) starts from the bundle's decoder weights: its first
+    dev loss is the bundle's level, not a fresh decoder's; a bundle that does not fit is refused
+    with the field that differs, before anything is written."""
+    first = tmp_path / "first"
+    main(config(epochs=2), str(tiny_flickr), first, cache_dir, resume=False)
+    fresh = json.loads((first / "history.json").read_text())
+    warm = tmp_path / "warm"
+    main(config(epochs=1, init=str(first), lr=1e-6), str(tiny_flickr), warm, cache_dir, False)
+    again = json.loads((warm / "history.json").read_text())
+    best = min(h["dev_loss"] for h in fresh)
+    assert abs(again[0]["dev_loss"] - best) < 0.05 * best < fresh[0]["dev_loss"] - best
+    assert json.loads((warm / "config.json").read_text())["train_config"]["init"] == str(first)
+    wide = {"embed_dim": 32, "hidden_dim": 96, "attn_dim": 32, "dropout": 0.1}
+    with pytest.raises(ValueError, match="hidden_dim=64"):
+        main(config(init=str(first), decoder_cfg=wide), str(tiny_flickr), tmp_path / "w", cache_dir,
+             False)  # fmt: skip
+    with pytest.raises(ValueError, match="attention bundle; this run trains resnet50 \\+ merge"):
+        main(config(init=str(first), decoder="merge"), str(tiny_flickr), tmp_path / "m",
+             cache_dir, False)  # fmt: skip
+    assert not (tmp_path / "w").exists() and not (tmp_path / "m").exists()
