@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from captioning.data import load_dataset
 from captioning.decoders import Decoder
 from captioning.decoding import DecodeConfig, NextWordRules
-from captioning.fileio import atomic_write_json, read_json
+from captioning.fileio import atomic_write_json
 from captioning.metrics import CiderD
 from captioning.precision import resolve_precision
 from captioning.train import (
@@ -45,6 +45,7 @@ from captioning.train import (
     evaluate_dev,
     git_commit,
     image_feats,
+    init_history,
     load_state,
     prepare_data,
     save_state,
@@ -290,13 +291,6 @@ def _dev_decoding(beam: int, bundle_cfg: dict) -> DecodeConfig:
     return DecodeConfig(beam_size=beam, **{k: base[k] for k in keep if k in base})
 
 
-def _xe_history(bundle: Path) -> list[dict]:
-    """The starting bundle's history, each row marked with its stage (``xe`` if unmarked)."""
-    path = bundle / "history.json"
-    rows = read_json(path) if path.exists() else []
-    return [{"stage": "xe", **r} for r in rows if isinstance(r, dict)]
-
-
 def main_scst(
     cfg: ScstConfig,
     data_dir: str | None,
@@ -325,7 +319,7 @@ def main_scst(
     model, vocab, bundle_cfg = load_decoder(init)
     if bundle_cfg.get("encoder_block"):  # captioning.finetune: its features need the tuned block
         raise ValueError(f"{init} has a fine-tuned encoder block; SCST needs a frozen encoder")
-    xe_history = _xe_history(init)
+    xe_history = init_history(init)
     xe_config = bundle_cfg.get("train_config", {})
     if xe_config.get("objective") == "scst":  # SCST again from an SCST bundle
         xe_config = xe_config.get("xe_train_config", {})

@@ -221,6 +221,37 @@ def warm_start(cfg: TrainConfig, data: TrainData, dcfg: DecoderConfig) -> dict[s
 _FREE_DECODER_FIELDS = ("dropout", "feat_dropout", "alpha_c")
 
 
+def stage_name(cfg: TrainConfig) -> str:
+    """The ``stage`` of this run's epochs in a warm-started bundle's history."""
+    return "finetune" if cfg.finetune else "xe"
+
+
+def init_history(bundle: str) -> list[dict]:
+    """The ``--init`` bundle's history, each row marked with its stage (``xe`` if unmarked)."""
+    from captioning.bundle import resolve_bundle
+
+    path = resolve_bundle(bundle) / "history.json"
+    rows = read_json(path) if path.exists() else []
+    return [{"stage": "xe", **r} for r in rows if isinstance(r, dict)]
+
+
+def staged_history(cfg: TrainConfig, meta: dict) -> tuple[list[dict], int]:
+    """(history, best epoch) as the bundle records them: a warm start (``--init``) continues
+    its starting bundle's history, so its epochs are numbered after those (``stage_epoch`` keeps
+    the run's own number) and the Training page shows both stages."""
+    earlier = meta.get("init_history")
+    if earlier is None:
+        earlier = init_history(cfg.init) if cfg.init else []
+    if not earlier:
+        return meta["history"], meta["best_epoch"]
+    offset = max(int(r.get("epoch", 0)) for r in earlier)
+    mine = [
+        {"stage": stage_name(cfg), **r, "epoch": offset + r["epoch"], "stage_epoch": r["epoch"]}
+        for r in meta["history"]
+    ]
+    return earlier + mine, offset + meta["best_epoch"]
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -569,6 +600,8 @@ def _main(cfg, data_dir, out: Path, cache, resume: bool, force: bool, dist_: Dis
         "step_losses": [],
     }
     best: dict[str, torch.Tensor] | None = None  # the best epoch's weights, kept in the state
+    if cfg.init and not resuming:  # kept in the state: the bundle's history continues it
+        meta["init_history"] = init_history(cfg.init)
     if dist_.rank:  # dropout masks differ between ranks; rank 0 keeps one process's stream
         torch.manual_seed(rank_seed(cfg.seed, dist_.rank, 0))
     if resuming:
@@ -655,14 +688,15 @@ def _main(cfg, data_dir, out: Path, cache, resume: bool, force: bool, dist_: Dis
             raise ValueError(f"no epoch finished (epochs={cfg.epochs}); nothing to export")
         model.load_state_dict(best)
         block = finetune.export_block(out, model, cfg.encoder)  # None unless --finetune
+        history, best_epoch = staged_history(cfg, meta)
         export_bundle(
             out,
             finetune.decoder_of(model),
             data.vocab,
             cfg=cfg,
             dcfg=dcfg,
-            history=meta["history"],
-            best_epoch=meta["best_epoch"],
+            history=history,
+            best_epoch=best_epoch,
             commit=git_commit(),
             dataset=ds,
             encoder_sha256=data.encoder_sha256,

@@ -74,11 +74,12 @@ def metrics_bars(long: pd.DataFrame, colors: dict[str, str], *, title: str) -> g
     return fig
 
 
-STAGE_SYMBOLS = {"xe": "circle", "scst": "diamond"}
+STAGE_SYMBOLS = {"xe": "circle", "finetune": "square", "scst": "diamond"}
 
 
 def _stage_symbols(g: pd.DataFrame) -> list[str]:
-    """One marker per epoch: circles for cross-entropy epochs, diamonds for SCST epochs."""
+    """One marker per epoch: circles for cross-entropy epochs, squares for cross-entropy with
+    the encoder block fine-tuned (``train --init … --finetune``), diamonds for SCST epochs."""
     stages = g["stage"] if "stage" in g else pd.Series("xe", index=g.index)
     return [STAGE_SYMBOLS.get(str(s), "circle") for s in stages]
 
@@ -96,7 +97,8 @@ def history_chart(
 
     With several columns (train and dev loss) the line style tells them apart: solid for
     train, dashed for dev; the legend has one entry per model (toggling both lines). Markers
-    tell the stage: circles for cross-entropy epochs, diamonds for SCST epochs.
+    tell the stage: circles for cross-entropy epochs, squares for fine-tuning epochs, diamonds
+    for SCST epochs.
     """
     fig = go.Figure()
     for model, g in history.groupby("model", sort=False):

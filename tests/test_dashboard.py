@@ -533,3 +533,19 @@ def test_history_of_an_scst_bundle_shows_both_stages(tiny_world, tmp_path):
     assert list(fig.data[0].marker.symbol) == ["circle", "circle", "diamond"]
     summary = tables.training_summary(hist, [info])
     assert summary["stages"].iloc[0] == "2 xe + 1 scst"
+
+
+def test_history_of_a_finetuned_warm_start_marks_its_stage(tiny_world, tmp_path):
+    """``train --init B --finetune …``: B's xe epochs, then squares for the fine-tuning ones."""
+    src = next(b for b in list_bundles(tiny_world.models) if b.decoder == "attention")
+    bundle = tmp_path / "m-ft"
+    shutil.copytree(src.path, bundle)
+    rows = [{"stage": "xe", "epoch": 1, "dev_cider": 40.0}, {"stage": "xe", "epoch": 2,
+            "dev_cider": 42.0}, {"stage": "finetune", "epoch": 3, "stage_epoch": 1,
+            "dev_cider": 45.0}]  # fmt: skip
+    (bundle / "history.json").write_text(json.dumps(rows))
+    (info,) = list_bundles(tmp_path)
+    hist = tables.read_history([info])
+    fig = charts.history_chart(hist, {"dev_cider": "dev CIDEr-D"}, {}, title="t", ytitle="y")
+    assert list(fig.data[0].marker.symbol) == ["circle", "circle", "square"]
+    assert tables.training_summary(hist, [info])["stages"].iloc[0] == "2 xe + 1 finetune"

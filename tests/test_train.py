@@ -295,8 +295,14 @@ def test_init_warm_starts_the_decoder_and_checks_it_fits(tiny_flickr, cache_dir,
     main(config(epochs=1, init=str(first), lr=1e-6), str(tiny_flickr), warm, cache_dir, False)
     again = json.loads((warm / "history.json").read_text())
     best = min(h["dev_loss"] for h in fresh)
-    assert abs(again[0]["dev_loss"] - best) < 0.05 * best < fresh[0]["dev_loss"] - best
-    assert json.loads((warm / "config.json").read_text())["train_config"]["init"] == str(first)
+    assert abs(again[-1]["dev_loss"] - best) < 0.05 * best < fresh[0]["dev_loss"] - best
+    cfg = json.loads((warm / "config.json").read_text())
+    assert cfg["train_config"]["init"] == str(first)
+    # the bundle's history continues the starting one's: 2 xe epochs, then this run's as epoch 3
+    history = json.loads((warm / "history.json").read_text())
+    assert [(h["stage"], h["epoch"]) for h in history] == [("xe", 1), ("xe", 2), ("xe", 3)]
+    assert history[-1]["stage_epoch"] == 1 and cfg["best_epoch"] == 3
+    assert history[:2] == [{"stage": "xe", **h} for h in fresh]
     wide = {"embed_dim": 32, "hidden_dim": 96, "attn_dim": 32, "dropout": 0.1}
     with pytest.raises(ValueError, match="hidden_dim=64"):
         main(config(init=str(first), decoder_cfg=wide), str(tiny_flickr), tmp_path / "w", cache_dir,

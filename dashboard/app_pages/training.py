@@ -10,9 +10,10 @@ st.title("Training curves", anchor=False)
 st.markdown(
     "Each bundle's `history.json`: one point per epoch. Dev scores are corpus scores on the dev "
     "split, decoded during training; the checkpoint kept is the one with the best dev CIDEr-D. "
-    "A self-critical (SCST) bundle continues the cross-entropy epochs (●) of the bundle it "
-    "started from with its SCST epochs (◆), whose reward is the mean CIDEr-D of the captions "
-    "it sampled for the train images."
+    "A bundle started from another (`train --init`) continues that bundle's cross-entropy "
+    "epochs (●) with its own: SCST epochs (◆), whose reward is the mean CIDEr-D of the "
+    "captions it sampled for the train images, or epochs that fine-tune the encoder's last "
+    "block with the decoder (■)."
 )
 
 bundles = components.require_bundles()
