@@ -275,13 +275,16 @@ def export_bundle(
     encoder_sha256: str | None = None,
     encoder_block: dict | None = None,
     encoder_runtime: str = DEFAULT_RUNTIME,
+    encoder_precision: str = "",
     select_metric: str,
 ) -> None:
     """Write a self-contained bundle (weights fp16) next to the training state.
 
     ``select_metric``: the history field that chose ``best_epoch`` (the card names it).
 
-    ``encoder_runtime``: what ran the encoder that made the training features (torch, openvino).
+    ``encoder_runtime``, ``encoder_precision``: what ran the encoder that made the training
+    features (torch, openvino) and at which precision (its label, e.g. bf16+cl); without the
+    label, the precision ``cfg`` resolves to on this machine.
 
     ``encoder_block``: the ``config.json`` entry of a fine-tuned block already written into
     ``out`` (``captioning.finetune.export_block``); None for a frozen encoder.
@@ -297,7 +300,7 @@ def export_bundle(
     atomic_save_safetensors(out / "decoder.safetensors", sd, metadata={"format": "fp16"})
     vocab.save(out / "vocab.json")
     resolved = resolve_precision(cfg.precision, resolve_device(cfg.device))  # as train.py does
-    precision = resolved.label
+    precision = encoder_precision or resolved.label
     train_config = {**asdict(cfg), "precision": resolved.dtype}  # "auto" made explicit
     config = {
         "format": BUNDLE_FORMAT,

@@ -133,8 +133,9 @@ def block_input_encoder(
 
 def block_input_features(
     ds, cfg, names: Sequence[str], cache_root: Path | None
-) -> tuple[Features, str]:
-    """The cached block inputs of ``names`` (extracted first when missing) and the weights' sha.
+) -> tuple[Features, str, str]:
+    """The cached block inputs of ``names`` (extracted first when missing), the weights' sha and
+    the precision label of the trunk that made them.
 
     Both ``pooled`` and ``grid`` of the result are the block inputs [N, HW, C]: whichever the
     training loop reads, ``FinetuneModel`` turns it into the decoder's features.
@@ -158,7 +159,7 @@ def block_input_features(
         print(f"extracting {len(missing)} missing {what} first", file=sys.stderr)
         extract(enc, [(n, ds.image_path(n)) for n in missing], cache)
     feats = cache.load(names, with_grid=True)
-    return Features(feats.names, feats.grid, feats.grid), enc.sha256
+    return Features(feats.names, feats.grid, feats.grid), enc.sha256, enc.precision.label
 
 
 # ---------------------------------------------------------------- training

@@ -452,6 +452,7 @@ def main_scst(
         dataset=ds,
         encoder_sha256=data.encoder_sha256,
         encoder_runtime=data.encoder_runtime,
+        encoder_precision=data.encoder_precision,
         select_metric=SELECT_METRIC,
     )
     write_card(out)

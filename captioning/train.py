@@ -91,6 +91,7 @@ class TrainData:
     dev_refs: dict[str, list[str]]
     encoder_sha256: str = ""  # of the weights that made ``feats``
     encoder_runtime: str = "torch"  # what ran the encoder that made ``feats``
+    encoder_precision: str = ""  # its precision label (bf16+cl, fp32); "" = not known
 
 
 def git_commit() -> str | None:
@@ -113,7 +114,7 @@ def prepare_data(ds: Flickr8k, cfg: TrainConfig, cache_root: Path | None) -> Tra
     vocab = Vocabulary.build((c for n in train for c in ds.captions[n]), min_freq=cfg.min_freq)
     made_by = "torch"
     if cfg.finetune:  # the cached inputs of the block that trains (captioning.finetune)
-        feats, sha = finetune.block_input_features(ds, cfg, train + dev, cache_root)
+        feats, sha, label = finetune.block_input_features(ds, cfg, train + dev, cache_root)
     else:
         device = resolve_device(cfg.device)
         runtime = cfg.runtime if device == "cpu" else "torch"  # OpenVINO runs on CPUs only
@@ -128,6 +129,7 @@ def prepare_data(ds: Flickr8k, cfg: TrainConfig, cache_root: Path | None) -> Tra
             extract(enc, [(n, ds.image_path(n)) for n in missing], cache)
         need_grid = DecoderConfig(kind=cfg.decoder).uses_grid
         feats, sha, made_by = cache.load(train + dev, with_grid=need_grid), enc.sha256, enc.runtime
+        label = enc.precision.label
     caps: dict[str, list[list[int]]] = {}
     for n in train + dev:
         caps[n] = []
@@ -137,7 +139,7 @@ def prepare_data(ds: Flickr8k, cfg: TrainConfig, cache_root: Path | None) -> Tra
                 ids = ids[: cfg.max_words + 1] + [vocab.end_id]
             caps[n].append(ids)
     refs = {n: ds.captions[n] for n in dev}
-    return TrainData(vocab, feats, train, dev, caps, refs, sha, made_by)
+    return TrainData(vocab, feats, train, dev, caps, refs, sha, made_by, label)
 
 
 def decoder_config(cfg: TrainConfig, vocab_size: int) -> DecoderConfig:
@@ -701,6 +703,7 @@ def _main(cfg, data_dir, out: Path, cache, resume: bool, force: bool, dist_: Dis
             dataset=ds,
             encoder_sha256=data.encoder_sha256,
             encoder_runtime=data.encoder_runtime,
+            encoder_precision=data.encoder_precision,
             select_metric=SELECT_METRIC,
             encoder_block=block,
         )
