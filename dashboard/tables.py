@@ -228,7 +228,12 @@ def read_history(bundles: Sequence[BundleInfo]) -> pd.DataFrame:
     for b in order_bundles(bundles):
         records = reports.read_history(b.path)
         if records:
-            frames.append(pd.DataFrame(records).assign(model=b.name))
+            frame = pd.DataFrame(records).assign(model=b.name)
+            # rows without a stage (single-stage runs): fine-tuning if the run tuned a block
+            tuned = b.config.get("train_config", {}).get("finetune")
+            unmarked = "finetune" if tuned else "xe"
+            stage = frame["stage"] if "stage" in frame else pd.Series(None, index=frame.index)
+            frames.append(frame.assign(stage=stage.where(stage.notna(), unmarked)))
     cols = ["model", *HISTORY_COLUMNS]
     if not frames:
         return pd.DataFrame(columns=cols)
@@ -236,7 +241,6 @@ def read_history(bundles: Sequence[BundleInfo]) -> pd.DataFrame:
     for c in cols:
         if c not in out:
             out[c] = float("nan")
-    out["stage"] = out["stage"].where(out["stage"].notna(), "xe")  # before SCST: no stage field
     out["reward"] = out["reward"] * 100  # history.json keeps the raw CIDEr-D; ×100 like dev
     return out[cols]
 

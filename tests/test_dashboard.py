@@ -549,3 +549,10 @@ def test_history_of_a_finetuned_warm_start_marks_its_stage(tiny_world, tmp_path)
     fig = charts.history_chart(hist, {"dev_cider": "dev CIDEr-D"}, {}, title="t", ytitle="y")
     assert list(fig.data[0].marker.symbol) == ["circle", "circle", "square"]
     assert tables.training_summary(hist, [info])["stages"].iloc[0] == "2 xe + 1 finetune"
+    # a run that tuned its block from the start (no stage field): all its epochs fine-tune
+    cfg = json.loads((bundle / "config.json").read_text())
+    cfg["train_config"]["finetune"] = "layer4"
+    (bundle / "config.json").write_text(json.dumps(cfg))
+    (bundle / "history.json").write_text(json.dumps([{"epoch": 1, "dev_cider": 40.0}]))
+    (info,) = list_bundles(tmp_path)
+    assert list(tables.read_history([info])["stage"]) == ["finetune"]
