@@ -49,8 +49,9 @@ STATE_DIR = "train_state"  # inside --out: the resumable run
 STATE_FILE = "state.safetensors"  # the whole checkpoint, one atomic file
 STATE_FORMAT = "captioning-train-state-v2"
 LEGACY_STATE = ("state.json", "best.safetensors")  # v1 wrote three files, one after the other
-# may change on --resume; ``epochs`` may not: the LR schedule is planned once for the whole run
-RESUME_FREE = ("max_minutes", "checkpoint_minutes", "device")
+# may change on --resume (patience decides only when to stop); ``epochs`` may not: the LR schedule
+# is planned once for the whole run
+RESUME_FREE = ("max_minutes", "checkpoint_minutes", "device", "patience")
 SELECT_METRIC = "dev_cider"  # checkpoint choice and patience: dev CIDEr-D of greedy captions
 
 

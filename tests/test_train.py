@@ -110,6 +110,21 @@ def test_resume_refuses_other_settings(tiny_flickr, cache_dir, tmp_path):
         )
 
 
+def test_resume_with_more_patience_continues_a_run_patience_stopped(
+    tiny_flickr, cache_dir, tmp_path
+):
+    """lr 0 keeps the weights, so dev never improves: patience 1 stops after epoch 2. Resumed with
+    patience 3, the same run goes on to its planned last epoch (the schedule is unchanged)."""
+    out = tmp_path / "run"
+    kw = dict(decoder="merge", epochs=3, lr=0.0)
+    main(config(patience=1, **kw), str(tiny_flickr), out, cache_dir, resume=False)
+    assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [1, 2]
+    main(config(patience=3, **kw), str(tiny_flickr), out, cache_dir, resume=True)
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert len({h["dev_cider"] for h in history}) == 1  # the weights never changed
+
+
 BUNDLE_FILES = {
     "decoder.safetensors": b"old weights",
     "config.json": b'{"old": true}',
