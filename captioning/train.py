@@ -185,6 +185,10 @@ def batches_per_epoch(cfg: TrainConfig, data: TrainData) -> int:
     return math.ceil(len(data.train_images) / cfg.batch_images)
 
 
+# regularisation only: a warm start (--init) may change these
+_FREE_DECODER_FIELDS = ("dropout", "feat_dropout", "alpha_c")
+
+
 def warm_start(cfg: TrainConfig, data: TrainData, dcfg: DecoderConfig) -> dict[str, torch.Tensor]:
     """The decoder weights of bundle ``cfg.init``, checked to fit this run (``train --init``).
 
@@ -220,16 +224,12 @@ def warm_start(cfg: TrainConfig, data: TrainData, dcfg: DecoderConfig) -> dict[s
     return decoder.state_dict()
 
 
-# regularisation only: a warm start (--init) may change these
-_FREE_DECODER_FIELDS = ("dropout", "feat_dropout", "alpha_c")
-
-
 def stage_name(cfg: TrainConfig) -> str:
     """The ``stage`` of this run's epochs in a warm-started bundle's history."""
     return "finetune" if cfg.finetune else "xe"
 
 
-def init_history(bundle: str) -> list[dict]:
+def init_history(bundle: str | Path) -> list[dict]:
     """The ``--init`` bundle's history, each row marked with its stage (``xe`` if unmarked)."""
     from captioning.bundle import resolve_bundle
 
@@ -240,11 +240,10 @@ def init_history(bundle: str) -> list[dict]:
 
 def staged_history(cfg: TrainConfig, meta: dict) -> tuple[list[dict], int]:
     """(history, best epoch) as the bundle records them: a warm start (``--init``) continues
-    its starting bundle's history, so its epochs are numbered after those (``stage_epoch`` keeps
-    the run's own number) and the Training page shows both stages."""
-    earlier = meta.get("init_history")
-    if earlier is None:
-        earlier = init_history(cfg.init) if cfg.init else []
+    its starting bundle's history, read once when the run began and kept in the state (the
+    bundle may have changed since), so its epochs are numbered after those (``stage_epoch``
+    keeps the run's own number) and the Training page shows both stages."""
+    earlier = meta.get("init_history", [])
     if not earlier:
         return meta["history"], meta["best_epoch"]
     offset = max(int(r.get("epoch", 0)) for r in earlier)
@@ -601,10 +600,9 @@ def _main(cfg, data_dir, out: Path, cache, resume: bool, force: bool, dist_: Dis
         "bad_epochs": 0,
         "train_config": asdict(cfg),
         "step_losses": [],
+        "init_history": init_history(cfg.init) if cfg.init and not resuming else [],
     }
     best: dict[str, torch.Tensor] | None = None  # the best epoch's weights, kept in the state
-    if cfg.init and not resuming:  # kept in the state: the bundle's history continues it
-        meta["init_history"] = init_history(cfg.init)
     if dist_.rank:  # dropout masks differ between ranks; rank 0 keeps one process's stream
         torch.manual_seed(rank_seed(cfg.seed, dist_.rank, 0))
     if resuming:

@@ -24,8 +24,8 @@ CHART_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "meteor")
 HISTORY_COLUMNS = ("epoch", "stage", "train_loss", "dev_loss", "dev_bleu1", "dev_bleu2",
                    "dev_bleu3", "dev_bleu4", "dev_cider", "reward", "lr", "epoch_seconds",
                    "samples_per_s")  # fmt: skip
-"""``stage`` is "xe" (cross-entropy), "finetune" (cross-entropy with the encoder block tuned, after
-a warm start) or "scst"; ``reward`` (SCST only) is the mean CIDEr-D (×100)
+"""``stage`` is "xe" (cross-entropy), "finetune" (cross-entropy with the encoder's last block
+tuned) or "scst"; ``reward`` (SCST only) is the mean CIDEr-D (×100)
 of the sampled train captions."""
 SORTS = {
     "score, high to low": ("score", False),
