@@ -40,7 +40,8 @@ ROW_FIELDS = (
 PARTIAL_PREFIX = "_partial-"  # pyarrow's dataset readers ignore files starting with "_"
 ACTOR_CPU_SHARE = 0.5  # of the cluster's CPUs reserved for actors; read/write tasks get the rest
 READ_TASK_CPUS = 0.25
-THREADS_PER_WORKER = 2  # the default pool: one actor per this many CPUs
+THREADS_PER_WORKER = 1  # the default pool: one actor per this many CPUs...
+ACTOR_MEMORY = 1.5 * 2**30  # ...and per this much of the cluster's memory (an actor peaks ~1.2 GB)
 BATCH_SIZE = 16
 BUNDLE_FILES = ("config.json", "decoder.safetensors", "vocab.json")
 
@@ -51,7 +52,7 @@ class BatchConfig:
     input: str
     out: str
     address: str | None = None  # None: a local Ray on this machine's cores
-    workers: int | None = None  # actors; None: one per THREADS_PER_WORKER CPUs of the cluster
+    workers: int | None = None  # actors; None: one per CPU of the cluster (memory permitting)
     beam: int | None = None  # None: the bundle's default
     overrides: dict = field(default_factory=dict)  # other DecodeConfig fields, e.g. length_alpha
     batch_size: int = BATCH_SIZE
@@ -237,9 +238,14 @@ def _check_compatible(rows: list[dict], model: str, sha: str, decoding: str, out
 # ---------------------------------------------------------------- the pool
 
 
-def plan_pool(cluster_cpus: float, workers: int | None = None) -> PoolPlan:
-    """Size the actor pool from the cluster's CPUs.
+def plan_pool(
+    cluster_cpus: float, workers: int | None = None, cluster_memory: float | None = None
+) -> PoolPlan:
+    """Size the actor pool from the cluster's CPUs (and memory, when given in bytes).
 
+    By default one single-thread actor per CPU, as many as ``ACTOR_MEMORY`` each allows: on 2
+    cores two such actors caption 26% faster than one actor with two threads (README, Scaling
+    out), since the runtime never pins two processes to one core (``runtime.pin_threads``).
     Actors get ``ACTOR_CPU_SHARE`` of the CPUs in Ray's accounting; the rest stays free for the
     read and write tasks. (Measured here: with 2 CPUs, 2 actors at 1 CPU each starve the read
     tasks and the pipeline stalls; at 0.5 CPU each it runs.) Torch threads are the real cores:
@@ -247,6 +253,8 @@ def plan_pool(cluster_cpus: float, workers: int | None = None) -> PoolPlan:
     """
     cpus = max(float(cluster_cpus), 1.0)
     actors = workers or max(1, int(cpus) // THREADS_PER_WORKER)
+    if not workers and cluster_memory:
+        actors = max(1, min(actors, int(cluster_memory // ACTOR_MEMORY)))
     return PoolPlan(
         cluster_cpus=cpus,
         actors=actors,
@@ -439,7 +447,8 @@ def run_batch(cfg: BatchConfig) -> BatchReport:
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = cfg.progress
-        plan = plan_pool(ray.cluster_resources().get("CPU", 1.0), cfg.workers)
+        resources = ray.cluster_resources()
+        plan = plan_pool(resources.get("CPU", 1.0), cfg.workers, resources.get("memory"))
         report.plan = asdict(plan)
         t1 = time.perf_counter()
         report.startup_seconds = round(t1 - t0, 2)

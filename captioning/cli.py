@@ -1012,7 +1012,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ray cluster: auto or ray://HOST:10001 (default: a local Ray on this machine's cores)",
     )
     p.add_argument(
-        "--workers", type=positive_int, help="captioning actors (default: one per 2 cluster CPUs)"
+        "--workers",
+        type=positive_int,
+        help="captioning actors (default: one per cluster CPU, memory permitting)",
     )
     _add_decoding(p)
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per model call")

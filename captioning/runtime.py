@@ -208,6 +208,26 @@ def _core():
         return _CORE
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; ``os.cpu_count`` elsewhere)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def pin_threads(threads: int) -> bool:
+    """OpenVINO's ``ENABLE_CPU_PINNING``: only for a process that uses every core it may run on.
+
+    Each process pins its threads from the first core on, without knowing of the others, so two
+    processes of one thread each (``batch --workers 2`` on 2 cores, two Ray actors on a node)
+    both land on core 0. Measured on 2 cores, resnet50-attention, beam 3, batches of 16: two such
+    processes captioned 10.6 images/s each pinned and 21.1 each unpinned, one 2-thread process
+    31.7 either way.
+    """
+    return threads >= usable_cpus()
+
+
 def compile_graph(
     key: CompileKey,
     build: Callable[[], nn.Module],
@@ -221,10 +241,12 @@ def compile_graph(
     ``build`` is called only on a cache miss; it returns the fp32 torch module to trace.
     """
     entry = openvino_cache_dir(cache_root) / key.dirname
+    n_threads = int(threads or torch.get_num_threads())
     config = {
         "INFERENCE_PRECISION_HINT": OV_HINTS[key.precision],
-        "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
+        "INFERENCE_NUM_THREADS": n_threads,
         "PERFORMANCE_HINT": "LATENCY",
+        "ENABLE_CPU_PINNING": pin_threads(n_threads),
         "CACHE_DIR": str(entry / "compiled"),
     }
     fresh = not _entry_ok(entry, key)

@@ -29,11 +29,16 @@ BUNDLE = REPO / "artifacts" / "models" / "resnet50-attention"
 def test_plan_pool_leaves_cpus_for_read_tasks():
     two = plan_pool(2, workers=2)  # measured: 2 actors x 1 CPU stall against the read tasks
     assert (two.actors, two.cpus_per_actor, two.threads_per_actor) == (2, 0.5, 1)
-    one = plan_pool(2)
+    assert plan_pool(2) == two  # the default: one single-thread actor per CPU
+    one = plan_pool(2, workers=1)
     assert (one.actors, one.cpus_per_actor, one.threads_per_actor) == (1, 1.0, 2)
     big = plan_pool(16)
-    assert big.actors == 8 and big.actors * big.cpus_per_actor < 16
+    assert big.actors == 16 and big.actors * big.cpus_per_actor < 16
     assert plan_pool(4, workers=3).threads_per_actor == 1
+    # memory caps the default pool (an actor holds its own model), never an explicit --workers
+    assert plan_pool(16, cluster_memory=6 * 2**30).actors == 4
+    assert plan_pool(16, cluster_memory=2**29).actors == 1
+    assert plan_pool(16, workers=8, cluster_memory=2**29).actors == 8
 
 
 def test_read_inputs_folder_list_csv_parquet(tmp_path):

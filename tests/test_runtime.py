@@ -126,6 +126,21 @@ def test_encoder_matches_torch_with_dynamic_batch_and_is_cached(monkeypatch, tmp
 
 
 @needs_openvino
+def test_threads_are_pinned_only_when_the_process_uses_every_core(monkeypatch, tmp_path):
+    # Each process pins from core 0 on: two one-thread processes on 2 cores would share core 0.
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 2)
+    assert runtime.pin_threads(2) and runtime.pin_threads(4) and not runtime.pin_threads(1)
+    enc = tiny_encoder(tmp_path, 0)
+    for threads, pinned in ((1, False), (2, True)):
+        engine = runtime.openvino_encoder(
+            enc, fp32_model=lambda: enc.model, input_size=SIDE, threads=threads,
+            cache_root=tmp_path / "cache",
+        )  # fmt: skip
+        assert engine.compiled.get_property("INFERENCE_NUM_THREADS") == threads
+        assert engine.compiled.get_property("ENABLE_CPU_PINNING") is pinned
+
+
+@needs_openvino
 def test_weights_change_invalidates_the_cache(monkeypatch, tmp_path):
     calls = count_conversions(monkeypatch)
     old, new = tiny_encoder(tmp_path, 0), tiny_encoder(tmp_path, 1)
