@@ -292,7 +292,15 @@ def swap_block(model: Encoder, spec: BlockSpec, state: Mapping[str, torch.Tensor
     not fit the block."""
     keep = [model.norm, *model.body[: spec.start]] + ([model.fc] if model.fc is not None else [])
     tuned = copy.deepcopy(model, memo={id(m): m for m in keep})
-    block = tuned.body[spec.start :]
+    load_block_weights(tuned.body[spec.start :], spec, state)
+    return tuned
+
+
+def load_block_weights(
+    block: nn.Module, spec: BlockSpec, state: Mapping[str, torch.Tensor]
+) -> None:
+    """Copy ``block_state``-keyed weights (``body.N.…``, fp16 or fp32) into ``block`` (a slice
+    of the encoder's body, which keeps its own dtype); ValueError if they do not fit it."""
     prefix = "body."
     if any(not k.startswith(prefix) for k in state):
         raise ValueError(f"block weights must be keyed {prefix}…, got {sorted(state)[:3]}")
@@ -305,7 +313,34 @@ def swap_block(model: Encoder, spec: BlockSpec, state: Mapping[str, torch.Tensor
             f"the weights do not fit {spec.name}: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}"
         )
-    return tuned
+
+
+def checked_block_file(bundle: Path, config: dict) -> tuple[BlockSpec, str, Path]:
+    """(block spec, sha256, path) of a fine-tuned bundle's block file, after checking it against
+    ``config.json``: BundleError for a malformed entry, a missing file or another sha256."""
+    entry = config[BLOCK_KEY]
+    if not isinstance(entry, dict) or entry.get("file") != BLOCK_FILE or "sha256" not in entry:
+        raise BundleError(f"{bundle / 'config.json'}: malformed {BLOCK_KEY} entry {entry!r}")
+    try:
+        spec = block_spec(config["encoder"], entry.get("block", ""))
+    except ValueError as e:
+        raise BundleError(f"{bundle / 'config.json'}: {e}") from None
+    path = bundle / BLOCK_FILE
+    if not path.is_file():
+        raise BundleError(f"bundle {bundle.name} is incomplete: missing {BLOCK_FILE}")
+    sha = sha256_file(path)
+    if sha != entry["sha256"]:
+        raise BundleError(
+            f"bundle {bundle.name}: {BLOCK_FILE} has sha256 {sha[:12]}…, but config.json "
+            f"records {entry['sha256'][:12]}…; the fine-tuned block was changed or damaged"
+        )
+    return spec, sha, path
+
+
+def bundle_block_state(bundle: Path, config: dict) -> dict[str, torch.Tensor]:
+    """A fine-tuned bundle's block weights (checked), keyed as ``block_state`` writes them."""
+    _, _, path = checked_block_file(bundle, config)
+    return load_file(str(path))
 
 
 def tuned_sha256(base_sha256: str, block: str, block_sha256: str) -> str:
@@ -326,22 +361,7 @@ def tuned_encoder(base: LoadedEncoder, bundle: Path, config: dict, runtime: str)
     one ``config.json`` records. ``runtime`` "openvino" compiles the tuned encoder (an fp32
     trace) under its own identity; a failed compile runs it on torch.
     """
-    entry = config[BLOCK_KEY]
-    if not isinstance(entry, dict) or entry.get("file") != BLOCK_FILE or "sha256" not in entry:
-        raise BundleError(f"{bundle / 'config.json'}: malformed {BLOCK_KEY} entry {entry!r}")
-    try:
-        spec = block_spec(config["encoder"], entry.get("block", ""))
-    except ValueError as e:
-        raise BundleError(f"{bundle / 'config.json'}: {e}") from None
-    path = bundle / BLOCK_FILE
-    if not path.is_file():
-        raise BundleError(f"bundle {bundle.name} is incomplete: missing {BLOCK_FILE}")
-    sha = sha256_file(path)
-    if sha != entry["sha256"]:
-        raise BundleError(
-            f"bundle {bundle.name}: {BLOCK_FILE} has sha256 {sha[:12]}…, but config.json "
-            f"records {entry['sha256'][:12]}…; the fine-tuned block was changed or damaged"
-        )
+    spec, sha, path = checked_block_file(bundle, config)
     key = (base.spec.name, base.sha256, base.precision, spec.name, sha, runtime)
     with _TUNED_LOCK:
         if key in _TUNED:

@@ -189,19 +189,27 @@ def batches_per_epoch(cfg: TrainConfig, data: TrainData) -> int:
 _FREE_DECODER_FIELDS = ("dropout", "feat_dropout", "alpha_c")
 
 
-def warm_start(cfg: TrainConfig, data: TrainData, dcfg: DecoderConfig) -> dict[str, torch.Tensor]:
-    """The decoder weights of bundle ``cfg.init``, checked to fit this run (``train --init``).
+def warm_start(
+    cfg: TrainConfig, data: TrainData, dcfg: DecoderConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The weights of bundle ``cfg.init``, checked to fit this run (``train --init``):
+    (decoder state, fine-tuned block state or None).
 
-    The bundle must have the same encoder weights (frozen: a fine-tuned bundle's block is not
-    restored), decoder kind, vocabulary and decoder shape; dropout and the attention regulariser
-    may differ. Typical use: ``--finetune`` a trained frozen-encoder bundle's last block.
+    The bundle must have the same encoder weights, decoder kind, vocabulary and decoder shape;
+    dropout and the attention regulariser may differ. A bundle that fine-tuned its encoder's last
+    block continues only as a run that fine-tunes the same block (``--finetune``), which starts
+    from both its decoder and its block. Typical uses: ``--finetune`` a trained frozen-encoder
+    bundle's last block, or give a fine-tuned bundle more epochs at a lower rate.
     """
-    from captioning.bundle import load_decoder, resolve_bundle
+    from captioning.bundle import load_decoder, resolve_bundle, tuned_block
 
     path = resolve_bundle(cfg.init)
     decoder, vocab, bcfg = load_decoder(path)
-    if bcfg.get("encoder_block"):
-        raise ValueError(f"--init {path} has a fine-tuned encoder block; start from a frozen one")
+    block = tuned_block(bcfg)
+    if block and block != cfg.finetune:
+        raise ValueError(
+            f"--init {path} fine-tuned its encoder's {block}; continue it with --finetune {block}"
+        )
     if (bcfg["encoder"], bcfg["decoder"]) != (cfg.encoder, cfg.decoder):
         raise ValueError(
             f"--init {path} is a {bcfg['encoder']} + {bcfg['decoder']} bundle; this run trains "
@@ -221,7 +229,7 @@ def warm_start(cfg: TrainConfig, data: TrainData, dcfg: DecoderConfig) -> dict[s
             f"--init {path}'s decoder differs in {', '.join(differ)} "
             f"({', '.join(f'{k}={theirs.get(k)}' for k in differ)}); drop those --set overrides"
         )
-    return decoder.state_dict()
+    return decoder.state_dict(), finetune.bundle_block_state(path, bcfg) if block else None
 
 
 def stage_name(cfg: TrainConfig) -> str:
@@ -230,12 +238,15 @@ def stage_name(cfg: TrainConfig) -> str:
 
 
 def init_history(bundle: str | Path) -> list[dict]:
-    """The ``--init`` bundle's history, each row marked with its stage (``xe`` if unmarked)."""
+    """The ``--init`` bundle's history, each row marked with its stage; an unmarked row is
+    ``finetune`` in a bundle that tuned its encoder block from the start, else ``xe``."""
     from captioning.bundle import resolve_bundle
 
-    path = resolve_bundle(bundle) / "history.json"
-    rows = read_json(path) if path.exists() else []
-    return [{"stage": "xe", **r} for r in rows if isinstance(r, dict)]
+    path = resolve_bundle(bundle)
+    rows = read_json(path / "history.json") if (path / "history.json").exists() else []
+    config = read_json(path / "config.json") if (path / "config.json").exists() else {}
+    unmarked = "finetune" if config.get("train_config", {}).get("finetune") else "xe"
+    return [{"stage": unmarked, **r} for r in rows if isinstance(r, dict)]
 
 
 def staged_history(cfg: TrainConfig, meta: dict) -> tuple[list[dict], int]:
@@ -584,7 +595,10 @@ def _main(cfg, data_dir, out: Path, cache, resume: bool, force: bool, dist_: Dis
     dcfg = decoder_config(cfg, len(data.vocab))
     model = finetune.trainable_model(cfg, dcfg)  # the decoder, or block + decoder
     if cfg.init and not resuming:  # a resumed run has its own weights in its state
-        finetune.decoder_of(model).load_state_dict(warm_start(cfg, data, dcfg))
+        decoder_state, block_state = warm_start(cfg, data, dcfg)
+        finetune.decoder_of(model).load_state_dict(decoder_state)
+        if block_state is not None:
+            finetune.load_block_weights(model.block, model.spec, block_state)
     model = model.to(device)
     opt = torch.optim.AdamW(finetune.param_groups(model, cfg), lr=cfg.lr)
     n_batches = batches_per_epoch(cfg, data)

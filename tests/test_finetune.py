@@ -330,3 +330,26 @@ def test_extract_finetune_fills_the_cache_training_reads(tuned, capsys):
     assert summary["cache"].endswith("-fp32-layer3")
     # the first 3 names are train images: training's extraction already cached them (6 in all)
     assert (summary["new_images"], summary["total_images"]) == (0, 6)
+
+
+def test_init_from_a_finetuned_bundle_continues_its_block_and_decoder(tuned, tmp_path):
+    """``train --init`` of a fine-tuned bundle with ``--finetune`` of the same block starts from
+    its block and its decoder (a run at a vanishing rate exports them unchanged) and continues
+    its history; without ``--finetune`` it is refused before anything is written."""
+    start = tuned["out"]
+    cfg = json.loads((start / "config.json").read_text())
+    train_cfg = TrainConfig(**{**cfg["train_config"], "init": str(start), "lr": 1e-12})
+    train_cfg.finetune_lr = 1e-12
+    out = tmp_path / "more"
+    main(train_cfg, str(tuned["data"]), out, tuned["cache"], resume=False)
+    for name in (BLOCK_FILE, "decoder.safetensors"):
+        before, after = load_file(str(start / name)), load_file(str(out / name))
+        assert set(before) == set(after)
+        for k, v in before.items():
+            assert torch.equal(after[k], v), (name, k)
+    history = json.loads((out / "history.json").read_text())
+    assert [(h["stage"], h["epoch"]) for h in history] == [("finetune", 1), ("finetune", 2)]
+    frozen = TrainConfig(**{**train_cfg.__dict__, "finetune": ""})
+    with pytest.raises(ValueError, match="continue it with --finetune layer4"):
+        main(frozen, str(tuned["data"]), tmp_path / "frozen", tuned["cache"], resume=False)
+    assert not (tmp_path / "frozen").exists()
