@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -142,22 +143,68 @@ class Captioner:
         *,
         batch_size: int = 16,
         workers: int | None = None,
+        overlap: bool | None = None,
         **overrides,
     ) -> Iterator[tuple[object, CaptionResult | ImageLoadError]]:
-        """Caption many images on the pipelined path (threads decode the next batches while
-        this one is encoded and decoded). Yields (source, result or ImageLoadError) in order."""
+        """Caption many images on the pipelined path. Yields (source, result or ImageLoadError)
+        in input order.
+
+        Threads decode the next batches' images meanwhile; with ``overlap`` one more thread
+        encodes batch i+1 while batch i is beam-searched. None = overlap when the encoder runs
+        on torch: measured on 2 cores (resnet50-attention, beam 3, batches of 16) it lifts torch
+        from 22.3 to 25.6 images/s, while OpenVINO, whose encoder and step already keep both
+        cores busy, drops from 37.0 to 33.7. The captions are those of ``caption_pixels``.
+        """
         cfg = self.decode_config(beam_size, **overrides)
-        for batch in prefetch(sources, batch_size, workers=workers):
-            results = iter(self._caption_pixels(batch.pixels, cfg)) if batch.loaded else iter(())
-            for i, src in enumerate(batch.sources):
-                yield src, batch.errors[i] if i in batch.errors else next(results)
+        batches = prefetch(sources, batch_size, workers=workers)
+        if overlap is None:
+            overlap = self.encoder.runtime == "torch"
+        if not overlap:
+            for batch in batches:
+                yield from self._finish(batch, self._encode(batch.pixels), cfg)
+            return
+        pool = ThreadPoolExecutor(1, thread_name_prefix="encode")
+        try:
+            pending = None  # (batch, its encoding in flight)
+            for batch in batches:
+                encoding = pool.submit(self._encode, batch.pixels)
+                if pending is not None:  # beam-search the previous batch while this one encodes
+                    yield from self._finish(pending[0], pending[1].result(), cfg)
+                pending = (batch, encoding)
+            if pending is not None:
+                yield from self._finish(pending[0], pending[1].result(), cfg)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _encode(self, x: torch.Tensor | None) -> tuple[torch.Tensor | None, float]:
+        """pixels [N, 3, 224, 224] (or None) -> (decoder features, encode seconds)."""
+        if x is None:
+            return None, 0.0
+        t0 = time.perf_counter()
+        out = self.encoder.encode(x)
+        return (out.grid if self.uses_grid else out.pooled), time.perf_counter() - t0
+
+    def _finish(self, batch, encoded, cfg: DecodeConfig):
+        """Decode one prefetched batch from its features; yields (source, result or error)."""
+        feats, encode_s = encoded
+        results: Iterator[CaptionResult] = iter(())
+        if feats is not None:
+            t1 = time.perf_counter()
+            nbests = self.decode_features(feats, cfg)
+            n = len(nbests)
+            timings = {
+                "encode_ms": encode_s * 1000 / n,
+                "decode_ms": (time.perf_counter() - t1) * 1000 / n,
+            }
+            results = iter([self._result(nb, timings) for nb in nbests])
+        for i, src in enumerate(batch.sources):
+            yield src, batch.errors[i] if i in batch.errors else next(results)
 
     def _caption_pixels(
         self, x: torch.Tensor, cfg: DecodeConfig, t0: float | None = None
     ) -> list[CaptionResult]:
         t0 = time.perf_counter() if t0 is None else t0  # encode_ms includes decoding the image
-        out = self.encoder.encode(x)
-        feats = out.grid if self.uses_grid else out.pooled
+        feats, _ = self._encode(x)
         t1 = time.perf_counter()
         nbests = self.decode_features(feats, cfg)
         t2 = time.perf_counter()

@@ -110,14 +110,27 @@ def test_load_rgb_is_the_uint8_half_of_load_pixels(tmp_path, size):
 
 @pytest.mark.skipif(not BUNDLE.is_dir(), reason="needs the shipped resnet50-inject bundle")
 def test_caption_stream_matches_caption_and_keeps_bad_files_in_place(tmp_path):
+    """Overlapped (batch i+1 encodes while batch i is beam-searched) or not, the stream gives
+    ``caption``'s captions in input order, with each bad file's error in its place, including a
+    batch in which no image loads."""
     from captioning.captioner import Captioner
 
     cap = Captioner.load(BUNDLE, precision="fp32", runtime="torch")
-    bad = tmp_path / "broken.jpg"
-    bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
-    files = [SAMPLES / "chelsea.jpg", bad, SAMPLES / "coffee.jpg", SAMPLES / "rocket.jpg"]
-    out = list(cap.caption_stream(files, 2, batch_size=2, workers=2))
-    assert [src for src, _ in out] == files
-    assert isinstance(out[1][1], ImageLoadError) and "broken.jpg" in str(out[1][1])
-    for src, res in (out[0], out[2], out[3]):
-        assert res.text == cap.caption(src, beam_size=2).text
+    bad = [tmp_path / f"broken{i}.jpg" for i in range(3)]
+    for b in bad:
+        b.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    files = [SAMPLES / "chelsea.jpg", bad[0], SAMPLES / "coffee.jpg", SAMPLES / "rocket.jpg"]
+    files += [bad[1], bad[2], SAMPLES / "astronaut.jpg"]
+    want = {f: cap.caption(f, beam_size=2) for f in files if f not in bad}
+    runs = {}
+    for overlap in (True, False):
+        out = runs[overlap] = list(cap.caption_stream(files, 2, batch_size=2, overlap=overlap))
+        assert [src for src, _ in out] == files
+        for src, res in out:
+            if src in bad:
+                assert isinstance(res, ImageLoadError) and src.name in str(res)
+            else:
+                assert res.text == want[src].text
+                assert res.timings["encode_ms"] > 0 and res.timings["decode_ms"] > 0
+    for (_, a), (_, b) in zip(runs[True], runs[False], strict=True):  # the same batches
+        assert type(a) is type(b) and (isinstance(a, ImageLoadError) or a.nbest == b.nbest)
