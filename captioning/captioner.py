@@ -76,6 +76,23 @@ class Captioner:
         decoder, vocab, cfg = load_decoder(path)
         tuned = bool(cfg.get(BLOCK_KEY))  # ships its own fine-tuned block (captioning.finetune)
         rt = resolve_runtime(runtime)
+        encoder = None
+        if tuned and rt == "openvino":  # compiled and cached: no torch trunk to build
+            from captioning.finetune import cached_tuned_encoder
+
+            encoder = cached_tuned_encoder(path, cfg, precision)
+        if encoder is None:
+            encoder = cls._encoder(path, cfg, precision, rt)
+        cap = cls(path, cfg, decoder, vocab, encoder)
+        if encoder.runtime != "torch":
+            cap._accelerate_decoder(encoder.runtime)
+        return cap
+
+    @staticmethod
+    def _encoder(path: Path, cfg: dict, precision: str, rt: str) -> LoadedEncoder:
+        """The bundle's encoder: the shared one, checked against the bundle's weights, with the
+        bundle's fine-tuned block swapped into a copy when it has one."""
+        tuned = bool(cfg.get(BLOCK_KEY))
         encoder = shared_encoder(cfg["encoder"], precision, "torch" if tuned else rt)
         if encoder.sha256 != cfg["encoder_sha256"]:
             raise BundleError(
@@ -87,10 +104,7 @@ class Captioner:
             from captioning.finetune import tuned_encoder
 
             encoder = tuned_encoder(encoder, path, cfg, rt)
-        cap = cls(path, cfg, decoder, vocab, encoder)
-        if encoder.runtime != "torch":
-            cap._accelerate_decoder(encoder.runtime)
-        return cap
+        return encoder
 
     def _accelerate_decoder(self, runtime: str) -> None:
         from captioning.fileio import sha256_file

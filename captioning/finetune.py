@@ -353,6 +353,37 @@ _TUNED_LOCK = threading.Lock()
 MAX_TUNED = 8
 
 
+def cached_tuned_encoder(
+    bundle: Path, config: dict, precision: str | Precision
+) -> LoadedEncoder | None:
+    """A fine-tuned bundle's encoder straight from the OpenVINO compile cache, without building
+    the torch trunk (torchvision's import and the weights' load are most of ``caption``'s
+    start-up); None when it is not cached, or when the shipped encoder weights are not the ones
+    the bundle records (``Captioner.load``'s slow path then says so). The block file is checked
+    as ``tuned_encoder`` checks it."""
+    from captioning.runtime import cached_encoder
+
+    spec, sha, _ = checked_block_file(bundle, config)
+    try:
+        base_sha = weights_sha256(config["encoder"])
+    except FileNotFoundError:
+        return None
+    if base_sha != config["encoder_sha256"]:
+        return None
+    prec = precision if isinstance(precision, Precision) else resolve_precision(precision)
+    key = (config["encoder"], base_sha, prec, spec.name, sha, "openvino")
+    with _TUNED_LOCK:
+        if key in _TUNED:
+            return _TUNED[key]
+    enc = cached_encoder(config["encoder"], tuned_sha256(base_sha, spec.name, sha), prec)
+    if enc is None:
+        return None
+    with _TUNED_LOCK:
+        if len(_TUNED) >= MAX_TUNED:
+            _TUNED.pop(next(iter(_TUNED)))
+        return _TUNED.setdefault(key, enc)
+
+
 def tuned_encoder(base: LoadedEncoder, bundle: Path, config: dict, runtime: str) -> LoadedEncoder:
     """The encoder of a fine-tuned bundle: ``base`` (the shared torch encoder, already checked
     against ``config["encoder_sha256"]``) with the bundle's block swapped in.

@@ -359,20 +359,36 @@ def load_encoder(
             sha = weights_sha256(name)
         except FileNotFoundError:  # torchvision weights not downloaded: building fetches them
             sha = None
-        spec = get_spec(name)
-        key = CompileKey(f"encoder-{name}", sha or "", prec.dtype, openvino_version())
-        if sha and _entry_ok(openvino_cache_dir() / key.dirname, key):
-            try:
-                compiled = compile_graph(
-                    key,
-                    lambda: _EncoderGraph(build_encoder(name, "fp32").model),
-                    [GraphInput((-1, 3, INPUT_SIZE, INPUT_SIZE))],
-                )
-                engine = OpenVINOEncoder(compiled, key)
-                return LoadedEncoder(None, spec, sha, _ov_precision(prec), engine=engine)
-            except Exception:  # noqa: BLE001, S110 - the slow path below reports the failure
-                pass
+        if sha:
+            build = lambda: build_encoder(name, "fp32").model  # noqa: E731 - a damaged entry
+            cached = cached_encoder(name, sha, prec, build)
+            if cached is not None:
+                return cached
     return accelerate_encoder(build_encoder(name, precision), runtime)
+
+
+def cached_encoder(
+    name: str, sha: str, prec: Precision, build: Callable[[], nn.Module] | None = None
+) -> LoadedEncoder | None:
+    """Encoder ``name`` whose weights have sha256 ``sha`` (a fine-tuned encoder's identity too),
+    compiled from the cache without building its torch model (``model`` is None); None when the
+    cache has no valid entry or it fails to load. ``build`` (the fp32 torch module) rebuilds a
+    damaged entry; without it such an entry gives None, and the caller takes the slow path."""
+    key = CompileKey(f"encoder-{name}", sha, prec.dtype, openvino_version())
+    if not _entry_ok(openvino_cache_dir() / key.dirname, key):
+        return None
+
+    def graph() -> nn.Module:
+        if build is None:
+            raise RuntimeError("no torch model to rebuild a damaged compile-cache entry from")
+        return _EncoderGraph(build())
+
+    try:
+        compiled = compile_graph(key, graph, [GraphInput((-1, 3, INPUT_SIZE, INPUT_SIZE))])
+    except Exception:  # noqa: BLE001 - the slow path reports the failure
+        return None
+    engine = OpenVINOEncoder(compiled, key)
+    return LoadedEncoder(None, get_spec(name), sha, _ov_precision(prec), engine=engine)
 
 
 def accelerate_encoder(encoder: LoadedEncoder, runtime: str = "auto", **kwargs) -> LoadedEncoder:

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from captioning import cli, reports
+from captioning import cli, finetune, reports, runtime
 from captioning.bundle import BLOCK_FILE, BLOCK_KEY, BundleError
 from captioning.captioner import Captioner
 from captioning.data import load_flickr8k
@@ -353,3 +353,28 @@ def test_init_from_a_finetuned_bundle_continues_its_block_and_decoder(tuned, tmp
     with pytest.raises(ValueError, match="continue it with --finetune layer4"):
         main(frozen, str(tuned["data"]), tmp_path / "frozen", tuned["cache"], resume=False)
     assert not (tmp_path / "frozen").exists()
+
+
+@pytest.mark.skipif(runtime.openvino_module() is None, reason="needs openvino")
+def test_a_cached_compile_loads_without_building_the_trunk(tuned, tmp_path, monkeypatch):
+    """On OpenVINO, a fine-tuned bundle whose tuned encoder is in the compile cache loads it
+    without building the torch trunk (start-up), with the same captions; its block file is
+    still checked."""
+    sample = next((tuned["data"] / "Images").glob("*.png"))
+    first = Captioner.load(tuned["out"], precision="fp32", runtime="openvino")  # compiles
+    assert first.encoder.runtime == "openvino" and first.encoder.model is not None
+    want = first.caption(sample, beam_size=2)
+    monkeypatch.setattr(finetune, "_TUNED", {})
+    monkeypatch.setattr(Encoder, "__init__", trunk_must_not_run)  # no torch trunk from here on
+    fast = Captioner.load(tuned["out"], precision="fp32", runtime="openvino")
+    assert fast.encoder.model is None and fast.encoder.runtime == "openvino"
+    assert fast.encoder.sha256 == first.encoder.sha256
+    got = fast.caption(sample, beam_size=2)
+    assert got.nbest == want.nbest
+    bad = tmp_path / "bad"
+    shutil.copytree(tuned["out"], bad, ignore=shutil.ignore_patterns("train_state"))
+    state = load_file(str(bad / BLOCK_FILE))
+    state["body.7.0.conv1.weight"][0, 0, 0, 0] += 1.0
+    save_file(state, str(bad / BLOCK_FILE))
+    with pytest.raises(BundleError, match="sha256"):
+        Captioner.load(bad, precision="fp32", runtime="openvino")
