@@ -69,7 +69,8 @@ def bundles() -> list[BundleInfo]:
 
 @st.cache_resource(show_spinner=False, max_entries=16)
 def _captioner(path: str, stamp: int) -> Captioner:
-    return Captioner.load(Path(path))
+    # the CLI's default: OpenVINO where it is installed (compiled once, then cached), else torch
+    return Captioner.load(Path(path), runtime="auto")
 
 
 def captioner(bundle: BundleInfo) -> Captioner:
