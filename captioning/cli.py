@@ -797,7 +797,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--init",
         metavar="BUNDLE",
         help="start from this bundle's decoder: with --objective scst, the cross-entropy model; "
-        "with xe, a warm start (same encoder, decoder and vocabulary; e.g. to --finetune it)",
+        "with xe, a warm start (same encoder, decoder and vocabulary; e.g. to --finetune it; "
+        "a fine-tuned bundle needs --finetune of its block and starts from that block too)",
     )
     p.add_argument("--samples", type=positive_int, help="scst: sampled captions per image (5)")
     p.add_argument(
