@@ -79,7 +79,7 @@ class TrainConfig:
     finetune_lr: float = 0.0  # the tuned block's peak LR; 0 = lr / 10
     device: str = "auto"  # auto | cpu | cuda (captioning.precision.resolve_device)
     runtime: str = "torch"  # which feature cache: torch (reference) | openvino | auto
-    init: str = ""  # "" = a fresh decoder; a bundle: start from its decoder weights (warm_start)
+    init: str = ""  # "" = a fresh decoder; a bundle: start from its decoder (and block) weights
 
 
 @dataclass
