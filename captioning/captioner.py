@@ -201,16 +201,7 @@ class Captioner:
     def _finish(self, batch, encoded, cfg: DecodeConfig):
         """Decode one prefetched batch from its features; yields (source, result or error)."""
         feats, encode_s = encoded
-        results: Iterator[CaptionResult] = iter(())
-        if feats is not None:
-            t1 = time.perf_counter()
-            nbests = self.decode_features(feats, cfg)
-            n = len(nbests)
-            timings = {
-                "encode_ms": encode_s * 1000 / n,
-                "decode_ms": (time.perf_counter() - t1) * 1000 / n,
-            }
-            results = iter([self._result(nb, timings) for nb in nbests])
+        results = iter(self._decode(feats, encode_s, cfg) if feats is not None else ())
         for i, src in enumerate(batch.sources):
             yield src, batch.errors[i] if i in batch.errors else next(results)
 
@@ -219,11 +210,18 @@ class Captioner:
     ) -> list[CaptionResult]:
         t0 = time.perf_counter() if t0 is None else t0  # encode_ms includes decoding the image
         feats, _ = self._encode(x)
+        return self._decode(feats, time.perf_counter() - t0, cfg)
+
+    def _decode(self, feats: torch.Tensor, encode_s: float, cfg: DecodeConfig):
+        """Beam-search features [N, ...] -> N results, timed per image (``encode_s``: the
+        batch's encoding, measured by the caller)."""
         t1 = time.perf_counter()
         nbests = self.decode_features(feats, cfg)
-        t2 = time.perf_counter()
-        n = len(x)
-        timings = {"encode_ms": (t1 - t0) * 1000 / n, "decode_ms": (t2 - t1) * 1000 / n}
+        n = len(nbests)
+        timings = {
+            "encode_ms": encode_s * 1000 / n,
+            "decode_ms": (time.perf_counter() - t1) * 1000 / n,
+        }
         return [self._result(nb, timings) for nb in nbests]
 
     def caption(self, image, beam_size: int | None = None, **overrides) -> CaptionResult:

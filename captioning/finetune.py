@@ -372,12 +372,19 @@ def cached_tuned_encoder(
         return None
     prec = precision if isinstance(precision, Precision) else resolve_precision(precision)
     key = (config["encoder"], base_sha, prec, spec.name, sha, "openvino")
-    with _TUNED_LOCK:
-        if key in _TUNED:
-            return _TUNED[key]
+    if (known := _recall(key)) is not None:
+        return known
     enc = cached_encoder(config["encoder"], tuned_sha256(base_sha, spec.name, sha), prec)
-    if enc is None:
-        return None
+    return None if enc is None else _remember(key, enc)
+
+
+def _recall(key: tuple) -> LoadedEncoder | None:
+    with _TUNED_LOCK:
+        return _TUNED.get(key)
+
+
+def _remember(key: tuple, enc: LoadedEncoder) -> LoadedEncoder:
+    """Keep ``enc`` under ``key`` (at most ``MAX_TUNED``, oldest out); returns the kept one."""
     with _TUNED_LOCK:
         if len(_TUNED) >= MAX_TUNED:
             _TUNED.pop(next(iter(_TUNED)))
@@ -394,9 +401,8 @@ def tuned_encoder(base: LoadedEncoder, bundle: Path, config: dict, runtime: str)
     """
     spec, sha, path = checked_block_file(bundle, config)
     key = (base.spec.name, base.sha256, base.precision, spec.name, sha, runtime)
-    with _TUNED_LOCK:
-        if key in _TUNED:
-            return _TUNED[key]
+    if (known := _recall(key)) is not None:
+        return known
     try:
         state = load_file(str(path))
         model = swap_block(base.model, spec, state)
@@ -413,8 +419,4 @@ def tuned_encoder(base: LoadedEncoder, bundle: Path, config: dict, runtime: str)
             return swap_block(ref.model, spec, state)
 
         enc = accelerate_encoder(enc, runtime, fp32_model=fp32_model)
-    with _TUNED_LOCK:
-        if len(_TUNED) >= MAX_TUNED:
-            _TUNED.pop(next(iter(_TUNED)))
-        _TUNED.setdefault(key, enc)
-        return _TUNED[key]
+    return _remember(key, enc)

@@ -359,11 +359,9 @@ def load_encoder(
             sha = weights_sha256(name)
         except FileNotFoundError:  # torchvision weights not downloaded: building fetches them
             sha = None
-        if sha:
-            build = lambda: build_encoder(name, "fp32").model  # noqa: E731 - a damaged entry
-            cached = cached_encoder(name, sha, prec, build)
-            if cached is not None:
-                return cached
+        cached = sha and cached_encoder(name, sha, prec, lambda: build_encoder(name, "fp32").model)
+        if cached:
+            return cached
     return accelerate_encoder(build_encoder(name, precision), runtime)
 
 

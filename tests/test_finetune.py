@@ -302,12 +302,17 @@ def test_evaluation_caches_the_tuned_features_under_their_own_key(tuned):
     assert not (tuned["cache"] / f"resnet50-{frozen}-fp32").exists()  # never the frozen one
 
 
-def test_a_changed_or_missing_block_is_refused(tuned, tmp_path, capsys):
-    bad = tmp_path / "bad"
-    shutil.copytree(tuned["out"], bad, ignore=shutil.ignore_patterns("train_state"))
+def copy_with_changed_block(bundle, bad):
+    """A copy of ``bundle`` at ``bad`` whose block file no longer matches its config.json."""
+    shutil.copytree(bundle, bad, ignore=shutil.ignore_patterns("train_state"))
     state = load_file(str(bad / BLOCK_FILE))
     state["body.7.0.conv1.weight"][0, 0, 0, 0] += 1.0
     save_file(state, str(bad / BLOCK_FILE))
+    return bad
+
+
+def test_a_changed_or_missing_block_is_refused(tuned, tmp_path, capsys):
+    bad = copy_with_changed_block(tuned["out"], tmp_path / "bad")
     with pytest.raises(BundleError, match="sha256"):
         Captioner.load(bad, precision="fp32")
     sample = next((tuned["data"] / "Images").glob("*.png"))
@@ -371,10 +376,6 @@ def test_a_cached_compile_loads_without_building_the_trunk(tuned, tmp_path, monk
     assert fast.encoder.sha256 == first.encoder.sha256
     got = fast.caption(sample, beam_size=2)
     assert got.nbest == want.nbest
-    bad = tmp_path / "bad"
-    shutil.copytree(tuned["out"], bad, ignore=shutil.ignore_patterns("train_state"))
-    state = load_file(str(bad / BLOCK_FILE))
-    state["body.7.0.conv1.weight"][0, 0, 0, 0] += 1.0
-    save_file(state, str(bad / BLOCK_FILE))
+    bad = copy_with_changed_block(tuned["out"], tmp_path / "bad")
     with pytest.raises(BundleError, match="sha256"):
         Captioner.load(bad, precision="fp32", runtime="openvino")
