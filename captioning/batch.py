@@ -341,7 +341,7 @@ class CaptionActor:
             "model": self.cap.name,
             "bundle_sha256": sha256,
             "runtime": self.cap.runtime,
-            "precision": self.cap.encoder.precision.label,
+            "precision": self.cap.precision_label,
             "decoding": json.dumps(asdict(cfg), sort_keys=True),
         }
 

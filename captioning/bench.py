@@ -183,7 +183,7 @@ def bench(
     for cap, beams_r in zip(caps, lat, strict=True):
         per_rt[cap.runtime] = {
             "runtime": cap.runtime,
-            "precision": cap.encoder.label,
+            "precision": cap.encoder_label,
             "beams": beams_r,
             "folder": folder_throughput(cap, files, folder_beam, batch_size),
         }

@@ -27,6 +27,8 @@ MODELS_DIR = ARTIFACTS_DIR / "models"
 MODELS_ENV = "CAPTIONING_MODELS"  # overrides MODELS_DIR (e.g. for tests and the dashboard)
 BUNDLE_FORMAT = "captioning-bundle"
 REQUIRED_FILES = ("config.json", "decoder.safetensors", "vocab.json")
+ENSEMBLE_KIND = "ensemble"  # config.json "kind" of a bundle that averages other bundles
+ENSEMBLE_FILES = ("config.json", "vocab.json")  # its members hold the weights
 METRICS_FORMAT = "captioning-metrics"
 METRICS_VERSION = 2
 DEFAULT_RUNTIME = "torch"
@@ -361,20 +363,53 @@ def resolve_bundle(name_or_path: str | Path, models_dir: Path | None = None) -> 
     )
 
 
+def is_ensemble(config: dict) -> bool:
+    """An ensemble bundle (``captioning.ensemble``) holds no weights, only its members' names."""
+    return config.get("kind") == ENSEMBLE_KIND
+
+
 def read_config(bundle: Path) -> dict:
-    missing = [f for f in REQUIRED_FILES if not (bundle / f).exists()]
-    if missing:
-        raise BundleError(f"bundle {bundle} is incomplete: missing {', '.join(missing)}")
+    if not (bundle / "config.json").exists():
+        raise BundleError(f"bundle {bundle} is incomplete: missing config.json")
     try:
         cfg = read_json(bundle / "config.json")
     except ValueError as e:
         raise BundleError(str(e)) from None
     if not isinstance(cfg, dict) or cfg.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{bundle / 'config.json'} is not a {BUNDLE_FORMAT} config")
-    for key in ("encoder", "decoder", "encoder_sha256", "decoder_config"):
+    ensemble = is_ensemble(cfg)
+    missing = [f for f in (ENSEMBLE_FILES if ensemble else REQUIRED_FILES)
+               if not (bundle / f).exists()]  # fmt: skip
+    if missing:
+        raise BundleError(f"bundle {bundle} is incomplete: missing {', '.join(missing)}")
+    keys = (
+        ("encoder", "decoder", "members")
+        if ensemble
+        else ("encoder", "decoder", "encoder_sha256", "decoder_config")
+    )
+    for key in keys:
         if key not in cfg:
             raise BundleError(f"{bundle / 'config.json'} lacks the key {key!r}")
+    if ensemble and not _members_ok(cfg["members"]):
+        raise BundleError(
+            f"{bundle / 'config.json'}: 'members' must list at least two "
+            "{name, weight > 0, sha256} entries"
+        )
     return cfg
+
+
+def _members_ok(members: object) -> bool:
+    def ok(m: object) -> bool:
+        return (
+            isinstance(m, dict)
+            and isinstance(m.get("name"), str)
+            and isinstance(m.get("weight"), int | float)
+            and not isinstance(m.get("weight"), bool)
+            and m["weight"] > 0
+            and isinstance(m.get("sha256"), dict)
+        )
+
+    return isinstance(members, list) and len(members) >= 2 and all(ok(m) for m in members)
 
 
 @dataclass
@@ -411,6 +446,12 @@ def list_bundles(models_dir: Path | None = None) -> list[BundleInfo]:
 
 def load_decoder(bundle: Path) -> tuple[Decoder, Vocabulary, dict]:
     cfg = read_config(bundle)
+    if is_ensemble(cfg):
+        names = ", ".join(m["name"] for m in cfg["members"])
+        raise BundleError(
+            f"{bundle.name} is an ensemble of {names} and has no decoder of its own; "
+            "use one of its members here"
+        )
     vocab = Vocabulary.load(bundle / "vocab.json")
     dcfg = DecoderConfig.from_dict(cfg["decoder_config"])
     if dcfg.vocab_size != len(vocab):

@@ -18,7 +18,9 @@ from captioning.bundle import (
     BLOCK_KEY,
     DEFAULT_RUNTIME,
     BundleError,
+    is_ensemble,
     load_decoder,
+    read_config,
     resolve_bundle,
 )
 from captioning.decoders import Decoder
@@ -73,6 +75,10 @@ class Captioner:
         from captioning.runtime import resolve_runtime
 
         path = resolve_bundle(name_or_path, models_dir)
+        if is_ensemble(cfg := read_config(path)):  # several bundles' averaged probabilities
+            from captioning.ensemble import EnsembleCaptioner
+
+            return EnsembleCaptioner.load_ensemble(path, cfg, precision, runtime)
         decoder, vocab, cfg = load_decoder(path)
         tuned = bool(cfg.get(BLOCK_KEY))  # ships its own fine-tuned block (captioning.finetune)
         rt = resolve_runtime(runtime)
@@ -125,6 +131,20 @@ class Captioner:
     def uses_grid(self) -> bool:
         return self.decoder.cfg.uses_grid
 
+    @property
+    def precision_label(self) -> str:
+        """The encoder's precision as records name it (e.g. ``bf16+cl``)."""
+        return self.encoder.precision.label
+
+    @property
+    def encoder_label(self) -> str:
+        """How the features are computed, e.g. ``bf16+cl`` (torch) or ``bf16-openvino``."""
+        return self.encoder.label
+
+    @property
+    def encoder_on_torch(self) -> bool:
+        return self.encoder.runtime == "torch"
+
     def decode_config(self, beam_size: int | None = None, **overrides) -> DecodeConfig:
         base = asdict(self.defaults)
         if beam_size is not None:
@@ -172,7 +192,7 @@ class Captioner:
         cfg = self.decode_config(beam_size, **overrides)
         batches = prefetch(sources, batch_size, workers=workers)
         if overlap is None:
-            overlap = self.encoder.runtime == "torch"
+            overlap = self.encoder_on_torch
         if not overlap:
             for batch in batches:
                 yield from self._finish(batch, self._encode(batch.pixels), cfg)

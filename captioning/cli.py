@@ -579,7 +579,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         )
         return 0
     print(
-        f"{'name':24s} {'encoder':9s} {'decoder':9s} {args.split + ' BLEU-1':>11s} {'BLEU-4':>7s} "
+        f"{'name':24s} {'encoder':14s} {'decoder':9s} {args.split + ' BLEU-1':>11s} {'BLEU-4':>7s} "
         f"{'CIDEr-D':>7s}  default decoding"
     )
     for b in bundles:
@@ -587,12 +587,28 @@ def cmd_models(args: argparse.Namespace) -> int:
         label = decoding_label(default_decoding(b))
         if m:
             print(
-                f"{b.name:24s} {b.encoder:9s} {b.decoder:9s} {m.get('bleu1'):11.1f} "
+                f"{b.name:24s} {b.encoder:14s} {b.decoder:9s} {m.get('bleu1'):11.1f} "
                 f"{m.get('bleu4'):7.1f} {m.get('cider'):7.1f}  {label}"
             )
         else:
             missing = f"(not evaluated on {args.split} at the default)"
-            print(f"{b.name:24s} {b.encoder:9s} {b.decoder:9s} {missing:>27s}  {label}")
+            print(f"{b.name:24s} {b.encoder:14s} {b.decoder:9s} {missing:>27s}  {label}")
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from captioning.bundle import models_dir_default
+    from captioning.ensemble import make_ensemble
+    from captioning.train import git_commit
+
+    out = Path(args.out) if args.out else models_dir_default() / "-".join(args.members)
+    cfg = make_ensemble(out, args.members, args.weights, commit=git_commit(), force=args.force)
+    parts = ", ".join(f"{m['name']} ({m['weight']:g})" for m in cfg["members"])
+    print(f"wrote {out}: an ensemble of {parts}")
+    print(
+        f"next: choose its decoding on dev (`{PROG} tune-decoding --model {out} --apply`), "
+        f"then `{PROG} evaluate --model {out} --split test --record`"
+    )
     return 0
 
 
@@ -962,6 +978,23 @@ def build_parser() -> argparse.ArgumentParser:
         "beams 1/3/5 per runtime, the folder rate and the machine it was measured on",
     )  # fmt: skip
     p.add_argument("--split", choices=("dev", "test"), default="test", help="(default: test)")
+
+    p = add(
+        "ensemble",
+        cmd_ensemble,
+        "make an ensemble bundle of bundles that share a vocabulary",
+        "Write a bundle that captions with several bundles at once: one beam search over the "
+        "weighted mean of their word probabilities, each member on its own encoder. It holds no "
+        "weights, only its members' names (bundles in the same models directory) and their "
+        "sha256, and refuses to load if a member changes.",
+    )
+    p.add_argument("members", nargs="+", metavar="MODEL", help="member bundles (at least two)")
+    p.add_argument(
+        "--weights", nargs="+", type=float, metavar="W",
+        help="one weight per member, normalised to sum to 1 (default: equal)",
+    )  # fmt: skip
+    p.add_argument("--out", help="the new bundle (default: MODELS_DIR/<member names joined by ->)")
+    p.add_argument("--force", action="store_true", help="replace what --out holds")
 
     p = add(
         "bench",

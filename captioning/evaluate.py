@@ -47,7 +47,12 @@ class Evaluation:
 
 
 def split_features(cap: Captioner, ds: Flickr8k, names: list[str], cache_root: Path | None):
-    """Features from the cache when present (extracting any missing ones first)."""
+    """Features from the cache when present (extracting any missing ones first); an ensemble
+    gets each member's."""
+    from captioning.ensemble import EnsembleCaptioner, MemberFeatures
+
+    if isinstance(cap, EnsembleCaptioner):
+        return MemberFeatures(split_features(m, ds, names, cache_root) for m in cap.members)
     cache = FeatureCache.for_encoder(cap.encoder, cache_root)
     cached = cache.cached_names()  # one manifest read, not one per image
     missing = [n for n in names if n not in cached]
@@ -99,7 +104,7 @@ def evaluate(
                 **{k: round(v, 2) for k, v in s.items()},
             }
         )
-    setting = Setting(split, cfg, cap.encoder.precision.label, cap.runtime, limit)
+    setting = Setting(split, cfg, cap.precision_label, cap.runtime, limit)
     return Evaluation(setting, metrics, preds)
 
 

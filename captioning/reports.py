@@ -19,6 +19,7 @@ from captioning.bundle import (
     BundleInfo,
     Setting,
     decoding_label,
+    is_ensemble,
     read_config,
     read_records,
     tuned_block,
@@ -312,21 +313,14 @@ def _data_line(config: dict) -> str:
     )
 
 
-def card_markdown(path: Path) -> str:
-    """``card.md``: what the model is, its data, protocol and every score recorded so far."""
-    info = bundle_info(path)
-    cfg = info.config
-    history = read_history(path)
+def _model_lines(cfg: dict, history: list[dict]) -> list[str]:
+    """The card's description of one trained model: encoder, decoder, data, checkpoint."""
     d = cfg["decoder_config"]
-    rows = results(info)
-    keys = _columns(rows)
     block = tuned_block(cfg)
     how = f"with its `{block}` fine-tuned with the decoder" if block else "(frozen)"
     par = cfg["decoder"] == "inject" and d.get("inject_mode") == "par"
     kind = "`inject` (par-inject: the image beside every word)" if par else f"`{cfg['decoder']}`"
-    lines = [
-        f"# {cfg['name']}",
-        "",
+    return [
         f"An image captioner: the `{cfg['encoder']}` ImageNet encoder {how} and a "
         f"{kind} LSTM decoder (hidden {d['hidden_dim']}, embedding {d['embed_dim']}, "
         f"dropout {d['dropout']}) with a {d['vocab_size']}-word vocabulary.",
@@ -334,6 +328,42 @@ def card_markdown(path: Path) -> str:
         _data_line(cfg),
         f"- Best epoch: {cfg.get('best_epoch')} of {len(history)}; encoder weights sha256 "
         f"`{cfg['encoder_sha256'][:16]}…`; git commit `{cfg.get('git_commit')}`.",
+    ]
+
+
+def _ensemble_lines(cfg: dict) -> list[str]:
+    """The card's description of an ensemble (``captioning.ensemble``): its members."""
+    members = ", ".join(f"`{m['name']}` ({m['weight']:g})" for m in cfg["members"])
+    return [
+        f"An ensemble of {members}: one beam search over the weighted mean of the members' "
+        "word probabilities, each member on its own encoder. It holds no weights; each member's "
+        "card describes its training, and loading checks the members' sha256.",
+        "",
+        _ensemble_data_line(cfg.get("data")),
+        f"- Made at git commit `{cfg.get('git_commit')}`.",
+    ]
+
+
+def _ensemble_data_line(data: dict | None) -> str:
+    if not data:
+        return "- Data: the data set, layout and split were not recorded with this bundle."
+    return (
+        f"- Data: {data.get('name', 'Flickr8k')}, {data['layout']} layout ({data['split']}); "
+        "every member was trained on its train images and chosen on its dev split."
+    )
+
+
+def card_markdown(path: Path) -> str:
+    """``card.md``: what the model is, its data, protocol and every score recorded so far."""
+    info = bundle_info(path)
+    cfg = info.config
+    rows = results(info)
+    keys = _columns(rows)
+    about = _ensemble_lines(cfg) if is_ensemble(cfg) else _model_lines(cfg, read_history(path))
+    lines = [
+        f"# {cfg['name']}",
+        "",
+        *about,
         f"- Encoder features: precision `{cfg.get('precision', 'unknown')}`, runtime "
         f"`{cfg.get('runtime', 'unknown')}`.",
         f"- Default decoding: {decoding_label(default_decoding(info))} (chosen on dev).",

@@ -437,7 +437,7 @@ async def list_models(svc: ServiceDep) -> list[dict]:
             "encoder": cfg["encoder"],
             "decoder": cfg["decoder"],
             "runtime": svc.runtime,
-            "precision": cap.encoder.precision.label,
+            "precision": cap.precision_label,
             "decode_defaults": cfg.get("decode_defaults", {}),
             "max_beam": svc.cfg.max_beam,
             "test_metrics": default_summary(bundle_info(cap.path), "test"),

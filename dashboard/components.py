@@ -12,7 +12,7 @@ import streamlit as st
 from PIL import Image
 
 from captioning import reports
-from captioning.bundle import BundleInfo
+from captioning.bundle import BundleInfo, is_ensemble
 from captioning.data import DATA_ENV, FIX_HELP, Flickr8k
 from captioning.images import ACCEPTED_FORMATS, ImageLoadError, load_image
 from dashboard import state
@@ -93,7 +93,10 @@ def data_note(message: str | None = None, extra: str = "") -> None:
 
 
 def model_label(bundle: BundleInfo) -> str:
-    """``resnet50-attention`` -> ``resnet50-attention (ResNet50 + attention)``."""
+    """``resnet50-attention`` -> ``resnet50-attention (ResNet50 + attention)``; an ensemble
+    -> ``NAME (ensemble of ResNet50 + VGG16)``."""
+    if is_ensemble(bundle.config):
+        return f"{bundle.name} (ensemble of {pretty_encoder(bundle.encoder)})"
     return f"{bundle.name} ({pretty_encoder(bundle.encoder)} + {bundle.decoder})"
 
 
@@ -105,10 +108,12 @@ def model_blurb(bundle: BundleInfo) -> str:
         if m and m.get("bleu4") is not None and m.get("cider") is not None
         else "not evaluated on test yet"
     )
-    return (
-        f"{pretty_encoder(bundle.encoder)} encoder, {bundle.decoder} LSTM decoder · {score} · "
-        f"default beam {default_beam(bundle)}"
-    )
+    if is_ensemble(bundle.config):
+        members = " and ".join(m["name"] for m in bundle.config["members"])
+        what = f"ensemble of {members} (their word probabilities averaged)"
+    else:
+        what = f"{pretty_encoder(bundle.encoder)} encoder, {bundle.decoder} LSTM decoder"
+    return f"{what} · {score} · default beam {default_beam(bundle)}"
 
 
 def image_picker(key: str, *, allow_dataset: bool = False) -> PickedImage | None:
@@ -224,17 +229,18 @@ def model_grid(
     When every encoder has each decoder kind at most once and there are at most
     ``max_columns`` kinds, each kind gets its own column (so inject, merge and attention line
     up across encoders; a missing one is a None cell). Otherwise an encoder's models fill rows
-    of ``max_columns`` in order.
+    of ``max_columns`` in order. Ensembles (of several encoders) always fill their own row.
     """
     ordered = order_bundles(bundles)
-    kinds = list(dict.fromkeys(b.decoder for b in ordered))
     groups = [(enc, list(g)) for enc, g in itertools.groupby(ordered, key=reports.encoder_group)]
+    single = [(enc, g) for enc, g in groups if not any(is_ensemble(b.config) for b in g)]
+    kinds = list(dict.fromkeys(b.decoder for _, g in single for b in g))
     aligned = len(kinds) <= max_columns and all(
-        len({b.decoder for b in g}) == len(g) for _, g in groups
+        len({b.decoder for b in g}) == len(g) for _, g in single
     )
     rows: list[tuple[str, list[BundleInfo | None]]] = []
     for encoder, group in groups:
-        if aligned:
+        if aligned and (encoder, group) in single:  # ensembles fill a row of their own
             by_kind = {b.decoder: b for b in group}
             rows.append((encoder, [by_kind.get(k) for k in kinds]))
             continue

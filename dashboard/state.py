@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from captioning.bundle import BundleInfo, list_bundles, models_dir_default
+from captioning.bundle import BLOCK_FILE, BundleInfo, list_bundles, models_dir_default
 from captioning.captioner import Captioner, CaptionResult
 from captioning.data import DataError, Flickr8k, load_flickr8k, resolve_data_dir
 from dashboard import limits, tables
@@ -51,9 +51,12 @@ def folder_stamp(root: Path) -> tuple:
     return tuple(out)
 
 
-def _bundle_stamp(path: Path) -> int:
-    files = (path / "config.json", path / "decoder.safetensors", path / "vocab.json")
-    return sum(f.stat().st_mtime_ns for f in files if f.exists())
+def _bundle_stamp(bundle: BundleInfo) -> int:
+    """Changes when the bundle's weights do (an ensemble's: when any member's do)."""
+    members = bundle.config.get("members", [])
+    dirs = [bundle.path, *(bundle.path.parent / m["name"] for m in members)]
+    names = ("config.json", "decoder.safetensors", "vocab.json", BLOCK_FILE)
+    return sum(f.stat().st_mtime_ns for d in dirs for f in (d / n for n in names) if f.exists())
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -75,13 +78,13 @@ def _captioner(path: str, stamp: int) -> Captioner:
 
 def captioner(bundle: BundleInfo) -> Captioner:
     """The bundle's ``Captioner``, loaded once per process (encoders are shared)."""
-    return _captioner(str(bundle.path), _bundle_stamp(bundle.path))
+    return _captioner(str(bundle.path), _bundle_stamp(bundle))
 
 
 def runtime_label(bundle: BundleInfo) -> str:
     """What runs the bundle's models here, e.g. ``torch · fp32`` or ``openvino · bf16``."""
     cap = captioner(bundle)
-    precision = getattr(getattr(getattr(cap, "encoder", None), "precision", None), "label", None)
+    precision = getattr(cap, "precision_label", None)
     runtime = str(getattr(cap, "runtime", "torch"))
     return f"{runtime} · {precision}" if precision else runtime
 
@@ -102,7 +105,7 @@ def caption(bundle: BundleInfo, data: bytes, digest: str, beam: int) -> CaptionR
     A cached result keeps the timings measured when it was computed; ``timings["queue_ms"]`` is
     the time it waited for a slot.
     """
-    return _caption(str(bundle.path), _bundle_stamp(bundle.path), digest, beam, data)
+    return _caption(str(bundle.path), _bundle_stamp(bundle), digest, beam, data)
 
 
 def digest_bytes(data: bytes) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from captioning import reports
-from captioning.bundle import BundleInfo
+from captioning.bundle import BundleInfo, is_ensemble
 from captioning.metrics import BLEU_KEYS, METRIC_LABELS
 
 DECODER_ORDER = ("inject", "merge", "attention")
@@ -42,7 +42,10 @@ def encoder_family(encoder: str) -> str:
 
 
 def pretty_encoder(encoder: str) -> str:
-    """Display name of an encoder: ``resnet50`` -> ``ResNet50``."""
+    """Display name of an encoder: ``resnet50`` -> ``ResNet50``; an ensemble's
+    ``resnet50,vgg16`` -> ``ResNet50 + VGG16``."""
+    if "," in encoder:
+        return " + ".join(pretty_encoder(e) for e in encoder.split(","))
     names = {"resnet": "ResNet", "vgg": "VGG"}
     fam = encoder_family(encoder)
     return names.get(fam, fam) + encoder[len(fam) :].upper()
@@ -52,6 +55,8 @@ def pretty_encoder_group(group: str) -> str:
     """``resnet50`` -> ``ResNet50 encoder``; ``resnet50+layer4`` -> ``ResNet50 encoder, layer4
     fine-tuned``."""
     encoder, _, block = group.partition("+")
+    if "," in encoder:
+        return f"Ensembles of {pretty_encoder(encoder)}"
     return f"{pretty_encoder(encoder)} encoder" + (f", {block} fine-tuned" if block else "")
 
 
@@ -62,9 +67,14 @@ def model_sort_key(encoder: str, decoder: str, name: str = "") -> tuple:
 
 
 def order_bundles(bundles: Iterable[BundleInfo]) -> list[BundleInfo]:
-    """Bundles sorted for side-by-side display: ResNet50 before VGG16, inject before attention."""
+    """Bundles sorted for side-by-side display: ResNet50 before VGG16, inject before attention,
+    ensembles last."""
     return sorted(
-        bundles, key=lambda b: model_sort_key(reports.encoder_group(b), b.decoder, b.name)
+        bundles,
+        key=lambda b: (
+            is_ensemble(b.config),
+            *model_sort_key(reports.encoder_group(b), b.decoder, b.name),
+        ),
     )
 
 

@@ -1,0 +1,249 @@
+"""Ensembles of bundles that share a vocabulary: one beam search over their averaged word
+probabilities.
+
+An ensemble bundle ``artifacts/models/NAME/`` holds no weights: ``config.json`` names its
+members (sibling bundles in the same models directory) with their weights and the sha256 of
+their weight files, ``vocab.json`` is the vocabulary they all share, and the usual metrics,
+predictions, bench and card describe the ensemble. At each step every member runs its own
+decoder on its own encoder's features and the ensemble scores a word by
+
+    log p(w) = log sum_i weight_i * p_i(w)        (the members' probabilities averaged)
+
+so the beam search, n-gram blocking and length normalisation work unchanged
+(``captioning.decoding``). ``make_ensemble`` writes a bundle; ``Captioner.load`` of it returns an
+``EnsembleCaptioner``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from captioning.bundle import (
+    BLOCK_FILE,
+    BUNDLE_FORMAT,
+    ENSEMBLE_KIND,
+    BundleError,
+    clear_model_outputs,
+    is_ensemble,
+    read_config,
+    resolve_bundle,
+    write_records,
+)
+from captioning.captioner import Captioner
+from captioning.decoding import DecodeConfig, Hypothesis, decode
+from captioning.fileio import atomic_write_json, sha256_file
+from captioning.vocab import Vocabulary
+
+WEIGHT_FILES = ("decoder.safetensors", BLOCK_FILE)  # a member's files whose sha256 is recorded
+
+
+class MemberFeatures(tuple):
+    """One feature tensor per member ([N, D] pooled or [N, L, C] grid), sliced together."""
+
+    @property
+    def shape(self) -> torch.Size:  # the decoding loop reads the batch size from shape[0]
+        return self[0].shape
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return MemberFeatures(f[index] for f in self)
+        return tuple.__getitem__(self, index)
+
+    def float(self) -> MemberFeatures:
+        return MemberFeatures(f.float() for f in self)
+
+
+class EnsembleStep:
+    """The members' decoder steps as one decoder (``context``/``init_state``/``select``/``step``).
+
+    The context is one dict with each member's keys prefixed by its index; the state is the
+    members' state tensors one after another. ``step`` returns the attention of the first member
+    that attends (None if none does).
+    """
+
+    def __init__(self, decoders: Sequence, weights: Sequence[float]) -> None:
+        self.decoders = list(decoders)
+        self.log_w = torch.tensor([math.log(w) for w in weights])  # [M]
+        self.sizes: list[int] = []  # state tensors per member, set by init_state
+
+    def context(self, feats: MemberFeatures) -> dict[str, torch.Tensor]:
+        ctx = {}
+        for i, (dec, f) in enumerate(zip(self.decoders, feats, strict=True)):
+            ctx.update({f"{i}.{k}": v for k, v in dec.context(f).items()})
+        return ctx
+
+    @staticmethod
+    def _member(ctx: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+        prefix = f"{i}."
+        return {k[len(prefix) :]: v for k, v in ctx.items() if k.startswith(prefix)}
+
+    def init_state(self, ctx: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        states = [dec.init_state(self._member(ctx, i)) for i, dec in enumerate(self.decoders)]
+        self.sizes = [len(s) for s in states]
+        return tuple(t for s in states for t in s)
+
+    @staticmethod
+    def select(ctx: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v.index_select(0, idx) for k, v in ctx.items()}
+
+    def step(self, ctx, state, word):
+        """word [B] -> (log-probs [B, V] of the weighted mean of the members' probabilities,
+        the new state, attention [B, L] or None)."""
+        logps, new, alpha, j = [], [], None, 0
+        for i, dec in enumerate(self.decoders):
+            lp, s, a = dec.step(self._member(ctx, i), state[j : j + self.sizes[i]], word)
+            j += self.sizes[i]
+            logps.append(lp.float())
+            new.extend(s)
+            alpha = a if alpha is None else alpha
+        mixed = torch.logsumexp(torch.stack(logps) + self.log_w[:, None, None], 0)  # [B, V]
+        return mixed, tuple(new), alpha
+
+
+class EnsembleCaptioner(Captioner):
+    """A ``Captioner`` whose encoding is every member's and whose decoder is ``EnsembleStep``."""
+
+    def __init__(self, path: Path, config: dict, members: list[Captioner], vocab: Vocabulary):
+        weights = [m["weight"] for m in config["members"]]
+        self.path, self.config, self.members, self.vocab = path, config, members, vocab
+        self.name = path.name
+        self.defaults = DecodeConfig(**config.get("decode_defaults", {}))
+        self.decoder = EnsembleStep([m.decoder for m in members], weights)  # the torch reference
+        self.step_decoder = EnsembleStep([m.step_decoder for m in members], weights)
+        self.runtime = "/".join(dict.fromkeys(m.runtime for m in members))
+
+    @classmethod
+    def load_ensemble(
+        cls, path: Path, config: dict, precision: str = "auto", runtime: str = "torch"
+    ) -> EnsembleCaptioner:
+        """Load each member from the ensemble's own models directory and check that it is the
+        member the ensemble was made and scored with."""
+        vocab = Vocabulary.load(path / "vocab.json")
+        members = []
+        for m in config["members"]:
+            member_path = _member_path(path, m["name"])
+            _check_member(path, member_path, m, vocab)
+            members.append(Captioner.load(member_path, precision, runtime=runtime))
+        return cls(path, config, members, vocab)
+
+    @property
+    def uses_grid(self) -> bool:
+        return any(m.uses_grid for m in self.members)
+
+    @property
+    def precision_label(self) -> str:
+        return "/".join(dict.fromkeys(m.precision_label for m in self.members))
+
+    @property
+    def encoder_label(self) -> str:
+        return "/".join(dict.fromkeys(m.encoder_label for m in self.members))
+
+    @property
+    def encoder_on_torch(self) -> bool:
+        return any(m.encoder_on_torch for m in self.members)
+
+    def decode_features(self, feats: MemberFeatures, cfg: DecodeConfig) -> list[list[Hypothesis]]:
+        return decode(self.step_decoder, feats.float(), cfg)
+
+    def _encode(self, x: torch.Tensor | None) -> tuple[MemberFeatures | None, float]:
+        """pixels [N, 3, 224, 224] -> (each member's features, seconds); members that share an
+        encoder share its encoding."""
+        if x is None:
+            return None, 0.0
+        t0 = time.perf_counter()
+        done: dict[int, torch.Tensor] = {}
+        feats = []
+        for m in self.members:
+            key = id(m.encoder) * 2 + m.uses_grid
+            if key not in done:
+                done[key] = m._encode(x)[0]
+            feats.append(done[key])
+        return MemberFeatures(feats), time.perf_counter() - t0
+
+
+def _member_path(path: Path, name: str) -> Path:
+    try:
+        return resolve_bundle(name, path.parent)
+    except BundleError:
+        raise BundleError(
+            f"ensemble {path.name} needs the bundle {name!r} beside it in {path.parent}"
+        ) from None
+
+
+def _fingerprint(member: Path) -> dict[str, str]:
+    """sha256 of each weight file a member has (decoder, and a fine-tuned block)."""
+    return {f: sha256_file(member / f) for f in WEIGHT_FILES if (member / f).exists()}
+
+
+def _check_member(path: Path, member: Path, entry: dict, vocab: Vocabulary) -> None:
+    if _fingerprint(member) != entry["sha256"]:
+        raise BundleError(
+            f"{member.name}'s weights changed since ensemble {path.name} was made and scored; "
+            f"make it again (python -m captioning ensemble … --out {path} --force)"
+        )
+    if Vocabulary.load(member / "vocab.json").itos != vocab.itos:
+        raise BundleError(f"{member.name}'s vocabulary differs from ensemble {path.name}'s")
+
+
+def make_ensemble(
+    out: Path,
+    members: Sequence[str],
+    weights: Sequence[float] | None = None,
+    *,
+    commit: str | None = None,
+    force: bool = False,
+) -> dict:
+    """Write the ensemble bundle ``out`` of ``members`` (bundle names in ``out``'s directory).
+
+    ``weights`` default to equal; they are normalised to sum to 1. The default decoding starts
+    as the first member's (choose it on dev with ``tune-decoding --apply``). Returns the config.
+    """
+    if len(members) < 2 or len(set(members)) != len(members):
+        raise BundleError("an ensemble needs at least two different member bundles")
+    weights = list(weights) if weights else [1.0] * len(members)
+    if len(weights) != len(members) or not all(math.isfinite(w) and w > 0 for w in weights):
+        raise BundleError(f"give one weight > 0 per member ({len(members)}), got {weights}")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise BundleError(f"{out} is not empty; pass --force to replace what is there")
+    paths = [_member_path(out, name) for name in members]
+    configs = [read_config(p) for p in paths]
+    nested = [p.name for p, c in zip(paths, configs, strict=True) if is_ensemble(c)]
+    if nested:
+        raise BundleError(f"members must be single models, not ensembles: {', '.join(nested)}")
+    vocab = Vocabulary.load(paths[0] / "vocab.json")
+    for p in paths[1:]:
+        if Vocabulary.load(p / "vocab.json").itos != vocab.itos:
+            raise BundleError(f"{p.name} and {paths[0].name} have different vocabularies")
+    total = sum(weights)
+    first = configs[0]
+    config = {
+        "format": BUNDLE_FORMAT,
+        "version": 1,
+        "kind": ENSEMBLE_KIND,
+        "name": out.name,
+        "encoder": ",".join(dict.fromkeys(c["encoder"] for c in configs)),  # "+" marks a block
+        "decoder": ENSEMBLE_KIND,
+        "members": [
+            {"name": p.name, "weight": w / total, "sha256": _fingerprint(p)}
+            for p, w in zip(paths, weights, strict=True)
+        ],
+        "precision": "/".join(dict.fromkeys(c["precision"] for c in configs)),
+        "runtime": "/".join(dict.fromkeys(c["runtime"] for c in configs)),
+        "data": first.get("data"),
+        "decode_defaults": first.get("decode_defaults", asdict(DecodeConfig())),
+        "git_commit": commit,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    clear_model_outputs(out)
+    vocab.save(out / "vocab.json")
+    atomic_write_json(out / "config.json", config)
+    write_records(out, [], config)
+    return config
