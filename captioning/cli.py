@@ -514,19 +514,35 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from captioning.images import ImageLoadError, iter_image_files
 
     precision, runtime = _on_device(args)
-    cap = Captioner.load(args.model, precision, runtime=runtime)
     overrides = _decode_overrides(args)
-    cap.decode_config(args.beam, **overrides)  # a bad setting fails before any image
     files = iter_image_files(args.images)
     if not files:
         raise FileNotFoundError(f"no images found in {' '.join(args.images)}")
+    procs = _caption_procs(args, len(files))
+    if procs > 1:  # worker processes load the bundle; this one only checks it
+        from captioning.bundle import read_config, resolve_bundle
+        from captioning.decoding import DecodeConfig
+        from captioning.parallel import WorkerSpec, caption_parallel
+        from captioning.runtime import usable_cpus
+
+        path = resolve_bundle(args.model)
+        defaults = read_config(path).get("decode_defaults", {})
+        DecodeConfig(**{**defaults, **overrides, **_beam(args)})  # a bad setting fails here
+        threads = max(1, usable_cpus() // procs)
+        spec = WorkerSpec(str(path), precision, runtime, threads, args.beam, args.batch_size,
+                          overrides)  # fmt: skip
+        name, stream = path.name, caption_parallel(spec, files, procs)
+    else:
+        cap = Captioner.load(args.model, precision, runtime=runtime)
+        cap.decode_config(args.beam, **overrides)  # a bad setting fails before any image
+        # the pipelined path: threads decode the next batches while this one is captioned
+        stream = cap.caption_stream(files, args.beam, batch_size=args.batch_size, **overrides)
+        name = cap.name
     writer = csv.writer(sys.stdout) if args.csv else None
     if writer:
         writer.writerow(["image", "caption", "logprob"])
     skipped = 0
-    # the pipelined path: threads decode the next batches while this one is captioned
-    stream = cap.caption_stream(files, args.beam, batch_size=args.batch_size, **overrides)
-    bar = tqdm(stream, total=len(files), unit="img", desc=f"caption {cap.name}",
+    bar = tqdm(stream, total=len(files), unit="img", desc=f"caption {name}",
                disable=len(files) < 2)  # fmt: skip
     for path, res in bar:
         if isinstance(res, ImageLoadError):
@@ -550,6 +566,23 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if skipped:
         print(f"{skipped} of {len(files)} files skipped", file=sys.stderr)
     return 1 if skipped else 0
+
+
+def _beam(args: argparse.Namespace) -> dict:
+    return {} if args.beam is None else {"beam_size": args.beam}
+
+
+def _caption_procs(args: argparse.Namespace, n_images: int) -> int:
+    """``--procs``, or the plan for ``n_images`` on this machine (1 on a GPU)."""
+    from captioning.parallel import available_memory, plan_procs
+    from captioning.precision import resolve_device
+    from captioning.runtime import usable_cpus
+
+    if resolve_device(args.device) != "cpu":
+        return 1
+    if args.procs is not None:
+        return args.procs
+    return plan_procs(n_images, usable_cpus(), available_memory())
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -958,6 +991,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=positive_int, default=16, help="images per model call (default: 16)"
     )
+    p.add_argument(
+        "--procs", type=positive_int, default=None,
+        help="worker processes, each loading the bundle with its share of the cores (default: "
+        "one per core and per 128 images, within the available memory; 1 = this process)",
+    )  # fmt: skip
     _add_precision(p)
     _add_runtime(p)
     _add_device(p)

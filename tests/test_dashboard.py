@@ -19,6 +19,8 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from captioning.bundle import BundleInfo, list_bundles
+from captioning.captioner import Captioner
+from captioning.data import load_flickr8k
 from dashboard import attention, charts, components, limits, tables
 from tests import hostile
 
@@ -488,6 +490,32 @@ def test_compare_page_groups_six_models_by_encoder(app, tiny_world, tmp_path, mo
         "##### ResNet50 encoder",
         "##### VGG16 encoder",
     ]
+
+
+def test_an_ensemble_gets_its_own_row_and_every_page_takes_it(app, tiny_world, tmp_path,
+                                                              monkeypatch):  # fmt: skip
+    from captioning.ensemble import make_ensemble
+    from captioning.evaluate import evaluate, save_evaluation
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_world.models, models, ignore=shutil.ignore_patterns("train_state"))
+    make_ensemble(models / "ens", ("resnet50-attention", "vgg16-attention"))
+    ens = Captioner.load(models / "ens", precision="fp32")
+    ds = load_flickr8k(tiny_world.data)
+    for split in ("dev", "test"):
+        save_evaluation(evaluate(ens, ds, split, 3, cache_root=tiny_world.cache, meteor=False),
+                        models / "ens")  # fmt: skip
+    monkeypatch.setenv("CAPTIONING_MODELS", str(models))
+    at = open_page(app, "compare")
+    upload(at, "compare", "chelsea.jpg", SAMPLE.read_bytes())
+    assert_clean(at)
+    keys = [b.key for b in at.container if (b.key or "").startswith("compare-model-")]
+    assert keys == [f"compare-model-{name}" for name in (*MODEL_ORDER, "ens")]
+    card = at.main.get_by_key("compare-model-ens")
+    assert any(m.value.startswith("#### ") for m in card.markdown)
+    assert "##### Ensembles of ResNet50 + VGG16" in [m.value for m in at.markdown]
+    for page in ("caption", "training", "explore"):
+        assert_clean(open_page(AppTest.from_file(str(APP), default_timeout=120), page))
 
 
 def test_explore_page_shows_diversity_beside_bleu_and_cider(app):
