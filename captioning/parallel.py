@@ -135,7 +135,10 @@ def _receive(results, workers) -> tuple:
             return results.get(timeout=POLL_S)
         except queue.Empty:
             if not any(w.is_alive() for w in workers):
-                codes = ", ".join(str(w.exitcode) for w in workers)
+                codes = [w.exitcode for w in workers]
+                why = "killed: out of memory?" if any((c or 0) < 0 for c in codes) else (
+                    "see their errors above")  # fmt: skip
                 raise WorkerError(
-                    f"the caption workers ended early (exit codes {codes}); out of memory?"
+                    f"the caption workers ended early (exit codes "
+                    f"{', '.join(map(str, codes))}; {why})"
                 ) from None

@@ -16,8 +16,8 @@ PHOTO_BOX = (760, 440)
 st.title("Compare models", anchor=False)
 st.markdown(
     "The same photo through every model: one row per encoder (ResNet50, VGG16), one column per "
-    "decoder (*inject*, *merge*, *attention*). Below, each model's corpus scores on the test "
-    "split and its latency."
+    "decoder (*inject*, *merge*, *attention*), and ensembles of several models in a row of their "
+    "own. Below, each model's corpus scores on the test split and its latency."
 )
 
 bundles = components.require_bundles()
