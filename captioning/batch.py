@@ -127,12 +127,17 @@ def gpu_share(resources: dict, actors: int) -> dict:
 
 
 def bundle_sha256(bundle: Path) -> str:
-    """One digest of a bundle's config, weights and vocabulary (what decides its captions)."""
+    """One digest of a bundle's config, weights and vocabulary (what decides its captions).
+
+    An ensemble has no weights of its own: its config holds its members' sha256, which loading
+    checks, as a fine-tuned bundle's config holds its block's.
+    """
     from captioning.fileio import sha256_file
 
     h = hashlib.sha256()
     for name in BUNDLE_FILES:
-        h.update(f"{name}:{sha256_file(bundle / name)}\n".encode())
+        if (bundle / name).exists():
+            h.update(f"{name}:{sha256_file(bundle / name)}\n".encode())
     return h.hexdigest()
 
 

@@ -15,6 +15,7 @@ import skimage.data
 import torch
 from PIL import Image
 
+from captioning.batch import bundle_sha256
 from captioning.bundle import BundleError, list_bundles, load_decoder, read_records
 from captioning.captioner import Captioner
 from captioning.data import load_flickr8k
@@ -95,6 +96,9 @@ def test_evaluate_and_record_an_ensemble(models, tiny_world):
     assert "resnet50-attention" in card and "vgg16-inject" in card
     info = next(b for b in list_bundles(models) if b.name == "ens")
     assert info.encoder == "resnet50,vgg16" and info.decoder == "ensemble"
+    digest = bundle_sha256(models / "ens")  # what `batch` stamps on its rows
+    make_ensemble(models / "ens", PAIR, [2.0, 1.0], force=True)
+    assert bundle_sha256(models / "ens") != digest
 
 
 def test_changed_missing_or_mismatched_members_are_refused(models):
