@@ -31,7 +31,7 @@ STRUCTURAL_KEYS = {
 }
 TRAIN_FLAGS = ("epochs", "lr", "batch_images", "patience", "seed", "max_minutes",
                "train_precision", "precision", "finetune", "finetune_lr", "device",
-               "dev_beam", "runtime", "init")  # fmt: skip
+               "dev_beam", "runtime", "init", "label_smoothing")  # fmt: skip
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -95,6 +95,14 @@ def nonneg_int(text: str) -> int:
     value = _int(text, "value")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """A number in [0, 1)."""
+    value = nonneg_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1, got {text}")
     return value
 
 
@@ -403,8 +411,10 @@ def _train_scst(args: argparse.Namespace) -> int:
 
     if not args.init:
         raise ValueError("--objective scst needs --init BUNDLE (the cross-entropy model)")
-    if args.set or args.finetune:
-        raise ValueError("--set and --finetune apply to cross-entropy training, not to scst")
+    if args.set or args.finetune or args.label_smoothing:
+        raise ValueError(
+            "--set, --finetune and --label-smoothing apply to cross-entropy training, not to scst"
+        )
     cfg = ScstConfig(init=args.init)
     for key in ("epochs", "lr", "batch_images", "patience", "seed", "max_minutes",
                 "train_precision", "samples", "baseline", "dev_beam"):  # fmt: skip
@@ -913,6 +923,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=nonneg_float,
         help="peak learning rate of the tuned block (default: --lr / 10)",
     )
+    p.add_argument(
+        "--label-smoothing", type=unit_float, metavar="EPS",
+        help="train toward (1 - EPS) one-hot + EPS uniform (default: 0; losses report plain CE)",
+    )  # fmt: skip
     _add_device(p)
 
     p = add(

@@ -266,20 +266,25 @@ def caption_loss(
     alphas: torch.Tensor | None,  # [B, T-1, L]
     alpha_c: float,
     pad_id: int = 0,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on the next words (pads ignored) + λ·mean_l (1 - Σ_t α_tl)² for attention.
 
     The regulariser averages over the L grid cells (λ·Σ_l(...)²/L), so one λ suits 49 and 196
-    cells alike.
+    cells alike. ``label_smoothing`` ε trains toward (1 - ε)·one-hot + ε/V (torch's
+    definition): (1 - ε)·CE + ε·mean_v(-log p_v).
 
-    Returns (loss to optimise, cross-entropy alone).
+    Returns (loss to optimise, plain cross-entropy: what training and dev losses report).
     """
     target = tokens[:, 1:]  # [B, T-1]
     keep = target != pad_id  # [B, T-1]; padded positions cost nothing
-    ce = F.cross_entropy(logits[keep].float(), target[keep])
-    if alphas is None or alpha_c == 0:
-        return ce, ce.detach()
-    mask = (target != pad_id).float()[..., None]  # [B, T-1, 1]
-    coverage = (alphas.float() * mask).sum(1)  # [B, L]
-    reg = alpha_c * ((1.0 - coverage) ** 2).mean()
-    return ce + reg, ce.detach()
+    logp = F.log_softmax(logits[keep].float(), -1)  # [P, V]
+    ce = F.nll_loss(logp, target[keep])
+    loss = ce
+    if label_smoothing:
+        loss = (1.0 - label_smoothing) * ce - label_smoothing * logp.mean(-1).mean()
+    if alphas is not None and alpha_c != 0:
+        mask = (target != pad_id).float()[..., None]  # [B, T-1, 1]
+        coverage = (alphas.float() * mask).sum(1)  # [B, L]
+        loss = loss + alpha_c * ((1.0 - coverage) ** 2).mean()
+    return loss, ce.detach()

@@ -80,6 +80,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda (captioning.precision.resolve_device)
     runtime: str = "torch"  # which feature cache: torch (reference) | openvino | auto
     init: str = ""  # "" = a fresh decoder; a bundle: start from its decoder (and block) weights
+    label_smoothing: float = 0.0  # ε of the training loss (dev loss stays plain cross-entropy)
 
 
 @dataclass
@@ -423,7 +424,9 @@ def batch_counts(data: TrainData, names: list[str]) -> tuple[int, int]:
     return sum(len(c) - 1 for c in caps), len(caps)
 
 
-def shard_loss(logits, tokens, alphas, alpha_c: float, tok_share: float, cap_share: float):
+def shard_loss(
+    logits, tokens, alphas, alpha_c: float, tok_share: float, cap_share: float, smooth: float = 0.0
+):
     """This rank's term of the global batch's loss, scaled for DDP's gradient average.
 
     ``caption_loss`` is a mean over next-word targets (cross-entropy) plus a mean over captions
@@ -431,10 +434,10 @@ def shard_loss(logits, tokens, alphas, alpha_c: float, tok_share: float, cap_sha
     targets and captions; DDP divides the summed gradients by the world size, hence
     ``tok_share = world * targets_here / targets_in_batch`` (likewise ``cap_share``).
     """
-    loss, ce = caption_loss(logits, tokens, alphas, alpha_c)
-    if alphas is None or alpha_c == 0:  # cross-entropy alone
+    loss, ce = caption_loss(logits, tokens, alphas, alpha_c, label_smoothing=smooth)
+    if alphas is None or alpha_c == 0:  # (smoothed) cross-entropy alone
         return loss * tok_share, ce
-    ce_only, _ = caption_loss(logits, tokens, None, 0.0)
+    ce_only, _ = caption_loss(logits, tokens, None, 0.0, label_smoothing=smooth)
     return ce_only * tok_share + (loss - ce_only) * cap_share, ce
 
 
@@ -485,10 +488,13 @@ def train_one_epoch(
                 (n_tok, n_cap), (m_tok, m_cap) = batch_counts(data, names), batch_counts(data, mine)
                 w = dist_.world
                 loss, ce = shard_loss(
-                    logits, tokens, alphas, model.cfg.alpha_c, w * m_tok / n_tok, w * m_cap / n_cap
-                )
+                    logits, tokens, alphas, model.cfg.alpha_c, w * m_tok / n_tok,
+                    w * m_cap / n_cap, cfg.label_smoothing,
+                )  # fmt: skip
             else:
-                loss, ce = caption_loss(logits, tokens, alphas, model.cfg.alpha_c)
+                loss, ce = caption_loss(
+                    logits, tokens, alphas, model.cfg.alpha_c, label_smoothing=cfg.label_smoothing
+                )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from captioning.decoders import DecoderConfig, build_decoder, caption_loss
 from captioning.decoding import DecodeConfig, beam_search, greedy_decode
@@ -181,3 +182,17 @@ def test_attention_packed_teacher_forcing_equals_stepwise_decoding():
             assert torch.allclose(F.log_softmax(logits[live, t], -1), logp[live], atol=1e-5)
             assert torch.allclose(alphas[live, t], alpha[live], atol=1e-6)
             assert (alphas[~live, t] == 0).all()
+
+
+def test_label_smoothing_is_torchs_and_reports_plain_cross_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11)  # [B, T-1, V]
+    tokens = torch.randint(4, 11, (3, 6))
+    tokens[1, 4:] = 0  # padding costs nothing
+    keep = tokens[:, 1:] != 0
+    plain, ce = caption_loss(logits, tokens, None, 0.0)
+    smooth, ce2 = caption_loss(logits, tokens, None, 0.0, label_smoothing=0.1)
+    want = F.cross_entropy(logits[keep], tokens[:, 1:][keep], label_smoothing=0.1)
+    assert float(smooth) == pytest.approx(float(want), rel=1e-6)
+    assert float(plain) == pytest.approx(float(ce)) and float(ce2) == pytest.approx(float(ce))
+    assert abs(float(smooth) - float(plain)) > 1e-3
