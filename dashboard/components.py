@@ -12,7 +12,7 @@ import streamlit as st
 from PIL import Image
 
 from captioning import reports
-from captioning.bundle import BundleInfo, is_ensemble
+from captioning.bundle import BundleError, BundleInfo, is_ensemble, read_config
 from captioning.data import DATA_ENV, FIX_HELP, Flickr8k
 from captioning.images import ACCEPTED_FORMATS, ImageLoadError, load_image
 from dashboard import state
@@ -98,6 +98,23 @@ def model_label(bundle: BundleInfo) -> str:
     if is_ensemble(bundle.config):
         return f"{bundle.name} (ensemble of {pretty_encoder(bundle.encoder)})"
     return f"{bundle.name} ({pretty_encoder(bundle.encoder)} + {bundle.decoder})"
+
+
+def attention_note(bundle: BundleInfo) -> str | None:
+    """Whose attention an ensemble's caption shows: its first member that attends."""
+    if not is_ensemble(bundle.config):
+        return None
+    for m in bundle.config["members"]:
+        try:
+            decoder = read_config(bundle.path.parent / m["name"])["decoder"]
+        except BundleError:
+            continue
+        if decoder == "attention":
+            return (
+                f"{bundle.name} is an ensemble: the maps show where its member {m['name']} "
+                "looked while the ensemble wrote the caption."
+            )
+    return None
 
 
 def model_blurb(bundle: BundleInfo) -> str:

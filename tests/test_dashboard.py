@@ -514,8 +514,12 @@ def test_an_ensemble_gets_its_own_row_and_every_page_takes_it(app, tiny_world, t
     card = at.main.get_by_key("compare-model-ens")
     assert any(m.value.startswith("#### ") for m in card.markdown)
     assert "##### Ensembles of ResNet50 + VGG16" in [m.value for m in at.markdown]
-    for page in ("caption", "training", "explore"):
+    for page in ("training", "explore"):
         assert_clean(open_page(AppTest.from_file(str(APP), default_timeout=120), page))
+    at = open_page(AppTest.from_file(str(APP), default_timeout=120), "caption")
+    at.selectbox(key="caption-model").set_value("ens").run()
+    assert_clean(at)
+    assert "member resnet50-attention looked while the ensemble wrote" in texts(at)
 
 
 def test_explore_page_shows_diversity_beside_bleu_and_cider(app):

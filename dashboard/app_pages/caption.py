@@ -88,6 +88,8 @@ if not result.tokens:
 
 st.divider()
 st.subheader("Where the model looks", anchor=False)
+if note := components.attention_note(bundle):
+    st.caption(note)
 words = result.tokens[: result.attention.shape[0]]
 gh, gw = result.attention.shape[1:]
 i = 0
