@@ -206,17 +206,20 @@ def existing_rows(out: Path) -> tuple[list[dict], list[str]]:
     return rows, aside
 
 
-def steady_rate(shards: list[tuple[float, int]]) -> float | None:
-    """Images/s between the first and the last shard written: ``shards`` = (mtime, rows).
+def steady_rate(shards: list[tuple[float, int]], actors: int = 1) -> float | None:
+    """Images/s after each actor's first shard: ``shards`` = (mtime, rows).
 
-    The first shard's images are not counted, so actor start-up and model load drop out (like
-    ``caption``'s loop rate, which starts after its model is loaded). None below two shards.
+    The first ``actors`` shards (each actor's first, written about when its start-up and model
+    load end) are not counted, and the clock starts at the last of them (like ``caption``'s loop
+    rate, which starts after its model is loaded). Two actors write their first shards at about
+    the same moment, so timing from the very first shard would divide by almost nothing. None
+    when no shard comes after those.
     """
-    if len(shards) < 2:
+    if len(shards) <= actors:
         return None
     shards = sorted(shards)
-    span = shards[-1][0] - shards[0][0]
-    return round(sum(n for _, n in shards[1:]) / span, 2) if span > 0 else None
+    span = shards[-1][0] - shards[actors - 1][0]
+    return round(sum(n for _, n in shards[actors:]) / span, 2) if span > 0 else None
 
 
 def _new_shards(out: Path, before: set[str]) -> list[tuple[float, int]]:
@@ -419,7 +422,7 @@ def run_batch(cfg: BatchConfig) -> BatchReport:
     """Caption ``cfg.input`` into Parquet shards in ``cfg.out`` on Ray Data; resumable."""
     import ray
 
-    from captioning.bundle import load_decoder, resolve_bundle
+    from captioning.bundle import check_bundle, resolve_bundle
     from captioning.decoding import DecodeConfig
     from captioning.precision import resolve_device
 
@@ -429,7 +432,7 @@ def run_batch(cfg: BatchConfig) -> BatchReport:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
     bundle = resolve_bundle(cfg.model).resolve()
-    _, _, bcfg = load_decoder(bundle)  # fails early on a broken bundle
+    bcfg = check_bundle(bundle)  # fails early on a broken bundle
     sha = bundle_sha256(bundle)
     beam = {"beam_size": cfg.beam} if cfg.beam is not None else {}
     dec = asdict(DecodeConfig(**{**bcfg.get("decode_defaults", {}), **cfg.overrides, **beam}))
@@ -487,5 +490,5 @@ def run_batch(cfg: BatchConfig) -> BatchReport:
     new = [r for r in existing_rows(out)[0] if r["path"] not in done]
     report.captioned = sum(1 for r in new if r["error"] is None)
     report.errors = len(new) - report.captioned
-    report.steady_images_per_s = steady_rate(_new_shards(out, before))
+    report.steady_images_per_s = steady_rate(_new_shards(out, before), plan.actors)
     return report

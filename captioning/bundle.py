@@ -444,6 +444,19 @@ def list_bundles(models_dir: Path | None = None) -> list[BundleInfo]:
     return out
 
 
+def check_bundle(bundle: Path) -> dict:
+    """The config of a usable bundle: its decoder loads or, for an ensemble, its members are in
+    place and unchanged. Raises BundleError otherwise (callers that fail early use this)."""
+    cfg = read_config(bundle)
+    if is_ensemble(cfg):
+        from captioning.ensemble import check_members
+
+        check_members(bundle, cfg)
+    else:
+        load_decoder(bundle)
+    return cfg
+
+
 def load_decoder(bundle: Path) -> tuple[Decoder, Vocabulary, dict]:
     cfg = read_config(bundle)
     if is_ensemble(cfg):

@@ -126,11 +126,8 @@ class EnsembleCaptioner(Captioner):
         """Load each member from the ensemble's own models directory and check that it is the
         member the ensemble was made and scored with."""
         vocab = Vocabulary.load(path / "vocab.json")
-        members = []
-        for m in config["members"]:
-            member_path = _member_path(path, m["name"])
-            _check_member(path, member_path, m, vocab)
-            members.append(Captioner.load(member_path, precision, runtime=runtime))
+        paths = check_members(path, config)
+        members = [Captioner.load(p, precision, runtime=runtime) for p in paths]
         return cls(path, config, members, vocab)
 
     @property
@@ -166,6 +163,18 @@ class EnsembleCaptioner(Captioner):
                 done[key] = m._encode(x)[0]
             feats.append(done[key])
         return MemberFeatures(feats), time.perf_counter() - t0
+
+
+def check_members(path: Path, config: dict) -> list[Path]:
+    """The member bundles of the ensemble at ``path``, each in place, unchanged since the ensemble
+    was made and with its vocabulary; raises BundleError otherwise (nothing is loaded)."""
+    vocab = Vocabulary.load(path / "vocab.json")
+    paths = []
+    for m in config["members"]:
+        member_path = _member_path(path, m["name"])
+        _check_member(path, member_path, m, vocab)
+        paths.append(member_path)
+    return paths
 
 
 def _member_path(path: Path, name: str) -> Path:

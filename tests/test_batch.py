@@ -95,6 +95,10 @@ def test_steady_rate_leaves_out_the_first_shard():
     assert steady_rate([(14.0, 64), (10.0, 128), (12.0, 128)]) == pytest.approx(48.0)
     assert steady_rate([(10.0, 128)]) is None
     assert steady_rate([(10.0, 1), (10.0, 1)]) is None
+    # two actors: both first shards (start-up) drop out, the clock starts at the later one
+    two = [(10.0, 128), (10.1, 128), (12.0, 128), (14.1, 128)]
+    assert steady_rate(two, actors=2) == pytest.approx(256 / 4.0)
+    assert steady_rate(two[:2], actors=2) is None  # was 2560 images/s from a 0.1 s span
 
 
 @pytest.mark.skipif(not BUNDLE.is_dir(), reason="shipped bundle resnet50-attention is absent")
