@@ -324,6 +324,7 @@ class ModelInfo(BaseModel):
     decode_defaults: dict
     max_beam: int
     test_metrics: dict | None = None
+    members: list[dict] | None = None  # an ensemble's: name and weight of each member bundle
 
 
 class Health(BaseModel):
@@ -441,6 +442,9 @@ async def list_models(svc: ServiceDep) -> list[dict]:
             "decode_defaults": cfg.get("decode_defaults", {}),
             "max_beam": svc.cfg.max_beam,
             "test_metrics": default_summary(bundle_info(cap.path), "test"),
+            "members": [{"name": m["name"], "weight": m["weight"]} for m in cfg["members"]]
+            if "members" in cfg
+            else None,
         }
     ]
 

@@ -209,3 +209,26 @@ def test_serve_cli_refuses_a_missing_bundle_in_one_line(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "nobundle"), "--port", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no model bundle" in err and "Traceback" not in err
+
+
+def test_an_ensemble_serves_and_lists_its_members(tiny_world, tmp_path):
+    import shutil
+
+    from captioning import Captioner
+    from captioning.ensemble import make_ensemble
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_world.models, models, ignore=shutil.ignore_patterns("train_state"))
+    make_ensemble(models / "ens", ("resnet50-attention", "vgg16-attention"), [3.0, 1.0])
+    ens = Captioner.load(models / "ens", precision="fp32", runtime="torch")
+    with TestClient(create_app(ServeConfig(model=str(models / "ens")), captioner=ens)) as c:
+        (info,) = c.get("/v1/models").json()
+        assert info["decoder"] == "ensemble" and info["encoder"] == "resnet50,vgg16"
+        assert info["members"] == [{"name": "resnet50-attention", "weight": 0.75},
+                                   {"name": "vgg16-attention", "weight": 0.25}]  # fmt: skip
+        got = c.post("/v1/caption", files={"file": ("c.jpg", _jpeg())})
+        assert got.status_code == 200, got.text
+        assert got.json()["caption"] == ens.caption(SAMPLES / "chelsea.jpg").text
+    with TestClient(create_app(ServeConfig(model=str(BUNDLE)), captioner=Captioner.load(
+            models / "resnet50-attention", precision="fp32", runtime="torch"))) as c:  # fmt: skip
+        assert c.get("/v1/models").json()[0]["members"] is None
