@@ -422,8 +422,7 @@ def run_batch(cfg: BatchConfig) -> BatchReport:
     """Caption ``cfg.input`` into Parquet shards in ``cfg.out`` on Ray Data; resumable."""
     import ray
 
-    from captioning.bundle import check_bundle, resolve_bundle
-    from captioning.decoding import DecodeConfig
+    from captioning.bundle import bundle_decoding, check_bundle, resolve_bundle
     from captioning.precision import resolve_device
 
     t0 = time.perf_counter()
@@ -434,8 +433,7 @@ def run_batch(cfg: BatchConfig) -> BatchReport:
     bundle = resolve_bundle(cfg.model).resolve()
     bcfg = check_bundle(bundle)  # fails early on a broken bundle
     sha = bundle_sha256(bundle)
-    beam = {"beam_size": cfg.beam} if cfg.beam is not None else {}
-    dec = asdict(DecodeConfig(**{**bcfg.get("decode_defaults", {}), **cfg.overrides, **beam}))
+    dec = asdict(bundle_decoding(bcfg, cfg.beam, **cfg.overrides))
     decoding = json.dumps(dec, sort_keys=True)
 
     paths = read_inputs(cfg.input)

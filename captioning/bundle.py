@@ -328,6 +328,13 @@ def export_bundle(
     write_records(out, [], config)
 
 
+def bundle_decoding(config: dict, beam_size: int | None = None, **overrides) -> DecodeConfig:
+    """A bundle's default decoding (``config["decode_defaults"]``) with ``beam_size`` and other
+    fields overridden; raises ValueError for a bad setting."""
+    beam = {} if beam_size is None else {"beam_size": beam_size}
+    return DecodeConfig(**{**config.get("decode_defaults", {}), **overrides, **beam})
+
+
 def set_decode_defaults(bundle: Path, **changes) -> dict:
     """Change the bundle's default decoding (e.g. the beam size chosen on dev)."""
     cfg = read_config(bundle)

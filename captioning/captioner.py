@@ -18,6 +18,7 @@ from captioning.bundle import (
     BLOCK_KEY,
     DEFAULT_RUNTIME,
     BundleError,
+    bundle_decoding,
     is_ensemble,
     load_decoder,
     read_config,
@@ -57,7 +58,7 @@ class Captioner:
             encoder,
         )
         self.name = path.name
-        self.defaults = DecodeConfig(**config.get("decode_defaults", {}))
+        self.defaults = bundle_decoding(config)
         self.step_decoder = decoder  # what decoding steps run on (captioning.runtime)
         self.runtime = encoder.runtime
 

@@ -530,14 +530,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no images found in {' '.join(args.images)}")
     procs = _caption_procs(args, len(files))
     if procs > 1:  # worker processes load the bundle; this one only checks it
-        from captioning.bundle import read_config, resolve_bundle
-        from captioning.decoding import DecodeConfig
+        from captioning.bundle import bundle_decoding, read_config, resolve_bundle
         from captioning.parallel import WorkerSpec, caption_parallel
         from captioning.runtime import usable_cpus
 
         path = resolve_bundle(args.model)
-        defaults = read_config(path).get("decode_defaults", {})
-        DecodeConfig(**{**defaults, **overrides, **_beam(args)})  # a bad setting fails here
+        bundle_decoding(read_config(path), args.beam, **overrides)  # a bad setting fails here
         threads = max(1, usable_cpus() // procs)
         spec = WorkerSpec(str(path), precision, runtime, threads, args.beam, args.batch_size,
                           overrides)  # fmt: skip
@@ -576,10 +574,6 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if skipped:
         print(f"{skipped} of {len(files)} files skipped", file=sys.stderr)
     return 1 if skipped else 0
-
-
-def _beam(args: argparse.Namespace) -> dict:
-    return {} if args.beam is None else {"beam_size": args.beam}
 
 
 def _caption_procs(args: argparse.Namespace, n_images: int) -> int:

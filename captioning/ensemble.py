@@ -30,6 +30,7 @@ from captioning.bundle import (
     BUNDLE_FORMAT,
     ENSEMBLE_KIND,
     BundleError,
+    bundle_decoding,
     clear_model_outputs,
     is_ensemble,
     read_config,
@@ -114,10 +115,10 @@ class EnsembleCaptioner(Captioner):
         weights = [m["weight"] for m in config["members"]]
         self.path, self.config, self.members, self.vocab = path, config, members, vocab
         self.name = path.name
-        self.defaults = DecodeConfig(**config.get("decode_defaults", {}))
+        self.defaults = bundle_decoding(config)
         self.decoder = EnsembleStep([m.decoder for m in members], weights)  # the torch reference
         self.step_decoder = EnsembleStep([m.step_decoder for m in members], weights)
-        self.runtime = "/".join(dict.fromkeys(m.runtime for m in members))
+        self.runtime = _joined(m.runtime for m in members)
 
     @classmethod
     def load_ensemble(
@@ -126,7 +127,7 @@ class EnsembleCaptioner(Captioner):
         """Load each member from the ensemble's own models directory and check that it is the
         member the ensemble was made and scored with."""
         vocab = Vocabulary.load(path / "vocab.json")
-        paths = check_members(path, config)
+        paths = check_members(path, config, vocab)
         members = [Captioner.load(p, precision, runtime=runtime) for p in paths]
         return cls(path, config, members, vocab)
 
@@ -136,11 +137,11 @@ class EnsembleCaptioner(Captioner):
 
     @property
     def precision_label(self) -> str:
-        return "/".join(dict.fromkeys(m.precision_label for m in self.members))
+        return _joined(m.precision_label for m in self.members)
 
     @property
     def encoder_label(self) -> str:
-        return "/".join(dict.fromkeys(m.encoder_label for m in self.members))
+        return _joined(m.encoder_label for m in self.members)
 
     @property
     def encoder_on_torch(self) -> bool:
@@ -155,26 +156,32 @@ class EnsembleCaptioner(Captioner):
         if x is None:
             return None, 0.0
         t0 = time.perf_counter()
-        done: dict[int, torch.Tensor] = {}
+        done: dict[tuple[int, bool], torch.Tensor] = {}
         feats = []
         for m in self.members:
-            key = id(m.encoder) * 2 + m.uses_grid
+            key = (id(m.encoder), m.uses_grid)
             if key not in done:
                 done[key] = m._encode(x)[0]
             feats.append(done[key])
         return MemberFeatures(feats), time.perf_counter() - t0
 
 
-def check_members(path: Path, config: dict) -> list[Path]:
+def check_members(path: Path, config: dict, vocab: Vocabulary | None = None) -> list[Path]:
     """The member bundles of the ensemble at ``path``, each in place, unchanged since the ensemble
-    was made and with its vocabulary; raises BundleError otherwise (nothing is loaded)."""
-    vocab = Vocabulary.load(path / "vocab.json")
+    was made and with its vocabulary (``vocab``: the ensemble's, when already loaded); raises
+    BundleError otherwise (nothing is loaded)."""
+    vocab = vocab or Vocabulary.load(path / "vocab.json")
     paths = []
     for m in config["members"]:
         member_path = _member_path(path, m["name"])
         _check_member(path, member_path, m, vocab)
         paths.append(member_path)
     return paths
+
+
+def _joined(labels) -> str:
+    """The members' distinct labels in order, e.g. ``openvino`` or ``bf16+cl/fp32``."""
+    return "/".join(dict.fromkeys(labels))
 
 
 def _member_path(path: Path, name: str) -> Path:
@@ -243,8 +250,8 @@ def make_ensemble(
             {"name": p.name, "weight": w / total, "sha256": _fingerprint(p)}
             for p, w in zip(paths, weights, strict=True)
         ],
-        "precision": "/".join(dict.fromkeys(c["precision"] for c in configs)),
-        "runtime": "/".join(dict.fromkeys(c["runtime"] for c in configs)),
+        "precision": _joined(c["precision"] for c in configs),
+        "runtime": _joined(c["runtime"] for c in configs),
         "data": first.get("data"),
         "decode_defaults": first.get("decode_defaults", asdict(DecodeConfig())),
         "git_commit": commit,

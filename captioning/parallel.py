@@ -73,7 +73,6 @@ def _worker(spec: WorkerSpec, tasks, results) -> None:
         from captioning.captioner import Captioner
 
         cap = Captioner.load(spec.model, spec.precision, runtime=spec.runtime)
-        results.put(("ready", os.getpid(), cap.runtime))
         for chunk_id, paths in iter(tasks.get, None):
             out: list[CaptionResult | str] = []
             stream = cap.caption_stream(
@@ -105,15 +104,12 @@ def caption_parallel(
     for w in workers:
         w.start()
     try:
-        ready, next_id = 0, 0
+        next_id = 0
         done: dict[int, list] = {}
         while next_id < len(chunks):
             kind, key, payload = _receive(results, workers)
             if kind == "failed":
                 raise WorkerError(f"a caption worker failed: {payload}")
-            if kind == "ready":
-                ready += 1
-                continue
             done[key] = payload
             while next_id in done:
                 for path, item in zip(chunks[next_id], done.pop(next_id), strict=True):

@@ -18,6 +18,7 @@ from captioning.bundle import (
     BundleError,
     BundleInfo,
     Setting,
+    bundle_decoding,
     decoding_label,
     is_ensemble,
     read_config,
@@ -111,7 +112,7 @@ def bundle_info(path: Path) -> BundleInfo:
 
 def default_decoding(bundle: BundleInfo) -> DecodeConfig:
     """The bundle's default decoding (``DecodeConfig`` defaults for missing fields)."""
-    return DecodeConfig(**bundle.config.get("decode_defaults", {}))
+    return bundle_decoding(bundle.config)
 
 
 # ---------------------------------------------------------------- predictions, history, bench

@@ -19,10 +19,9 @@ from captioning.batch import bundle_sha256
 from captioning.bundle import BundleError, list_bundles, load_decoder, read_records
 from captioning.captioner import Captioner
 from captioning.data import load_flickr8k
-from captioning.encoders import preprocess
 from captioning.ensemble import EnsembleCaptioner, MemberFeatures, make_ensemble
 from captioning.evaluate import evaluate, save_evaluation, split_features
-from captioning.vocab import END_ID, START_ID
+from tests.scoring import word_logprobs
 
 REPO = Path(__file__).resolve().parents[1]
 PAIR = ("resnet50-attention", "vgg16-inject")  # grid + pooled, two encoders
@@ -39,16 +38,6 @@ def models(tiny_world, tmp_path, monkeypatch):
     return root
 
 
-def _teacher_forced(cap: Captioner, img: Image.Image, tokens: list[int]) -> torch.Tensor:
-    """Per-step log-probs [T, V] a single bundle gives the caption ``tokens`` (with <end>)."""
-    out = cap.encoder.encode(preprocess(img)[None])
-    feats = (out.grid if cap.uses_grid else out.pooled).float()
-    seq = torch.tensor([[START_ID, *tokens, END_ID]])
-    with torch.inference_mode():
-        logits, _ = cap.decoder(cap.decoder.context(feats), seq)
-    return torch.log_softmax(logits.float(), -1)[0]  # [T, V]
-
-
 def test_score_is_the_log_of_the_members_mean_probability(models):
     make_ensemble(models / "ens", PAIR, [3.0, 1.0])
     ens = Captioner.load("ens", precision="fp32")
@@ -57,9 +46,7 @@ def test_score_is_the_log_of_the_members_mean_probability(models):
     res = ens.caption(img, beam_size=3)
     assert res.text and res.attention.shape == (len(res.tokens), 7, 7)  # the attending member's
     ids = ens.vocab.encode(res.text, add_special=False)
-    target = torch.tensor([*ids, END_ID])
-    per_member = [_teacher_forced(m, img, ids).gather(1, target[:, None])[:, 0]
-                  for m in ens.members]  # fmt: skip
+    per_member = [word_logprobs(m, img, ids) for m in ens.members]  # [T] each
     mixed = torch.logsumexp(torch.stack(per_member) + torch.tensor([[0.75], [0.25]]).log(), 0)
     assert res.score == pytest.approx(float(mixed.sum()), abs=2e-3)
     # not what either member alone gives the same caption

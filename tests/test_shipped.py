@@ -7,7 +7,6 @@ import json
 
 import pytest
 import skimage.data
-import torch
 from PIL import Image
 
 from captioning import Captioner
@@ -18,7 +17,7 @@ from captioning.encoders import preprocess
 from captioning.ensemble import EnsembleCaptioner
 from captioning.evaluate import evaluate
 from captioning.reports import default_result, read_prediction_rows, results
-from captioning.vocab import END_ID, START_ID
+from tests.scoring import word_logprobs
 
 SHIPPED = {b.name: b for b in list_bundles(MODELS_DIR)}
 pytestmark = pytest.mark.skipif(not SHIPPED, reason=f"no bundles in {MODELS_DIR}")
@@ -40,21 +39,6 @@ def test_expected_bundles_are_shipped():
         assert name in SHIPPED
 
 
-def _word_logprobs(cap: Captioner, img: Image.Image, tokens: list[int]) -> torch.Tensor:
-    """[T] the log-prob the bundle's decoder gives each word of ``tokens`` and <end>, teacher
-    forced; an ensemble's is the log of its members' weighted mean probability."""
-    if isinstance(cap, EnsembleCaptioner):
-        per = torch.stack([_word_logprobs(m, img, tokens) for m in cap.members])  # [M, T]
-        w = torch.tensor([m["weight"] for m in cap.config["members"]]).log()[:, None]
-        return torch.logsumexp(per + w, 0)
-    out = cap.encoder.encode(preprocess(img)[None])
-    feats = (out.grid if cap.uses_grid else out.pooled).float()  # [1, L, C] or [1, D]
-    seq = torch.tensor([[START_ID, *tokens, END_ID]])
-    with torch.inference_mode():
-        logits, _ = cap.decoder(cap.decoder.context(feats), seq)  # [1, T, V]
-    return torch.log_softmax(logits.float(), -1)[0].gather(1, seq[0, 1:, None])[:, 0]
-
-
 @pytest.mark.parametrize("photo", ["astronaut", "chelsea"])
 def test_caption_is_the_models_own_best_scored_sentence(captioner, photo):
     """The reported log-prob is what the decoder itself gives that caption (teacher forced)."""
@@ -65,7 +49,7 @@ def test_caption_is_the_models_own_best_scored_sentence(captioner, photo):
     assert best.text == first.text
     ids = captioner.vocab.encode(first.text, add_special=False)
     assert captioner.vocab.decode(ids) == first.text
-    assert first.score == pytest.approx(float(_word_logprobs(captioner, img, ids).sum()), abs=2e-3)
+    assert first.score == pytest.approx(float(word_logprobs(captioner, img, ids).sum()), abs=2e-3)
 
 
 def test_bundle_size_budget(captioner):
