@@ -1,9 +1,10 @@
-"""LSTM caption decoders: show-and-tell ``inject``, Keras-style ``merge``, and soft ``attention``.
+"""LSTM caption decoders: show-and-tell ``inject``, Keras-style ``merge``, soft ``attention``
+(Show, Attend and Tell) and ``updown`` (the top-down decoder of Anderson et al. 2018).
 
-All three share one interface so that training and decoding never look at the kind:
+All four share one interface so that training and decoding never look at the kind:
 
 * ``context(feats)``: per-image work, done once per image (not once per caption);
-  ``feats`` is pooled [N, D] for inject/merge and the grid [N, L, C] for attention.
+  ``feats`` is pooled [N, D] for inject/merge and the grid [N, L, C] for attention/updown.
 * ``init_state(ctx)`` -> a tuple of [B, ...] tensors; ``step(ctx, state, word)`` -> log-probs
   [B, V], new state, attention [B, L] or None. Beam search reorders states with ``index_select``.
 * ``forward(ctx, tokens)``: teacher forcing; tokens [B, T] start with ``<start>``; returns
@@ -18,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DECODER_KINDS = ("inject", "merge", "attention")
+DECODER_KINDS = ("inject", "merge", "attention", "updown")
+ATTENTION_KINDS = ("attention", "updown")  # decoders that attend over the grid
 INJECT_MODES = ("init", "par")
 
 
@@ -55,7 +57,7 @@ class DecoderConfig:
 
     @property
     def uses_grid(self) -> bool:
-        return self.kind == "attention"
+        return self.kind in ATTENTION_KINDS
 
 
 class Decoder(nn.Module):
@@ -171,7 +173,69 @@ class MergeDecoder(Decoder):
         return F.log_softmax(self._head(ctx["img"], out[:, 0]).float(), -1), (h2[0], c2[0]), None
 
 
-class AttentionDecoder(Decoder):
+class GridDecoder(Decoder):
+    """A decoder that attends over the grid: one teacher-forced loop for every such decoder.
+
+    Subclasses define ``_advance(ctx, state, emb) -> (state, outs, alpha)``, one step of the
+    recurrence from the current word's embedding, and ``_head(*outs) -> logits``, the output layer
+    over what ``_advance`` returned (run once per step in ``step``, once over all positions in
+    ``forward``).
+    """
+
+    def _advance(self, ctx, state, emb):
+        raise NotImplementedError
+
+    def _head(self, *outs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, ctx, state, word):
+        state, outs, alpha = self._advance(ctx, state, self.embed(word))  # word [B]
+        return F.log_softmax(self._head(*outs).float(), -1), state, alpha
+
+    def forward(self, ctx, tokens):
+        """Teacher forcing over rows sorted by length: step t runs only the rows still active.
+
+        Rows are processed longest first, so the active rows at step t are a prefix and every
+        slice is a view. The output layer runs once, after the loop, on the packed positions.
+        """
+        b, t1 = tokens.shape[0], tokens.shape[1] - 1
+        steps = (tokens[:, 1:] != 0).sum(1)  # [B] next-word targets per row
+        order = torch.argsort(steps, descending=True, stable=True)
+        resort = bool((order != torch.arange(b)).any())
+        if resort:  # callers that sort (training) skip this copy
+            tokens, steps = tokens.index_select(0, order), steps.index_select(0, order)
+            ctx = self.select(ctx, order)
+        active = [int((steps > t).sum()) for t in range(int(steps.max()) if b else 0)]
+        state = self.init_state(ctx)
+        emb = self.drop(self.embed(tokens[:, :-1]))  # [B, T-1, E]
+        outs, alphas = [], []
+        for t, bt in enumerate(active):
+            sub = {k: ctx[k][:bt] for k in self.step_keys}
+            state, out, alpha = self._advance(sub, tuple(s[:bt] for s in state), emb[:bt, t])
+            outs.append(out)
+            alphas.append(F.pad(alpha, (0, 0, 0, b - bt)))  # [B, L]
+        packed = self._head(*(torch.cat(parts) for parts in zip(*outs, strict=True)))
+        # packed position p of (t, row) -> padded [B, T-1]: row-major over t then row
+        rows = torch.cat([torch.arange(bt) for bt in active])
+        cols = torch.cat([torch.full((bt,), t) for t, bt in enumerate(active)])
+        logits = packed.new_zeros(b, t1, packed.shape[-1])
+        logits = logits.index_put((rows, cols), packed)  # [B, T-1, V]
+        att = torch.stack(alphas, 1) if alphas else ctx["grid"].new_zeros(b, 0, 0)
+        att = F.pad(att, (0, 0, 0, t1 - att.shape[1]))  # [B, T-1, L]
+        if resort:
+            inv = torch.argsort(order)
+            logits, att = logits.index_select(0, inv), att.index_select(0, inv)
+        return logits, att
+
+    @staticmethod
+    def _attend_with(att_v, ctx, query):  # query [B, A] -> z [B, C'], alpha [B, L]
+        e = att_v(torch.tanh(ctx["proj"] + query[:, None])).squeeze(-1)  # [B, L]
+        alpha = e.float().softmax(-1)
+        z = torch.bmm(alpha.to(ctx["grid"].dtype)[:, None], ctx["grid"]).squeeze(1)
+        return z, alpha
+
+
+class AttentionDecoder(GridDecoder):
     """Show, Attend and Tell (soft): additive attention over the grid, gate β, deep output."""
 
     step_keys = ("proj", "grid")
@@ -197,64 +261,70 @@ class AttentionDecoder(Decoder):
     def init_state(self, ctx):
         return torch.tanh(self.init_h(ctx["mean"])), torch.tanh(self.init_c(ctx["mean"]))
 
-    def _attend(self, ctx, h):  # h [B, H] -> z [B, C], alpha [B, L]
-        e = self.att_v(torch.tanh(ctx["proj"] + self.hid_att(h)[:, None])).squeeze(-1)  # [B, L]
-        alpha = e.float().softmax(-1)
-        z = torch.bmm(alpha.to(ctx["grid"].dtype)[:, None], ctx["grid"]).squeeze(1)  # [B, C]
+    def _attend(self, ctx, h):  # h [B, H] -> gated z [B, C], alpha [B, L]
+        z, alpha = self._attend_with(self.att_v, ctx, self.hid_att(h))
         return torch.sigmoid(self.gate(h)) * z, alpha
 
-    def _logits(self, emb, h, z):
-        return self.out(self.drop(emb + self.out_h(self.drop(h)) + self.out_z(z)))
-
-    def step(self, ctx, state, word):
+    def _advance(self, ctx, state, emb):
         h, c = state
         z, alpha = self._attend(ctx, h)
-        emb = self.embed(word)  # [B, E]
         h, c = self.cell(torch.cat([emb, z], -1), (h, c))
-        return F.log_softmax(self._logits(emb, h, z).float(), -1), (h, c), alpha
+        return (h, c), (emb, h, z), alpha
 
-    def forward(self, ctx, tokens):
-        """Teacher forcing over rows sorted by length: step t runs only the rows still active.
+    def _head(self, emb, h, z):
+        return self.out(self.drop(emb + self.out_h(self.drop(h)) + self.out_z(z)))
 
-        Rows are processed longest first, so the active rows at step t are a prefix and every
-        slice is a view. The deep output runs once, after the loop, on the packed positions.
-        """
-        b, t1 = tokens.shape[0], tokens.shape[1] - 1
-        steps = (tokens[:, 1:] != 0).sum(1)  # [B] next-word targets per row
-        order = torch.argsort(steps, descending=True, stable=True)
-        resort = bool((order != torch.arange(b)).any())
-        if resort:  # callers that sort (training) skip this copy
-            tokens, steps = tokens.index_select(0, order), steps.index_select(0, order)
-            ctx = self.select(ctx, order)
-        active = [int((steps > t).sum()) for t in range(int(steps.max()) if b else 0)]
-        h, c = self.init_state(ctx)
-        emb = self.drop(self.embed(tokens[:, :-1]))  # [B, T-1, E]
-        hs, zs, es, alphas = [], [], [], []
-        for t, bt in enumerate(active):
-            sub = {"proj": ctx["proj"][:bt], "grid": ctx["grid"][:bt]}
-            z, alpha = self._attend(sub, h[:bt])  # [bt, C], [bt, L]
-            e = emb[:bt, t]
-            h, c = self.cell(torch.cat([e, z], -1), (h[:bt], c[:bt]))
-            hs.append(h)
-            zs.append(z)
-            es.append(e)
-            alphas.append(F.pad(alpha, (0, 0, 0, b - bt)))
-        packed = self._logits(torch.cat(es), torch.cat(hs), torch.cat(zs))  # [P, V]
-        # packed position p of (t, row) -> padded [B, T-1]: row-major over t then row
-        rows = torch.cat([torch.arange(bt) for bt in active])
-        cols = torch.cat([torch.full((bt,), t) for t, bt in enumerate(active)])
-        logits = packed.new_zeros(b, t1, packed.shape[-1])
-        logits = logits.index_put((rows, cols), packed)  # [B, T-1, V]
-        att = torch.stack(alphas, 1) if alphas else ctx["grid"].new_zeros(b, 0, 0)
-        att = F.pad(att, (0, 0, 0, t1 - att.shape[1]))  # [B, T-1, L]
-        if resort:
-            inv = torch.argsort(order)
-            logits, att = logits.index_select(0, inv), att.index_select(0, inv)
-        return logits, att
+
+class UpDownDecoder(GridDecoder):
+    """The top-down captioner of Anderson et al. 2018 ("Bottom-up and top-down attention") over
+    the encoder's grid: two LSTMs per word.
+
+    The *attention LSTM* reads the language LSTM's last output, the mean image and the word; its
+    output queries additive attention over the grid cells; the *language LSTM* reads the
+    attended image and the attention LSTM's output, and the word comes from its output. Grid
+    cells are first embedded to ``hidden_dim`` (linear, ReLU, dropout). The state is
+    (h_att, c_att, h_lang, c_lang), zeros at the start.
+    """
+
+    step_keys = ("proj", "grid", "mean")
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__(cfg, cfg.hidden_dim)
+        h, a = cfg.hidden_dim, cfg.attn_dim
+        self.feat_embed = nn.Linear(cfg.feat_dim, h)
+        self.feat_att = nn.Linear(h, a)
+        self.hid_att = nn.Linear(h, a)
+        self.att_v = nn.Linear(a, 1)
+        self.att_lstm = nn.LSTMCell(h + h + cfg.embed_dim, h)
+        self.lang_lstm = nn.LSTMCell(h + h, h)
+
+    def context(self, feats):  # grid [N, L, C]
+        grid = self.drop(F.relu(self.feat_embed(self.feat_drop(feats.float()))))  # [N, L, H]
+        return {"grid": grid, "proj": self.feat_att(grid), "mean": grid.mean(1)}
+
+    def init_state(self, ctx):
+        zero = ctx["mean"].new_zeros(ctx["mean"].shape[0], self.cfg.hidden_dim)  # [B, H]
+        return zero, zero.clone(), zero.clone(), zero.clone()
+
+    def _advance(self, ctx, state, emb):
+        h_att, c_att, h_lang, c_lang = state
+        x = torch.cat([h_lang, ctx["mean"].to(h_lang.dtype), emb], -1)  # [B, 2H + E]
+        h_att, c_att = self.att_lstm(x, (h_att, c_att))
+        z, alpha = self._attend_with(self.att_v, ctx, self.hid_att(h_att))  # [B, H], [B, L]
+        h_lang, c_lang = self.lang_lstm(torch.cat([z.to(h_att.dtype), h_att], -1), (h_lang, c_lang))
+        return (h_att, c_att, h_lang, c_lang), (h_lang,), alpha
+
+    def _head(self, h_lang):
+        return self.out(self.drop(h_lang))
 
 
 def build_decoder(cfg: DecoderConfig) -> Decoder:
-    kinds = {"inject": InjectDecoder, "merge": MergeDecoder, "attention": AttentionDecoder}
+    kinds = {
+        "inject": InjectDecoder,
+        "merge": MergeDecoder,
+        "attention": AttentionDecoder,
+        "updown": UpDownDecoder,
+    }
     if cfg.kind not in kinds:
         raise ValueError(f"unknown decoder {cfg.kind!r}; choose from {', '.join(kinds)}")
     return kinds[cfg.kind](cfg)

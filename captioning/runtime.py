@@ -416,27 +416,30 @@ def _ov_precision(prec: Precision) -> Precision:
 
 
 class _StepGraph(nn.Module):
-    """``decoder.step`` as a traceable module: (context..., h, c, word) -> (logp, h, c[, alpha])."""
+    """``decoder.step`` as a traceable module: (context..., state..., word) -> (logp, state...[,
+    alpha]); ``n_state`` state tensors (h, c for one LSTM; two pairs for ``updown``)."""
 
-    def __init__(self, decoder: nn.Module, keys: Sequence[str]) -> None:
+    def __init__(self, decoder: nn.Module, keys: Sequence[str], n_state: int) -> None:
         super().__init__()
-        self.decoder, self.keys = decoder, tuple(keys)
+        self.decoder, self.keys, self.n_state = decoder, tuple(keys), n_state
 
     def forward(self, *args):
         n = len(self.keys)
         ctx = dict(zip(self.keys, args[:n], strict=True))
-        h, c, word = args[n:]
-        logp, (h, c), alpha = self.decoder.step(ctx, (h, c), word)
-        return (logp, h, c) if alpha is None else (logp, h, c, alpha)
+        state, word = tuple(args[n : n + self.n_state]), args[n + self.n_state]
+        logp, state, alpha = self.decoder.step(ctx, state, word)
+        return (logp, *state) if alpha is None else (logp, *state, alpha)
 
 
 class OpenVINODecoder(_Compiled):
     """A ``Decoder`` for decoding: ``step`` runs compiled, ``context``/``init_state``/``select``
     are the torch decoder's (they run once per image)."""
 
-    def __init__(self, compiled, key: CompileKey, decoder, keys: Sequence[str]) -> None:
+    def __init__(
+        self, compiled, key: CompileKey, decoder, keys: Sequence[str], n_state: int = 2
+    ) -> None:
         super().__init__(compiled, key)
-        self.decoder, self.keys = decoder, tuple(keys)
+        self.decoder, self.keys, self.n_state = decoder, tuple(keys), n_state
         self.cfg = decoder.cfg
 
     def context(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -449,11 +452,12 @@ class OpenVINODecoder(_Compiled):
         return self.decoder.select(ctx, idx)
 
     def step(self, ctx, state, word):
-        """ctx tensors [B, ...], state (h, c) [B, H], word [B] -> logp [B, V], (h, c), alpha."""
+        """ctx tensors [B, ...], state tensors [B, H], word [B] -> logp [B, V], state, alpha."""
         arrays = [ctx[k].float().numpy() for k in self.keys]
         arrays += [s.float().numpy() for s in state] + [word.long().numpy()]
         out = self.infer(arrays)
-        return out[0], (out[1], out[2]), (out[3] if len(out) > 3 else None)
+        k = 1 + self.n_state
+        return out[0], tuple(out[1:k]), (out[k] if len(out) > k else None)
 
 
 def openvino_decoder(
@@ -472,22 +476,32 @@ def openvino_decoder(
     keys = getattr(decoder, "step_keys", None)  # the per-image context its step reads
     if keys is None:
         raise ValueError(f"no OpenVINO step for decoder kind {cfg.kind!r}")
-    shapes = {
-        "img": (-1, decoder.img_proj.out_features if "img" in keys else -1),
-        "proj": (-1, grid_cells or -1, cfg.attn_dim),
-        "grid": (-1, grid_cells or -1, cfg.feat_dim),
-    }
-    inputs = [GraphInput(shapes[k]) for k in keys]
-    inputs += [GraphInput((-1, cfg.hidden_dim))] * 2 + [GraphInput((-1,), torch.int64)]
+    # the context's and the state's shapes, read off one dummy image: batch dynamic, the grid
+    # length fixed to ``grid_cells`` (or dynamic)
+    dummy = torch.zeros((1, grid_cells or 1, cfg.feat_dim) if cfg.uses_grid else (1, cfg.feat_dim))
+    with torch.no_grad():
+        ctx = decoder.context(dummy)
+        state = decoder.init_state(ctx)
+    n_state = len(state)
+
+    def dynamic(t: torch.Tensor) -> tuple[int, ...]:
+        dims = list(t.shape)
+        dims[0] = -1
+        if t.dim() == 3 and not grid_cells:
+            dims[1] = -1
+        return tuple(dims)
+
+    inputs = [GraphInput(dynamic(ctx[k])) for k in keys]
+    inputs += [GraphInput(dynamic(s)) for s in state] + [GraphInput((-1,), torch.int64)]
 
     def build():
         import copy
 
-        return _StepGraph(copy.deepcopy(decoder), keys)  # a copy: .float() must not touch it
+        return _StepGraph(copy.deepcopy(decoder), keys, n_state)  # a copy: .float() keeps it
 
     key = CompileKey(f"decoder-{cfg.kind}", weights_sha256, precision, openvino_version())
     compiled = compile_graph(key, build, inputs, threads=threads, cache_root=cache_root)
-    return OpenVINODecoder(compiled, key, decoder, keys)
+    return OpenVINODecoder(compiled, key, decoder, keys, n_state)
 
 
 def accelerate_decoder(decoder, weights_sha256: str, precision: str, runtime: str = "auto", **kw):

@@ -11,8 +11,8 @@ from dashboard.tables import DECODER_ORDER, METRIC_LABELS, encoder_family
 
 # ResNet models in blues, VGG models in oranges; darker = richer decoder.
 FAMILY_SHADES = {
-    "resnet": ("#8DB8E3", "#4C8CCB", "#1F5A96"),
-    "vgg": ("#F5BE82", "#EC9443", "#C0571B"),
+    "resnet": ("#8DB8E3", "#4C8CCB", "#1F5A96", "#0B2F5C"),
+    "vgg": ("#F5BE82", "#EC9443", "#C0571B", "#7A3209"),
 }
 FALLBACK = ("#0F766E", "#7C3AED", "#DB2777", "#65A30D", "#0891B2", "#A16207", "#475569")
 
@@ -23,7 +23,7 @@ def model_colors(models: Sequence[tuple[str, str, str]]) -> dict[str, str]:
     spare = iter(FALLBACK * 4)
     for name, encoder, decoder in models:
         shades = FAMILY_SHADES.get(encoder_family(encoder))
-        if shades and decoder in DECODER_ORDER and not encoder.endswith("-tv"):
+        if shades and decoder in DECODER_ORDER[: len(shades)] and not encoder.endswith("-tv"):
             colors[name] = shades[DECODER_ORDER.index(decoder)]
         else:
             colors[name] = next(spare)

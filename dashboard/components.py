@@ -109,7 +109,7 @@ def attention_note(bundle: BundleInfo) -> str | None:
             decoder = read_config(bundle.path.parent / m["name"])["decoder"]
         except BundleError:
             continue
-        if decoder == "attention":
+        if decoder in ("attention", "updown"):
             return (
                 f"{bundle.name} is an ensemble: the maps show where its member {m['name']} "
                 "looked while the ensemble wrote the caption."

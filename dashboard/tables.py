@@ -16,7 +16,7 @@ from captioning import reports
 from captioning.bundle import BundleInfo, is_ensemble
 from captioning.metrics import BLEU_KEYS, METRIC_LABELS
 
-DECODER_ORDER = ("inject", "merge", "attention")
+DECODER_ORDER = ("inject", "merge", "attention", "updown")  # importing decoders costs torch
 BLEU_COLUMNS = BLEU_KEYS
 PREDICTION_COLUMNS = ("model", "encoder", "decoder", "split", "beam", "default", "image",
                       "caption", "logprob", *BLEU_COLUMNS)  # fmt: skip
@@ -87,7 +87,8 @@ def default_model(bundles: Sequence[BundleInfo]) -> BundleInfo:
 
     def rank(b: BundleInfo) -> tuple:
         cider = (reports.default_summary(b, "dev") or {}).get("cider")
-        return (cider is not None, cider if cider is not None else 0.0, b.decoder == "attention")
+        attends = b.decoder in DECODER_ORDER[2:]
+        return (cider is not None, cider if cider is not None else 0.0, attends)
 
     return max(order_bundles(bundles), key=rank)  # max keeps the first of equal ranks
 

@@ -16,7 +16,13 @@ from captioning.vocab import Vocabulary, pad_batch
 from tests.synthetic import TinyEncoder, make_task
 
 LR = 3e-3
-STEPS = {"inject": 800, "inject-par": 600, "merge": 400, "attention": 400}  # inject: slowest
+STEPS = {
+    "inject": 800,
+    "inject-par": 600,
+    "merge": 400,
+    "attention": 400,
+    "updown": 400,
+}  # inject: slowest
 
 
 def kind_and_mode(name: str) -> tuple[str, str]:
@@ -47,7 +53,7 @@ def train_decoder(name: str, task, steps: int | None = None, seed: int = 0):
     steps = STEPS[name] if steps is None else steps
     kind, mode = kind_and_mode(name)
     pooled, grid, seqs = task["train"]
-    feats = grid if kind == "attention" else pooled
+    feats = grid if DecoderConfig(kind=kind).uses_grid else pooled
     cfg = DecoderConfig(
         kind=kind,
         vocab_size=len(task["vocab"]),
@@ -74,7 +80,7 @@ def train_decoder(name: str, task, steps: int | None = None, seed: int = 0):
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=["inject", "inject-par", "merge", "attention"])
+@pytest.fixture(scope="module", params=["inject", "inject-par", "merge", "attention", "updown"])
 def trained(request, task):
     return request.param, train_decoder(request.param, task)
 
@@ -83,7 +89,7 @@ def test_decoder_learns_the_task_on_held_out_pictures(trained, task):
     name, model = trained
     kind, _ = kind_and_mode(name)
     pooled, grid, refs = task["test"]
-    feats = grid if kind == "attention" else pooled
+    feats = grid if DecoderConfig(kind=kind).uses_grid else pooled
     greedy = greedy_decode(model, feats)
     beam = [nb[0] for nb in beam_search(model, feats, DecodeConfig(beam_size=3, length_alpha=0.5))]
     beam1 = [nb[0] for nb in beam_search(model, feats, DecodeConfig(beam_size=1))]
@@ -155,15 +161,12 @@ def test_unknown_decoder_kind():
         build_decoder(DecoderConfig(kind="transformer", vocab_size=10))
 
 
-def test_attention_packed_teacher_forcing_equals_stepwise_decoding():
+@pytest.mark.parametrize("kind", ["attention", "updown"])
+def test_attention_packed_teacher_forcing_equals_stepwise_decoding(kind):
     """forward() shrinks its batch as captions end; every real position must equal step()."""
-    import torch.nn.functional as F
-
-    from captioning.decoders import DecoderConfig, build_decoder
-
     torch.manual_seed(0)
     cfg = DecoderConfig(
-        kind="attention", vocab_size=40, feat_dim=12, embed_dim=8, hidden_dim=10, attn_dim=6
+        kind=kind, vocab_size=40, feat_dim=12, embed_dim=8, hidden_dim=10, attn_dim=6
     )
     model = build_decoder(cfg).eval()
     grid = torch.randn(3, 5, 12)  # [N, L, C]

@@ -184,7 +184,7 @@ def test_the_search_stops_once_no_live_hypothesis_can_win():
 # ---------------------------------------------------------------- real (random) decoders
 
 VOCAB = 30
-FEAT = {"inject": 40, "merge": 40, "attention": 24}
+FEAT = {"inject": 40, "merge": 40, "attention": 24, "updown": 24}
 
 
 def random_decoder(kind: str, seed: int = 0):
@@ -209,11 +209,12 @@ def random_decoder(kind: str, seed: int = 0):
 
 def random_feats(kind: str, n: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    shape = (n, 9, FEAT[kind]) if kind == "attention" else (n, FEAT[kind])
+    shape = (n, 9, FEAT[kind]) if kind in ATTENDS else (n, FEAT[kind])
     return torch.randn(*shape, generator=g)
 
 
-KINDS = ("inject", "merge", "attention")
+KINDS = ("inject", "merge", "attention", "updown")
+ATTENDS = ("attention", "updown")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -227,7 +228,7 @@ def test_beam_one_equals_greedy(kind, ngram):
     for g, d, f in zip(greedy, via_decode, forced, strict=True):
         assert g.tokens == d[0].tokens == f[0].tokens
         assert g.logprob == pytest.approx(f[0].logprob, abs=1e-4)
-        if kind == "attention":
+        if kind in ATTENDS:
             torch.testing.assert_close(g.attention, f[0].attention)
 
 
@@ -242,7 +243,7 @@ def test_a_batch_equals_the_images_one_by_one(kind, beam, alpha, ngram):
         assert [h.tokens for h in nbest] == [h.tokens for h in alone]
         for h, a in zip(nbest, alone, strict=True):
             assert h.score == pytest.approx(a.score, abs=1e-4)
-            if kind == "attention":
+            if kind in ATTENDS:
                 torch.testing.assert_close(h.attention, a.attention, atol=1e-5, rtol=1e-4)
 
 
@@ -317,7 +318,7 @@ def test_beam_search_nbest_and_scores(kind):
         assert len({tuple(h.tokens) for h in nbest}) == len(nbest)
         for h in nbest:
             assert h.finished and h.score == pytest.approx(h.logprob / (len(h.tokens) + 1) ** 0.5)
-            if kind == "attention":
+            if kind in ATTENDS:
                 assert h.attention.shape == (len(h.tokens), 9)
                 torch.testing.assert_close(h.attention.sum(-1), torch.ones(len(h.tokens)))
             else:
@@ -358,7 +359,7 @@ def test_min_len_zero_allows_an_empty_caption(kind):
     for k in (1, 3):
         for nbest in decode(model, feats, DecodeConfig(beam_size=k, min_len=0)):
             assert nbest[0].tokens == [] and nbest[0].finished
-            if kind == "attention":
+            if kind in ATTENDS:
                 assert nbest[0].attention.shape == (0, 9)
 
 

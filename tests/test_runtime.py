@@ -220,7 +220,7 @@ def test_cpu_with_bf16_compiles_bf16_close_to_fp32(tmp_path):
 
 
 @needs_openvino
-@pytest.mark.parametrize("name", ["inject", "inject-par", "merge", "attention"])
+@pytest.mark.parametrize("name", ["inject", "inject-par", "merge", "attention", "updown"])
 def test_decoder_step_matches_torch(name, tmp_path):
     torch.manual_seed(0)
     kind, _, mode = name.partition("-")
@@ -240,7 +240,8 @@ def test_decoder_step_matches_torch(name, tmp_path):
         word = torch.tensor([1, 5, 7])
         want, got = dec.step(ctx, state, word), fast.step(ctx, state, word)
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-4)  # log-probs
-    for g, w in zip(got[1], want[1], strict=True):  # h, c
+    assert len(got[1]) == len(want[1]) == (4 if kind == "updown" else 2)
+    for g, w in zip(got[1], want[1], strict=True):  # h, c (and the second LSTM's)
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
     assert (got[2] is None) == (want[2] is None)
     beam = DecodeConfig(beam_size=3, max_len=6)
