@@ -326,3 +326,23 @@ def test_init_warm_starts_the_decoder_and_checks_it_fits(tiny_flickr, cache_dir,
         main(config(init=str(first), decoder="merge"), str(tiny_flickr), tmp_path / "m",
              cache_dir, False)  # fmt: skip
     assert not (tmp_path / "w").exists() and not (tmp_path / "m").exists()
+
+
+def test_an_updown_bundle_trains_and_captions_on_either_runtime(tiny_flickr, cache_dir, tmp_path):
+    """The two-LSTM decoder goes through training, export and captioning like any other; its
+    compiled step (four state tensors) gives torch's captions."""
+    from captioning import runtime
+
+    out = tmp_path / "tiny-updown"
+    main(config(decoder="updown", epochs=2), str(tiny_flickr), out, cache_dir, resume=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["decoder"] == "updown" and cfg["decoder_config"]["kind"] == "updown"
+    photo = tiny_flickr / "Images" / "0000_synthetic.png"
+    ref = Captioner.load(out, precision="fp32", runtime="torch").caption(photo, beam_size=3)
+    assert ref.text and ref.attention.shape == (len(ref.tokens), 7, 7)
+    assert abs(ref.attention.sum((1, 2)) - 1).max() < 1e-4  # each word's map sums to 1
+    if runtime.openvino_module() is None:
+        pytest.skip("openvino is not installed: the torch half ran")
+    fast = Captioner.load(out, precision="fp32", runtime="openvino")
+    assert runtime.runtime_of(fast.step_decoder) == "openvino"
+    assert fast.caption(photo, beam_size=3).tokens == ref.tokens
