@@ -525,6 +525,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     precision, runtime = _on_device(args)
     overrides = _decode_overrides(args)
+    if not args.json:  # text and CSV print the best caption only: a pool of one ends sooner
+        overrides["n_best"] = 1
     files = iter_image_files(args.images)
     if not files:
         raise FileNotFoundError(f"no images found in {' '.join(args.images)}")

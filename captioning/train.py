@@ -546,7 +546,7 @@ def evaluate_dev(
             ctx = model.select(model.context(feats), owner)
             logits, alphas = model(ctx, tokens)
             _, ce = caption_loss(logits, tokens, alphas, 0.0)
-            nbests = decode(model, feats, decoding)
+            nbests = decode(model, feats, replace(decoding, n_best=1))  # the best is scored
         tot += float(ce) * len(owner)
         n += len(owner)
         for name, best in zip(names, nbests, strict=True):
