@@ -651,6 +651,21 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_soup(args: argparse.Namespace) -> int:
+    from captioning.soup import make_soup
+    from captioning.train import git_commit
+
+    out = Path(args.out)
+    cfg = make_soup(out, args.members, args.weights, commit=git_commit(), force=args.force)
+    parts = ", ".join(f"{m['name']} ({m['weight']:g})" for m in cfg["soup"]["members"])
+    print(f"wrote {out}: the weighted mean of {parts}")
+    print(
+        f"next: choose its decoding on dev (`{PROG} tune-decoding --model {out} --apply`), "
+        f"then `{PROG} evaluate --model {out} --split dev --record`"
+    )
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from captioning.bench import bench, format_bench, save_bench
     from captioning.bundle import resolve_bundle
@@ -1042,6 +1057,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="one weight per member, normalised to sum to 1 (default: equal)",
     )  # fmt: skip
     p.add_argument("--out", help="the new bundle (default: MODELS_DIR/<member names joined by ->)")
+    p.add_argument("--force", action="store_true", help="replace what --out holds")
+
+    p = add(
+        "soup",
+        cmd_soup,
+        "average the weights of bundles fine-tuned from one start (a model soup)",
+        "Write a bundle whose weights are the weighted mean of its members' (decoder, and the "
+        "fine-tuned encoder block when they have one): one model, as large and as fast as each "
+        "member. The members must be the same model (encoder, decoder config, block, "
+        "vocabulary), best fine-tuned from the same start. The soup has no scores yet: choose "
+        "its decoding with tune-decoding --apply and score it with evaluate --record.",
+    )
+    p.add_argument("members", nargs="+", metavar="MODEL", help="member bundles (at least two)")
+    p.add_argument(
+        "--weights", nargs="+", type=float, metavar="W",
+        help="one weight per member, normalised to sum to 1 (default: equal)",
+    )  # fmt: skip
+    p.add_argument("--out", required=True, help="the new bundle's directory")
     p.add_argument("--force", action="store_true", help="replace what --out holds")
 
     p = add(

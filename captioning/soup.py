@@ -1,0 +1,138 @@
+"""Weight-averaged bundles ("model soups", Wortsman et al. 2022): one model from several.
+
+Bundles fine-tuned from the same start (the same frozen-encoder bundle, ``train --init``) lie
+in one basin of the loss, so the weighted mean of their weights is a model of its own, as large
+and as fast as each of them. ``make_soup`` writes it as an ordinary bundle: the averaged
+``decoder.safetensors`` (and ``encoder_block.safetensors`` when the members fine-tuned a block),
+the members' shared ``vocab.json``, and a ``config.json`` that is the first member's with the
+soup's own name, block sha256 and a ``soup`` entry naming the members, their weights and the
+sha256 of their weight files. It has no history, metrics or predictions: choose its decoding
+and score it like any new bundle (``tune-decoding --apply``, ``evaluate --record``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from captioning.bundle import (
+    BLOCK_FILE,
+    BLOCK_KEY,
+    BundleError,
+    clear_model_outputs,
+    is_ensemble,
+    read_config,
+    resolve_bundle,
+    write_records,
+)
+from captioning.fileio import atomic_save_safetensors, atomic_write_json, sha256_file
+from captioning.vocab import Vocabulary
+
+DECODER_FILE = "decoder.safetensors"
+SAME = ("encoder", "encoder_sha256", "decoder", "decoder_config")  # what members must share
+
+
+def _fingerprint(member: Path) -> dict[str, str]:
+    """sha256 of each weight file a member has (decoder, and a fine-tuned block)."""
+    return {f: sha256_file(member / f) for f in (DECODER_FILE, BLOCK_FILE) if (member / f).exists()}
+
+
+def _check_members(paths: Sequence[Path], configs: Sequence[dict]) -> None:
+    """Raise BundleError unless every member is the same single model (only weights differ)."""
+    nested = [p.name for p, c in zip(paths, configs, strict=True) if is_ensemble(c)]
+    if nested:
+        raise BundleError(f"a soup averages single models, not ensembles: {', '.join(nested)}")
+    first, block = configs[0], (configs[0].get(BLOCK_KEY) or {}).get("block")
+    for p, c in zip(paths[1:], configs[1:], strict=True):
+        differ = [k for k in SAME if c.get(k) != first.get(k)]
+        if (c.get(BLOCK_KEY) or {}).get("block") != block:
+            differ.append("fine-tuned encoder block")
+        if differ:
+            raise BundleError(
+                f"{p.name} and {paths[0].name} differ in {', '.join(differ)}: a soup averages "
+                "the weights of one model (the same encoder, decoder and block)"
+            )
+    vocab = Vocabulary.load(paths[0] / "vocab.json")
+    for p in paths[1:]:
+        if Vocabulary.load(p / "vocab.json").itos != vocab.itos:
+            raise BundleError(f"{p.name} and {paths[0].name} have different vocabularies")
+
+
+def average_file(files: Sequence[Path], weights: Sequence[float], out: Path) -> None:
+    """The weighted mean (``weights`` sum to 1) of the float tensors of safetensors ``files``,
+    in the first file's dtypes and metadata; other tensors (counters) are the first file's."""
+    tensors = [load_file(str(f)) for f in files]
+    keys = set(tensors[0])
+    for f, t in zip(files[1:], tensors[1:], strict=True):
+        if set(t) != keys or any(t[k].shape != tensors[0][k].shape for k in keys):
+            raise BundleError(f"{f} holds other tensors than {files[0]}")
+    mean = {}
+    for k, v in tensors[0].items():
+        if v.is_floating_point():
+            acc = sum(w * t[k].double() for w, t in zip(weights, tensors, strict=True))
+            mean[k] = acc.to(v.dtype)
+        else:
+            mean[k] = v
+    with safe_open(str(files[0]), "pt") as h:
+        metadata = h.metadata()
+    atomic_save_safetensors(out, mean, metadata=metadata)
+
+
+def make_soup(
+    out: Path,
+    members: Sequence[str],
+    weights: Sequence[float] | None = None,
+    *,
+    commit: str | None = None,
+    force: bool = False,
+) -> dict:
+    """Write the bundle ``out``: the weighted mean of ``members`` (bundle names or paths; equal
+    weights by default, normalised to sum to 1). Returns its config."""
+    if len(members) < 2:
+        raise BundleError("a soup needs at least two member bundles")
+    weights = list(weights) if weights else [1.0] * len(members)
+    if len(weights) != len(members) or not all(math.isfinite(w) and w > 0 for w in weights):
+        raise BundleError(f"give one weight > 0 per member ({len(members)}), got {weights}")
+    paths = [resolve_bundle(m) for m in members]
+    if out.resolve() in {p.resolve() for p in paths}:
+        raise BundleError(f"--out {out} is one of the members; write the soup elsewhere")
+    if len({p.resolve() for p in paths}) != len(paths):
+        raise BundleError("a soup needs different member bundles (give a member more weight)")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise BundleError(f"{out} is not empty; pass --force to replace what is there")
+    configs = [read_config(p) for p in paths]
+    _check_members(paths, configs)
+    total = sum(weights)
+    weights = [w / total for w in weights]
+    out.mkdir(parents=True, exist_ok=True)
+    clear_model_outputs(out)
+    for stale in ("history.json", BLOCK_FILE):
+        (out / stale).unlink(missing_ok=True)
+    average_file([p / DECODER_FILE for p in paths], weights, out / DECODER_FILE)
+    config = {
+        k: v for k, v in configs[0].items() if k not in ("best_epoch", "select_metric", "soup")
+    }
+    if config.get(BLOCK_KEY):
+        average_file([p / BLOCK_FILE for p in paths], weights, out / BLOCK_FILE)
+        config[BLOCK_KEY] = {**config[BLOCK_KEY], "sha256": sha256_file(out / BLOCK_FILE)}
+    config.update(
+        name=out.name,
+        soup={
+            "members": [
+                {"name": p.name, "weight": w, "sha256": _fingerprint(p)}
+                for p, w in zip(paths, weights, strict=True)
+            ]
+        },
+        git_commit=commit,
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+    shutil.copyfile(paths[0] / "vocab.json", out / "vocab.json")
+    atomic_write_json(out / "config.json", config)
+    write_records(out, [], config)
+    return config

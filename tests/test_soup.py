@@ -1,0 +1,104 @@
+"""Model soups: the weighted mean of bundles' weights, written as a bundle of its own."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from captioning import Captioner
+from captioning.bundle import BundleError, read_records
+from captioning.cli import main as cli_main
+from captioning.fileio import sha256_file
+from captioning.soup import make_soup
+from captioning.train import main as train_main
+from tests.synthetic import make_tiny_flickr
+from tests.test_train import config
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    """Two tiny attention bundles of one configuration, trained with different seeds."""
+    root = tmp_path_factory.mktemp("soup")
+    data = make_tiny_flickr(root / "flickr")
+    for seed in (0, 1):
+        cfg = config(epochs=1, seed=seed, lr=1e-2)
+        train_main(cfg, str(data), root / f"m{seed}", root / "cache", resume=False)
+    return {"data": data, "a": root / "m0", "b": root / "m1"}
+
+
+def test_a_soup_is_the_weighted_mean_and_captions(members, tmp_path):
+    a, b, out = members["a"], members["b"], tmp_path / "soup"
+    cfg = make_soup(out, [str(a), str(b)], [3, 1])
+    wa, wb = load_file(a / "decoder.safetensors"), load_file(b / "decoder.safetensors")
+    ws = load_file(out / "decoder.safetensors")
+    assert set(ws) == set(wa)
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # the members really differ
+    for k, v in ws.items():
+        assert v.dtype == wa[k].dtype == torch.float16
+        want = 0.75 * wa[k].double() + 0.25 * wb[k].double()
+        torch.testing.assert_close(v.double(), want, atol=2e-3, rtol=2e-3)
+    assert [m["weight"] for m in cfg["soup"]["members"]] == [0.75, 0.25]
+    assert cfg["soup"]["members"][1]["sha256"] == {
+        "decoder.safetensors": sha256_file(b / "decoder.safetensors")
+    }
+    on_disk = json.loads((out / "config.json").read_text())
+    assert on_disk == cfg and cfg["name"] == "soup" and cfg["decoder_config"]["kind"] == "attention"
+    assert read_records(out) == [] and not (out / "history.json").exists()
+    photo = members["data"] / "Images" / "0000_synthetic.png"
+    res = Captioner.load(out, precision="fp32").caption(photo, beam_size=2)
+    assert res.text and res.attention is not None
+
+
+def test_a_soup_of_copies_is_the_model_itself(members, tmp_path):
+    twin = tmp_path / "twin"
+    shutil.copytree(members["a"], twin)
+    make_soup(tmp_path / "same", [str(members["a"]), str(twin)])
+    want, got = (
+        load_file(members["a"] / "decoder.safetensors"),
+        load_file(tmp_path / "same" / "decoder.safetensors"),
+    )
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_soup_refuses_what_is_not_one_model(members, tmp_path):
+    a = str(members["a"])
+    other = tmp_path / "wider"
+    shutil.copytree(members["a"], other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["decoder_config"]["hidden_dim"] *= 2
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match="differ in decoder_config"):
+        make_soup(tmp_path / "s1", [a, str(other)])
+    words = tmp_path / "words"
+    shutil.copytree(members["a"], words)
+    vocab = json.loads((words / "vocab.json").read_text())
+    vocab["itos"] = vocab["itos"][:-1] + ["zebra"]
+    (words / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(BundleError, match="different vocabularies"):
+        make_soup(tmp_path / "s2", [a, str(words)])
+    with pytest.raises(BundleError, match="at least two"):
+        make_soup(tmp_path / "s3", [a])
+    with pytest.raises(BundleError, match="one weight > 0"):
+        make_soup(tmp_path / "s4", [a, str(members["b"])], [1, 0])
+    with pytest.raises(BundleError, match="different member bundles"):
+        make_soup(tmp_path / "s5", [a, a])
+    with pytest.raises(BundleError, match="is one of the members"):
+        make_soup(members["a"], [a, str(members["b"])])
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(BundleError, match="not empty"):
+        make_soup(busy, [a, str(members["b"])])
+    assert (busy / "notes.txt").read_text() == "mine"  # nothing of it was touched
+
+
+def test_the_cli_makes_a_soup(members, tmp_path, capsys):
+    out = tmp_path / "cli-soup"
+    assert cli_main(["soup", str(members["a"]), str(members["b"]), "--out", str(out)]) == 0
+    assert "tune-decoding" in capsys.readouterr().out
+    cfg = json.loads((out / "config.json").read_text())
+    assert [m["weight"] for m in cfg["soup"]["members"]] == [0.5, 0.5]
