@@ -10,7 +10,9 @@ ours. The ``Captioner`` API lives in ``captioning.captioner``.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from safetensors.torch import load_file
 from captioning.decoders import Decoder, DecoderConfig, build_decoder
 from captioning.decoding import DecodeConfig
 from captioning.encoders import ARTIFACTS_DIR
-from captioning.fileio import atomic_save_safetensors, atomic_write_json, read_json
+from captioning.fileio import atomic_save_safetensors, atomic_write_json, read_json, sha256_file
 from captioning.precision import resolve_device, resolve_precision
 from captioning.vocab import Vocabulary
 
@@ -353,6 +355,40 @@ def models_dir_default() -> Path:
     """``$CAPTIONING_MODELS`` if set, else ``artifacts/models``."""
     env = os.environ.get(MODELS_ENV)
     return Path(env) if env else MODELS_DIR
+
+
+def weights_fingerprint(bundle: Path) -> dict[str, str]:
+    """sha256 of each weight file a single-model bundle has (decoder, and a fine-tuned block):
+    what an ensemble or a soup records of its members."""
+    names = ("decoder.safetensors", BLOCK_FILE)
+    return {f: sha256_file(bundle / f) for f in names if (bundle / f).exists()}
+
+
+def member_weights(members: Sequence[str], weights: Sequence[float] | None) -> list[float]:
+    """One weight > 0 per member of an ensemble or a soup (default: equal), normalised to sum to
+    1; raises BundleError for fewer than two different members or a bad weight."""
+    if len(members) < 2 or len(set(members)) != len(members):
+        raise BundleError("an ensemble or a soup needs at least two different member bundles")
+    weights = list(weights) if weights else [1.0] * len(members)
+    if len(weights) != len(members) or not all(math.isfinite(w) and w > 0 for w in weights):
+        raise BundleError(f"give one weight > 0 per member ({len(members)}), got {weights}")
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def shared_vocabulary(paths: Sequence[Path]) -> Vocabulary:
+    """The vocabulary every bundle of ``paths`` has; BundleError if any differs."""
+    vocab = Vocabulary.load(paths[0] / "vocab.json")
+    for p in paths[1:]:
+        if Vocabulary.load(p / "vocab.json").itos != vocab.itos:
+            raise BundleError(f"{p.name} and {paths[0].name} have different vocabularies")
+    return vocab
+
+
+def check_out_empty(out: Path, force: bool) -> None:
+    """A new bundle goes into an empty (or missing) directory, or ``force`` replaces it."""
+    if out.exists() and any(out.iterdir()) and not force:
+        raise BundleError(f"{out} is not empty; pass --force to replace what is there")
 
 
 def resolve_bundle(name_or_path: str | Path, models_dir: Path | None = None) -> Path:

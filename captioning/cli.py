@@ -247,6 +247,17 @@ def _add_decoding(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_members(p: argparse.ArgumentParser, out_help: str, required: bool = False) -> None:
+    """The arguments of a bundle made of other bundles (``ensemble``, ``soup``)."""
+    p.add_argument("members", nargs="+", metavar="MODEL", help="member bundles (at least two)")
+    p.add_argument(
+        "--weights", nargs="+", type=float, metavar="W",
+        help="one weight per member, normalised to sum to 1 (default: equal)",
+    )  # fmt: skip
+    p.add_argument("--out", required=required, help=out_help)
+    p.add_argument("--force", action="store_true", help="replace what --out holds")
+
+
 def _decode_overrides(args: argparse.Namespace) -> dict:
     pairs = (("length_alpha", args.length_alpha), ("no_repeat_ngram", args.no_repeat_ngram))
     return {k: v for k, v in pairs if v is not None}
@@ -1051,13 +1062,7 @@ def build_parser() -> argparse.ArgumentParser:
         "weights, only its members' names (bundles in the same models directory) and their "
         "sha256, and refuses to load if a member changes.",
     )
-    p.add_argument("members", nargs="+", metavar="MODEL", help="member bundles (at least two)")
-    p.add_argument(
-        "--weights", nargs="+", type=float, metavar="W",
-        help="one weight per member, normalised to sum to 1 (default: equal)",
-    )  # fmt: skip
-    p.add_argument("--out", help="the new bundle (default: MODELS_DIR/<member names joined by ->)")
-    p.add_argument("--force", action="store_true", help="replace what --out holds")
+    _add_members(p, "the new bundle (default: MODELS_DIR/<member names joined by ->)")
 
     p = add(
         "soup",
@@ -1069,13 +1074,7 @@ def build_parser() -> argparse.ArgumentParser:
         "vocabulary), best fine-tuned from the same start. The soup has no scores yet: choose "
         "its decoding with tune-decoding --apply and score it with evaluate --record.",
     )
-    p.add_argument("members", nargs="+", metavar="MODEL", help="member bundles (at least two)")
-    p.add_argument(
-        "--weights", nargs="+", type=float, metavar="W",
-        help="one weight per member, normalised to sum to 1 (default: equal)",
-    )  # fmt: skip
-    p.add_argument("--out", required=True, help="the new bundle's directory")
-    p.add_argument("--force", action="store_true", help="replace what --out holds")
+    _add_members(p, "the new bundle's directory", required=True)
 
     p = add(
         "bench",

@@ -26,23 +26,24 @@ from pathlib import Path
 import torch
 
 from captioning.bundle import (
-    BLOCK_FILE,
     BUNDLE_FORMAT,
     ENSEMBLE_KIND,
     BundleError,
     bundle_decoding,
+    check_out_empty,
     clear_model_outputs,
     is_ensemble,
+    member_weights,
     read_config,
     resolve_bundle,
+    shared_vocabulary,
+    weights_fingerprint,
     write_records,
 )
 from captioning.captioner import Captioner
 from captioning.decoding import DecodeConfig, Hypothesis, decode
-from captioning.fileio import atomic_write_json, sha256_file
+from captioning.fileio import atomic_write_json
 from captioning.vocab import Vocabulary
-
-WEIGHT_FILES = ("decoder.safetensors", BLOCK_FILE)  # a member's files whose sha256 is recorded
 
 
 class MemberFeatures(tuple):
@@ -193,13 +194,8 @@ def _member_path(path: Path, name: str) -> Path:
         ) from None
 
 
-def _fingerprint(member: Path) -> dict[str, str]:
-    """sha256 of each weight file a member has (decoder, and a fine-tuned block)."""
-    return {f: sha256_file(member / f) for f in WEIGHT_FILES if (member / f).exists()}
-
-
 def _check_member(path: Path, member: Path, entry: dict, vocab: Vocabulary) -> None:
-    if _fingerprint(member) != entry["sha256"]:
+    if weights_fingerprint(member) != entry["sha256"]:
         raise BundleError(
             f"{member.name}'s weights changed since ensemble {path.name} was made and scored; "
             f"make it again (python -m captioning ensemble … --out {path} --force)"
@@ -221,23 +217,14 @@ def make_ensemble(
     ``weights`` default to equal; they are normalised to sum to 1. The default decoding starts
     as the first member's (choose it on dev with ``tune-decoding --apply``). Returns the config.
     """
-    if len(members) < 2 or len(set(members)) != len(members):
-        raise BundleError("an ensemble needs at least two different member bundles")
-    weights = list(weights) if weights else [1.0] * len(members)
-    if len(weights) != len(members) or not all(math.isfinite(w) and w > 0 for w in weights):
-        raise BundleError(f"give one weight > 0 per member ({len(members)}), got {weights}")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise BundleError(f"{out} is not empty; pass --force to replace what is there")
+    weights = member_weights(members, weights)
+    check_out_empty(out, force)
     paths = [_member_path(out, name) for name in members]
     configs = [read_config(p) for p in paths]
     nested = [p.name for p, c in zip(paths, configs, strict=True) if is_ensemble(c)]
     if nested:
         raise BundleError(f"members must be single models, not ensembles: {', '.join(nested)}")
-    vocab = Vocabulary.load(paths[0] / "vocab.json")
-    for p in paths[1:]:
-        if Vocabulary.load(p / "vocab.json").itos != vocab.itos:
-            raise BundleError(f"{p.name} and {paths[0].name} have different vocabularies")
-    total = sum(weights)
+    vocab = shared_vocabulary(paths)
     first = configs[0]
     config = {
         "format": BUNDLE_FORMAT,
@@ -247,7 +234,7 @@ def make_ensemble(
         "encoder": ",".join(dict.fromkeys(c["encoder"] for c in configs)),  # "+" marks a block
         "decoder": ENSEMBLE_KIND,
         "members": [
-            {"name": p.name, "weight": w / total, "sha256": _fingerprint(p)}
+            {"name": p.name, "weight": w, "sha256": weights_fingerprint(p)}
             for p, w in zip(paths, weights, strict=True)
         ],
         "precision": _joined(c["precision"] for c in configs),

@@ -13,7 +13,6 @@ and score it like any new bundle (``tune-decoding --apply``, ``evaluate --record
 from __future__ import annotations
 
 import datetime as dt
-import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,22 +24,20 @@ from captioning.bundle import (
     BLOCK_FILE,
     BLOCK_KEY,
     BundleError,
+    check_out_empty,
     clear_model_outputs,
     is_ensemble,
+    member_weights,
     read_config,
     resolve_bundle,
+    shared_vocabulary,
+    weights_fingerprint,
     write_records,
 )
 from captioning.fileio import atomic_save_safetensors, atomic_write_json, sha256_file
-from captioning.vocab import Vocabulary
 
 DECODER_FILE = "decoder.safetensors"
 SAME = ("encoder", "encoder_sha256", "decoder", "decoder_config")  # what members must share
-
-
-def _fingerprint(member: Path) -> dict[str, str]:
-    """sha256 of each weight file a member has (decoder, and a fine-tuned block)."""
-    return {f: sha256_file(member / f) for f in (DECODER_FILE, BLOCK_FILE) if (member / f).exists()}
 
 
 def _check_members(paths: Sequence[Path], configs: Sequence[dict]) -> None:
@@ -58,10 +55,7 @@ def _check_members(paths: Sequence[Path], configs: Sequence[dict]) -> None:
                 f"{p.name} and {paths[0].name} differ in {', '.join(differ)}: a soup averages "
                 "the weights of one model (the same encoder, decoder and block)"
             )
-    vocab = Vocabulary.load(paths[0] / "vocab.json")
-    for p in paths[1:]:
-        if Vocabulary.load(p / "vocab.json").itos != vocab.itos:
-            raise BundleError(f"{p.name} and {paths[0].name} have different vocabularies")
+    shared_vocabulary(paths)
 
 
 def average_file(files: Sequence[Path], weights: Sequence[float], out: Path) -> None:
@@ -94,22 +88,15 @@ def make_soup(
 ) -> dict:
     """Write the bundle ``out``: the weighted mean of ``members`` (bundle names or paths; equal
     weights by default, normalised to sum to 1). Returns its config."""
-    if len(members) < 2:
-        raise BundleError("a soup needs at least two member bundles")
-    weights = list(weights) if weights else [1.0] * len(members)
-    if len(weights) != len(members) or not all(math.isfinite(w) and w > 0 for w in weights):
-        raise BundleError(f"give one weight > 0 per member ({len(members)}), got {weights}")
+    weights = member_weights(members, weights)
     paths = [resolve_bundle(m) for m in members]
     if out.resolve() in {p.resolve() for p in paths}:
         raise BundleError(f"--out {out} is one of the members; write the soup elsewhere")
     if len({p.resolve() for p in paths}) != len(paths):
         raise BundleError("a soup needs different member bundles (give a member more weight)")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise BundleError(f"{out} is not empty; pass --force to replace what is there")
+    check_out_empty(out, force)
     configs = [read_config(p) for p in paths]
     _check_members(paths, configs)
-    total = sum(weights)
-    weights = [w / total for w in weights]
     out.mkdir(parents=True, exist_ok=True)
     clear_model_outputs(out)
     for stale in ("history.json", BLOCK_FILE):
@@ -125,7 +112,7 @@ def make_soup(
         name=out.name,
         soup={
             "members": [
-                {"name": p.name, "weight": w, "sha256": _fingerprint(p)}
+                {"name": p.name, "weight": w, "sha256": weights_fingerprint(p)}
                 for p, w in zip(paths, weights, strict=True)
             ]
         },
