@@ -28,7 +28,8 @@ from captioning.vocab import Vocabulary
 MODELS_DIR = ARTIFACTS_DIR / "models"
 MODELS_ENV = "CAPTIONING_MODELS"  # overrides MODELS_DIR (e.g. for tests and the dashboard)
 BUNDLE_FORMAT = "captioning-bundle"
-REQUIRED_FILES = ("config.json", "decoder.safetensors", "vocab.json")
+DECODER_FILE = "decoder.safetensors"
+REQUIRED_FILES = ("config.json", DECODER_FILE, "vocab.json")
 ENSEMBLE_KIND = "ensemble"  # config.json "kind" of a bundle that averages other bundles
 ENSEMBLE_FILES = ("config.json", "vocab.json")  # its members hold the weights
 METRICS_FORMAT = "captioning-metrics"
@@ -360,7 +361,7 @@ def models_dir_default() -> Path:
 def weights_fingerprint(bundle: Path) -> dict[str, str]:
     """sha256 of each weight file a single-model bundle has (decoder, and a fine-tuned block):
     what an ensemble or a soup records of its members."""
-    names = ("decoder.safetensors", BLOCK_FILE)
+    names = (DECODER_FILE, BLOCK_FILE)
     return {f: sha256_file(bundle / f) for f in names if (bundle / f).exists()}
 
 

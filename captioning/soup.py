@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from captioning.bundle import (
     BLOCK_FILE,
     BLOCK_KEY,
+    DECODER_FILE,
     BundleError,
     check_out_empty,
     clear_model_outputs,
@@ -36,7 +37,6 @@ from captioning.bundle import (
 )
 from captioning.fileio import atomic_save_safetensors, atomic_write_json, sha256_file
 
-DECODER_FILE = "decoder.safetensors"
 SAME = ("encoder", "encoder_sha256", "decoder", "decoder_config")  # what members must share
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 from captioning import reports
 from captioning.bundle import BundleError, BundleInfo, is_ensemble, read_config
 from captioning.data import DATA_ENV, FIX_HELP, Flickr8k
+from captioning.decoders import ATTENTION_KINDS
 from captioning.images import ACCEPTED_FORMATS, ImageLoadError, load_image
 from dashboard import state
 from dashboard.tables import default_beam, metrics_entry, order_bundles, pretty_encoder
@@ -109,7 +110,7 @@ def attention_note(bundle: BundleInfo) -> str | None:
             decoder = read_config(bundle.path.parent / m["name"])["decoder"]
         except BundleError:
             continue
-        if decoder in ("attention", "updown"):
+        if decoder in ATTENTION_KINDS:
             return (
                 f"{bundle.name} is an ensemble: the maps show where its member {m['name']} "
                 "looked while the ensemble wrote the caption."

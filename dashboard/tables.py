@@ -14,9 +14,10 @@ import pandas as pd
 
 from captioning import reports
 from captioning.bundle import BundleInfo, is_ensemble
+from captioning.decoders import ATTENTION_KINDS, DECODER_KINDS
 from captioning.metrics import BLEU_KEYS, METRIC_LABELS
 
-DECODER_ORDER = ("inject", "merge", "attention", "updown")  # importing decoders costs torch
+DECODER_ORDER = DECODER_KINDS  # simplest first
 BLEU_COLUMNS = BLEU_KEYS
 PREDICTION_COLUMNS = ("model", "encoder", "decoder", "split", "beam", "default", "image",
                       "caption", "logprob", *BLEU_COLUMNS)  # fmt: skip
@@ -87,7 +88,7 @@ def default_model(bundles: Sequence[BundleInfo]) -> BundleInfo:
 
     def rank(b: BundleInfo) -> tuple:
         cider = (reports.default_summary(b, "dev") or {}).get("cider")
-        attends = b.decoder in DECODER_ORDER[2:]
+        attends = b.decoder in ATTENTION_KINDS
         return (cider is not None, cider if cider is not None else 0.0, attends)
 
     return max(order_bundles(bundles), key=rank)  # max keeps the first of equal ranks
