@@ -6,8 +6,10 @@ and as fast as each of them. ``make_soup`` writes it as an ordinary bundle: the 
 ``decoder.safetensors`` (and ``encoder_block.safetensors`` when the members fine-tuned a block),
 the members' shared ``vocab.json``, and a ``config.json`` that is the first member's with the
 soup's own name, block sha256 and a ``soup`` entry naming the members, their weights and the
-sha256 of their weight files. It has no history, metrics or predictions: choose its decoding
-and score it like any new bundle (``tune-decoding --apply``, ``evaluate --record``).
+sha256 of their weight files. Its ``history.json`` is its members' training histories, each
+epoch tagged with the ``member`` it belongs to (the Training page draws one line per member).
+It has no metrics or predictions: choose its decoding and score it like any new bundle
+(``tune-decoding --apply``, ``evaluate --record``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from captioning.bundle import (
     write_records,
 )
 from captioning.fileio import atomic_save_safetensors, atomic_write_json, sha256_file
+from captioning.reports import read_history
 
 SAME = ("encoder", "encoder_sha256", "decoder", "decoder_config")  # what members must share
 
@@ -76,6 +79,12 @@ def average_file(files: Sequence[Path], weights: Sequence[float], out: Path) -> 
     with safe_open(str(files[0]), "pt") as h:
         metadata = h.metadata()
     atomic_save_safetensors(out, mean, metadata=metadata)
+
+
+def member_histories(paths: Sequence[Path]) -> list[dict]:
+    """The members' ``history.json`` epochs in member order, each tagged ``member: name``
+    (members without a history add nothing)."""
+    return [{**r, "member": p.name} for p in paths for r in read_history(p)]
 
 
 def make_soup(
@@ -120,6 +129,9 @@ def make_soup(
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
     shutil.copyfile(paths[0] / "vocab.json", out / "vocab.json")
+    history = member_histories(paths)
+    if history:
+        atomic_write_json(out / "history.json", history)
     atomic_write_json(out / "config.json", config)
     write_records(out, [], config)
     return config

@@ -235,12 +235,16 @@ def metrics_long(wide: pd.DataFrame, metrics: Sequence[str] = CHART_METRICS) -> 
 
 
 def read_history(bundles: Sequence[BundleInfo]) -> pd.DataFrame:
-    """Every bundle's ``history.json`` as one long table with a ``model`` column."""
+    """Every bundle's ``history.json`` as one long table with a ``model`` column (a soup's
+    epochs are labelled ``"soup · member"``, one line per member it averaged)."""
     frames = []
     for b in order_bundles(bundles):
         records = reports.read_history(b.path)
         if records:
             frame = pd.DataFrame(records).assign(model=b.name)
+            if "member" in frame:  # a soup: one line per member it averaged
+                tagged = frame["member"].notna()
+                frame.loc[tagged, "model"] = b.name + " · " + frame.loc[tagged, "member"]
             # rows without a stage (single-stage runs): fine-tuning if the run tuned a block
             tuned = b.config.get("train_config", {}).get("finetune")
             unmarked = "finetune" if tuned else "xe"

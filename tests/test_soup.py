@@ -10,11 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from captioning import Captioner
-from captioning.bundle import BundleError, read_records
+from captioning.bundle import BundleError, list_bundles, read_records
 from captioning.cli import main as cli_main
 from captioning.fileio import sha256_file
 from captioning.soup import make_soup
 from captioning.train import main as train_main
+from dashboard import tables
 from tests.synthetic import make_tiny_flickr
 from tests.test_train import config
 
@@ -47,7 +48,15 @@ def test_a_soup_is_the_weighted_mean_and_captions(members, tmp_path):
     }
     on_disk = json.loads((out / "config.json").read_text())
     assert on_disk == cfg and cfg["name"] == "soup" and cfg["decoder_config"]["kind"] == "attention"
-    assert read_records(out) == [] and not (out / "history.json").exists()
+    assert read_records(out) == []
+    history = json.loads((out / "history.json").read_text())  # the members' epochs, tagged
+    for m in (a, b):
+        own = json.loads((m / "history.json").read_text())
+        assert own and [r for r in history if r["member"] == m.name] == [
+            {**r, "member": m.name} for r in own
+        ]
+    rows = tables.read_history(list_bundles(tmp_path))  # the Training page: a line per member
+    assert set(rows["model"]) == {"soup · m0", "soup · m1"}
     photo = members["data"] / "Images" / "0000_synthetic.png"
     res = Captioner.load(out, precision="fp32").caption(photo, beam_size=2)
     assert res.text and res.attention is not None
