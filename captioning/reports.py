@@ -326,9 +326,24 @@ def _model_lines(cfg: dict, history: list[dict]) -> list[str]:
         f"{kind} LSTM decoder (hidden {d['hidden_dim']}, embedding {d['embed_dim']}, "
         f"dropout {d['dropout']}) with a {d['vocab_size']}-word vocabulary.",
         "",
-        _data_line(cfg),
-        f"- Best epoch: {cfg.get('best_epoch')} of {len(history)}; encoder weights sha256 "
-        f"`{cfg['encoder_sha256'][:16]}…`; git commit `{cfg.get('git_commit')}`.",
+        *(_soup_lines(cfg) if cfg.get("soup") else [
+            _data_line(cfg),
+            f"- Best epoch: {cfg.get('best_epoch')} of {len(history)}; encoder weights sha256 "
+            f"`{cfg['encoder_sha256'][:16]}…`; git commit `{cfg.get('git_commit')}`."]),
+    ]  # fmt: skip
+
+
+def _soup_lines(cfg: dict) -> list[str]:
+    """The card's lines for a soup (``captioning.soup``): its members instead of an epoch."""
+    members = ", ".join(f"`{m['name']}` ({m['weight']:g})" for m in cfg["soup"]["members"])
+    data = cfg.get("data") or {}
+    where = f"{data.get('name', 'Flickr8k')}, {data.get('layout', '?')} layout"
+    return [
+        f"- A weight-averaged soup of {members}: the weighted mean of their decoder and "
+        "fine-tuned block weights. Each member was trained on the train images of "
+        f"{where} and chose its checkpoint on dev; `history.json` holds their epochs.",
+        f"- Encoder weights sha256 `{cfg['encoder_sha256'][:16]}…`; made at git commit "
+        f"`{cfg.get('git_commit')}`.",
     ]
 
 

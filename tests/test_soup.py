@@ -13,6 +13,7 @@ from captioning import Captioner
 from captioning.bundle import BundleError, list_bundles, read_records
 from captioning.cli import main as cli_main
 from captioning.fileio import sha256_file
+from captioning.reports import card_markdown
 from captioning.soup import make_soup
 from captioning.train import main as train_main
 from dashboard import tables
@@ -57,6 +58,8 @@ def test_a_soup_is_the_weighted_mean_and_captions(members, tmp_path):
         ]
     rows = tables.read_history(list_bundles(tmp_path))  # the Training page: a line per member
     assert set(rows["model"]) == {"soup · m0", "soup · m1"}
+    card = card_markdown(out)  # names its members instead of a best epoch
+    assert "weight-averaged soup of `m0` (0.75), `m1` (0.25)" in card and "Best epoch" not in card
     photo = members["data"] / "Images" / "0000_synthetic.png"
     res = Captioner.load(out, precision="fp32").caption(photo, beam_size=2)
     assert res.text and res.attention is not None
