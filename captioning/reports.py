@@ -338,6 +338,7 @@ def _soup_lines(cfg: dict) -> list[str]:
     members = ", ".join(f"`{m['name']}` ({m['weight']:g})" for m in cfg["soup"]["members"])
     data = cfg.get("data") or {}
     where = f"{data.get('name', 'Flickr8k')}, {data.get('layout', '?')} layout"
+    where += f" ({data['split']})" if data.get("split") else ""
     return [
         f"- A weight-averaged soup of {members}: the weighted mean of their decoder and "
         "fine-tuned block weights. Each member was trained on the train images of "
