@@ -30,6 +30,28 @@ def model_colors(models: Sequence[tuple[str, str, str]]) -> dict[str, str]:
     return colors
 
 
+MEMBER_TINTS = (0.0, 0.35, 0.6, 0.8)  # a soup's member lines: its colour blended toward white
+
+
+def _tint(color: str, amount: float) -> str:
+    """``#rrggbb`` blended toward white by ``amount`` (0 = unchanged)."""
+    rgb = [int(color[i : i + 2], 16) for i in (1, 3, 5)]
+    return "#" + "".join(f"{round(c + (255 - c) * amount):02X}" for c in rgb)
+
+
+def line_colors(lines: Sequence[str], colors: dict[str, str]) -> dict[str, str]:
+    """``colors`` extended to a soup's member lines (``"soup · member"``, ``tables.read_history``):
+    tints of the soup's colour, one per member in order."""
+    out, seen = dict(colors), {}
+    for line in lines:
+        soup = line.split(" · ", 1)[0]
+        if line in out or " · " not in line or soup not in colors:
+            continue
+        k = seen[soup] = seen.get(soup, -1) + 1
+        out[line] = _tint(colors[soup], MEMBER_TINTS[k % len(MEMBER_TINTS)])
+    return out
+
+
 def _layout(fig: go.Figure, *, title: str, ytitle: str, height: int) -> go.Figure:
     fig.update_layout(
         title={"text": title, "font": {"size": 15}},
@@ -93,7 +115,8 @@ def history_chart(
     ytitle: str,
     exponent: bool = False,
 ) -> go.Figure:
-    """Lines vs epoch, one colour per model; ``columns`` maps history column -> hover label.
+    """Lines vs epoch, one colour per model (tints of it for a soup's members); ``columns``
+    maps history column -> hover label.
 
     With several columns (train and dev loss) the line style tells them apart: solid for
     train, dashed for dev; the legend has one entry per model (toggling both lines). Markers
@@ -101,6 +124,7 @@ def history_chart(
     for SCST epochs.
     """
     fig = go.Figure()
+    colors = line_colors([str(m) for m in dict.fromkeys(history["model"])], colors)
     for model, g in history.groupby("model", sort=False):
         g = g.sort_values("epoch")
         first = True

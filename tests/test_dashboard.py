@@ -588,3 +588,22 @@ def test_history_of_a_finetuned_warm_start_marks_its_stage(tiny_world, tmp_path)
     (bundle / "history.json").write_text(json.dumps([{"epoch": 1, "dev_cider": 40.0}]))
     (info,) = list_bundles(tmp_path)
     assert list(tables.read_history([info])["stage"]) == ["finetune"]
+
+
+def test_a_soups_history_is_a_line_per_member_in_tints_of_its_colour(tiny_world, tmp_path):
+    """A soup's ``history.json`` (``captioning.soup``): its members' epochs, each tagged."""
+    src = next(b for b in list_bundles(tiny_world.models) if b.decoder == "attention")
+    bundle = tmp_path / "soup"
+    shutil.copytree(src.path, bundle)
+    rows = [{"epoch": e, "dev_cider": 40.0 + e + k, "member": m}
+            for k, m in enumerate(("a", "b")) for e in (1, 2)]  # fmt: skip
+    (bundle / "history.json").write_text(json.dumps(rows))
+    (info,) = list_bundles(tmp_path)
+    hist = tables.read_history([info])
+    assert list(dict.fromkeys(hist["model"])) == ["soup · a", "soup · b"]
+    colors = {"soup": "#1F5A96"}
+    fig = charts.history_chart(hist, {"dev_cider": "dev CIDEr-D"}, colors, title="t", ytitle="y")
+    assert [t.name for t in fig.data] == ["soup · a", "soup · b"]
+    first, second = (t.line.color for t in fig.data)
+    assert first == "#1F5A96" and second != first  # the soup's colour, then a lighter tint
+    assert all(int(second[i : i + 2], 16) > int(first[i : i + 2], 16) for i in (1, 3, 5))
