@@ -13,8 +13,9 @@ st.markdown(
     "A bundle started from another (`train --init`) continues that bundle's cross-entropy "
     "epochs (●) with its own: SCST epochs (◆), whose reward is the mean CIDEr-D of the "
     "captions it sampled for the train images, or epochs that fine-tune the encoder's last "
-    "block with the decoder (■). A weight-averaged soup (`python -m captioning soup`) shows one "
-    "line per member it averaged, in tints of its colour."
+    "block with the decoder (■). A weight-averaged soup "
+    "(`python -m captioning soup A B --out C`) shows one line per member it averaged, in tints "
+    "of its colour."
 )
 
 bundles = components.require_bundles()
