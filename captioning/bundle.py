@@ -386,6 +386,16 @@ def shared_vocabulary(paths: Sequence[Path]) -> Vocabulary:
     return vocab
 
 
+def single_model_configs(paths: Sequence[Path]) -> list[dict]:
+    """The ``config.json`` of each member of an ensemble or a soup; BundleError if a member is
+    itself an ensemble (members must be single models)."""
+    configs = [read_config(p) for p in paths]
+    nested = [p.name for p, c in zip(paths, configs, strict=True) if is_ensemble(c)]
+    if nested:
+        raise BundleError(f"members must be single models, not ensembles: {', '.join(nested)}")
+    return configs
+
+
 def check_out_empty(out: Path, force: bool) -> None:
     """A new bundle goes into an empty (or missing) directory, or ``force`` replaces it."""
     if out.exists() and any(out.iterdir()) and not force:

@@ -32,11 +32,10 @@ from captioning.bundle import (
     bundle_decoding,
     check_out_empty,
     clear_model_outputs,
-    is_ensemble,
     member_weights,
-    read_config,
     resolve_bundle,
     shared_vocabulary,
+    single_model_configs,
     weights_fingerprint,
     write_records,
 )
@@ -220,10 +219,7 @@ def make_ensemble(
     weights = member_weights(members, weights)
     check_out_empty(out, force)
     paths = [_member_path(out, name) for name in members]
-    configs = [read_config(p) for p in paths]
-    nested = [p.name for p, c in zip(paths, configs, strict=True) if is_ensemble(c)]
-    if nested:
-        raise BundleError(f"members must be single models, not ensembles: {', '.join(nested)}")
+    configs = single_model_configs(paths)
     vocab = shared_vocabulary(paths)
     first = configs[0]
     config = {

@@ -336,13 +336,10 @@ def _model_lines(cfg: dict, history: list[dict]) -> list[str]:
 def _soup_lines(cfg: dict) -> list[str]:
     """The card's lines for a soup (``captioning.soup``): its members instead of an epoch."""
     members = ", ".join(f"`{m['name']}` ({m['weight']:g})" for m in cfg["soup"]["members"])
-    data = cfg.get("data") or {}
-    where = f"{data.get('name', 'Flickr8k')}, {data.get('layout', '?')} layout"
-    where += f" ({data['split']})" if data.get("split") else ""
     return [
         f"- A weight-averaged soup of {members}: the weighted mean of their decoder and "
-        "fine-tuned block weights. Each member was trained on the train images of "
-        f"{where} and chose its checkpoint on dev; `history.json` holds their epochs.",
+        "fine-tuned block weights; `history.json` holds their epochs.",
+        _ensemble_data_line(cfg.get("data")),
         f"- Encoder weights sha256 `{cfg['encoder_sha256'][:16]}…`; made at git commit "
         f"`{cfg.get('git_commit')}`.",
     ]

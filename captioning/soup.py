@@ -29,11 +29,10 @@ from captioning.bundle import (
     BundleError,
     check_out_empty,
     clear_model_outputs,
-    is_ensemble,
     member_weights,
-    read_config,
     resolve_bundle,
     shared_vocabulary,
+    single_model_configs,
     weights_fingerprint,
     write_records,
 )
@@ -44,10 +43,7 @@ SAME = ("encoder", "encoder_sha256", "decoder", "decoder_config")  # what member
 
 
 def _check_members(paths: Sequence[Path], configs: Sequence[dict]) -> None:
-    """Raise BundleError unless every member is the same single model (only weights differ)."""
-    nested = [p.name for p, c in zip(paths, configs, strict=True) if is_ensemble(c)]
-    if nested:
-        raise BundleError(f"a soup averages single models, not ensembles: {', '.join(nested)}")
+    """Raise BundleError unless every member is the same model (only weights differ)."""
     first, block = configs[0], (configs[0].get(BLOCK_KEY) or {}).get("block")
     for p, c in zip(paths[1:], configs[1:], strict=True):
         differ = [k for k in SAME if c.get(k) != first.get(k)]
@@ -104,7 +100,7 @@ def make_soup(
     if len({p.resolve() for p in paths}) != len(paths):
         raise BundleError("a soup needs different member bundles (give a member more weight)")
     check_out_empty(out, force)
-    configs = [read_config(p) for p in paths]
+    configs = single_model_configs(paths)
     _check_members(paths, configs)
     out.mkdir(parents=True, exist_ok=True)
     clear_model_outputs(out)

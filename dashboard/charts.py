@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import pandas as pd
 import plotly.graph_objects as go
 
-from dashboard.tables import DECODER_ORDER, METRIC_LABELS, encoder_family
+from dashboard.tables import DECODER_ORDER, MEMBER_SEP, METRIC_LABELS, encoder_family
 
 # ResNet models in blues, VGG models in oranges; darker = richer decoder.
 FAMILY_SHADES = {
@@ -44,8 +44,8 @@ def line_colors(lines: Sequence[str], colors: dict[str, str]) -> dict[str, str]:
     tints of the soup's colour, one per member in order."""
     out, seen = dict(colors), {}
     for line in lines:
-        soup = line.split(" · ", 1)[0]
-        if line in out or " · " not in line or soup not in colors:
+        soup = line.split(MEMBER_SEP, 1)[0]
+        if line in out or MEMBER_SEP not in line or soup not in colors:
             continue
         k = seen[soup] = seen.get(soup, -1) + 1
         out[line] = _tint(colors[soup], MEMBER_TINTS[k % len(MEMBER_TINTS)])

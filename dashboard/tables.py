@@ -28,6 +28,7 @@ HISTORY_COLUMNS = ("epoch", "stage", "train_loss", "dev_loss", "dev_bleu1", "dev
 """``stage`` is "xe" (cross-entropy), "finetune" (cross-entropy with the encoder's last block
 tuned) or "scst"; ``reward`` (SCST only) is the mean CIDEr-D (×100)
 of the sampled train captions."""
+MEMBER_SEP = " · "  # a soup member's line on the Training page: "soup · member"
 SORTS = {
     "score, high to low": ("score", False),
     "score, low to high": ("score", True),
@@ -244,7 +245,7 @@ def read_history(bundles: Sequence[BundleInfo]) -> pd.DataFrame:
             frame = pd.DataFrame(records).assign(model=b.name)
             if "member" in frame:  # a soup: one line per member it averaged
                 tagged = frame["member"].notna()
-                frame.loc[tagged, "model"] = b.name + " · " + frame.loc[tagged, "member"]
+                frame.loc[tagged, "model"] = b.name + MEMBER_SEP + frame.loc[tagged, "member"]
             # rows without a stage (single-stage runs): fine-tuning if the run tuned a block
             tuned = b.config.get("train_config", {}).get("finetune")
             unmarked = "finetune" if tuned else "xe"
