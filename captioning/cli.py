@@ -662,12 +662,77 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dev_scorer(args: argparse.Namespace, first_member: str):
+    """``(score, discard, label)`` for ``soup --greedy``: ``score(path)`` is the bundle's dev
+    ``--metric`` (torch, the reference) at one decoding for every candidate (the first member's
+    default with the flags' overrides); ``discard(path)`` drops a scored candidate's features."""
+    import shutil
+
+    from captioning.bundle import bundle_decoding, read_config, resolve_bundle
+    from captioning.captioner import Captioner
+    from captioning.data import load_dataset
+    from captioning.evaluate import evaluate
+    from captioning.features import FeatureCache
+
+    ds = load_dataset(args.data)
+    cfg = bundle_decoding(
+        read_config(resolve_bundle(first_member)), args.beam, **_decode_overrides(args)
+    )
+    fixed = {"length_alpha": cfg.length_alpha, "no_repeat_ngram": cfg.no_repeat_ngram}
+    caches: dict[Path, Path] = {}
+
+    def score(path: Path) -> float:
+        cap = Captioner.load(path, args.precision, runtime="torch")
+        caches[path] = FeatureCache.for_encoder(cap.encoder, _cache(args)).directory
+        ev = evaluate(
+            cap, ds, "dev", cfg.beam_size, limit=args.limit, cache_root=_cache(args),
+            meteor=False, **fixed,
+        )  # fmt: skip
+        value = round(float(ev.metrics[args.metric]), 4)
+        print(f"{path.name}: dev {args.metric} {value}", file=sys.stderr)
+        return value
+
+    def discard(path: Path) -> None:
+        if path in caches:
+            shutil.rmtree(caches.pop(path), ignore_errors=True)
+
+    images = f"first {args.limit} dev images" if args.limit else "dev"
+    label = (
+        f"{images} {args.metric}, beam {cfg.beam_size} alpha {cfg.length_alpha} "
+        f"no_repeat_ngram {cfg.no_repeat_ngram}"
+    )
+    return score, discard, label
+
+
 def cmd_soup(args: argparse.Namespace) -> int:
-    from captioning.soup import make_soup
+    from captioning.soup import greedy_soup, make_soup
     from captioning.train import git_commit
 
     out = Path(args.out)
-    cfg = make_soup(out, args.members, args.weights, commit=git_commit(), force=args.force)
+    if not args.greedy:
+        given = [
+            f for f in ("beam", "length_alpha", "no_repeat_ngram") if getattr(args, f) is not None
+        ]
+        given += ["limit"] if args.limit else []
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise ValueError(f"{flags}: only with --greedy (they set how candidates are scored)")
+        cfg = make_soup(out, args.members, args.weights, commit=git_commit(), force=args.force)
+    else:
+        score, discard, label = _dev_scorer(args, args.members[0])
+        cfg, trials = greedy_soup(
+            out, args.members, score, args.weights, label=label, discard=discard,
+            commit=git_commit(), force=args.force,
+        )  # fmt: skip
+        print(f"greedy soup by {label}:")
+        for t in trials:
+            print(
+                f"  {t['member']:<32s} alone {t['alone']:8.4f}   soup {t['soup']:8.4f}   "
+                + ("kept" if t["kept"] else "left out")
+            )
+        if cfg is None:
+            print(f"no soup beats {trials[0]['member']} alone: nothing written")
+            return 0
     parts = ", ".join(f"{m['name']} ({m['weight']:g})" for m in cfg["soup"]["members"])
     print(f"wrote {out}: the weighted mean of {parts}")
     print(
@@ -1075,6 +1140,23 @@ def build_parser() -> argparse.ArgumentParser:
         "its decoding with tune-decoding --apply and score it with evaluate --record.",
     )
     _add_members(p, "the new bundle's directory", required=True)
+    p.add_argument(
+        "--greedy", action="store_true",
+        help="greedy soup: score each member alone on dev, then add them best first, keeping "
+        "each only if the soup's dev --metric does not drop (candidates are scored on torch)",
+    )  # fmt: skip
+    p.add_argument(
+        "--metric", choices=TUNE_METRIC_CHOICES, default="cider", metavar="METRIC",
+        help="with --greedy: the dev metric, cider or bleu4 (default: cider)",
+    )  # fmt: skip
+    p.add_argument(
+        "--limit", type=nonneg_int, default=0,
+        help="with --greedy: score on the first N dev images only (default: 0 = all 1000)",
+    )  # fmt: skip
+    _add_decoding(p)
+    _add_data(p)
+    _add_cache(p)
+    _add_precision(p)
 
     p = add(
         "bench",

@@ -10,13 +10,18 @@ sha256 of their weight files. Its ``history.json`` is its members' training hist
 epoch tagged with the ``member`` it belongs to (the Training page draws one line per member).
 It has no metrics or predictions: choose its decoding and score it like any new bundle
 (``tune-decoding --apply``, ``evaluate --record``).
+
+``greedy_soup`` is the paper's greedy recipe: score every candidate alone on held-out data, take
+them best first, and keep each one only if the soup with it scores at least as well as without
+(the caller supplies the score, e.g. dev CIDEr-D; ``soup --greedy``). The trials are recorded in
+the soup's ``config.json``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from safetensors import safe_open
@@ -90,9 +95,11 @@ def make_soup(
     *,
     commit: str | None = None,
     force: bool = False,
+    greedy: dict | None = None,
 ) -> dict:
     """Write the bundle ``out``: the weighted mean of ``members`` (bundle names or paths; equal
-    weights by default, normalised to sum to 1). Returns its config."""
+    weights by default, normalised to sum to 1). Returns its config; ``greedy`` (the trials of
+    ``greedy_soup``) is recorded in its ``soup`` entry."""
     weights = member_weights(members, weights)
     paths = [resolve_bundle(m) for m in members]
     if out.resolve() in {p.resolve() for p in paths}:
@@ -119,7 +126,8 @@ def make_soup(
             "members": [
                 {"name": p.name, "weight": w, "sha256": weights_fingerprint(p)}
                 for p, w in zip(paths, weights, strict=True)
-            ]
+            ],
+            **({"greedy": greedy} if greedy else {}),
         },
         git_commit=commit,
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -131,3 +139,65 @@ def make_soup(
     atomic_write_json(out / "config.json", config)
     write_records(out, [], config)
     return config
+
+
+def greedy_soup(
+    out: Path,
+    members: Sequence[str],
+    score: Callable[[Path], float],
+    weights: Sequence[float] | None = None,
+    *,
+    label: str = "score",
+    discard: Callable[[Path], None] | None = None,
+    commit: str | None = None,
+    force: bool = False,
+) -> tuple[dict | None, list[dict]]:
+    """The greedy soup of ``members`` (Wortsman et al. 2022): each is scored alone by ``score``
+    (higher is better, on held-out data), then, best first, each joins the soup if the soup with
+    it scores at least as high as the soup without it. A member keeps its relative weight among
+    those kept (``weights``; equal by default), so a soup given as a member with weight 4 counts
+    as its four members.
+
+    Candidate soups are written to ``.<out name>.greedy`` beside ``out`` (``discard(path)`` is
+    called after each is scored, e.g. to drop its feature cache) and removed at the end. Writes
+    the soup of the kept members to ``out`` and returns (its config, the trials); when no soup
+    beats the best member alone, writes nothing and returns (None, the trials). ``label`` names
+    the score in the trials (e.g. ``dev cider, beam 3``).
+    """
+    weights = member_weights(members, weights)
+    paths = [resolve_bundle(m) for m in members]
+    if len({p.resolve() for p in paths}) != len(paths):
+        raise BundleError("a soup needs different member bundles (give a member more weight)")
+    if out.resolve() in {p.resolve() for p in paths}:
+        raise BundleError(f"--out {out} is one of the members; write the soup elsewhere")
+    check_out_empty(out, force)  # before minutes of scoring, as are the members' checks
+    _check_members(paths, single_model_configs(paths))
+    alone = [score(p) for p in paths]
+    order = sorted(range(len(paths)), key=lambda i: -alone[i])  # stable: ties keep the order
+    kept, best = [order[0]], alone[order[0]]
+    trials = [{"member": paths[order[0]].name, "alone": alone[order[0]], "soup": best,
+               "kept": True}]  # fmt: skip
+    trial = out.parent / f".{out.name}.greedy"
+    try:
+        for i in order[1:]:
+            cand = [*kept, i]
+            make_soup(trial, [str(paths[j]) for j in cand], [weights[j] for j in cand], force=True)
+            with_it = score(trial)
+            if discard is not None:
+                discard(trial)
+            keep = with_it >= best
+            trials.append(
+                {"member": paths[i].name, "alone": alone[i], "soup": with_it, "kept": keep}
+            )
+            if keep:
+                kept, best = cand, with_it
+    finally:
+        shutil.rmtree(trial, ignore_errors=True)
+    if len(kept) == 1:
+        return None, trials
+    record = {"score": label, "trials": trials}
+    cfg = make_soup(
+        out, [str(paths[j]) for j in kept], [weights[j] for j in kept],
+        commit=commit, force=force, greedy=record,
+    )  # fmt: skip
+    return cfg, trials

@@ -14,7 +14,7 @@ from captioning.bundle import BundleError, list_bundles, read_records
 from captioning.cli import main as cli_main
 from captioning.fileio import sha256_file
 from captioning.reports import card_markdown
-from captioning.soup import make_soup
+from captioning.soup import greedy_soup, make_soup
 from captioning.train import main as train_main
 from dashboard import tables
 from tests.synthetic import make_tiny_flickr
@@ -114,3 +114,71 @@ def test_the_cli_makes_a_soup(members, tmp_path, capsys):
     assert "tune-decoding" in capsys.readouterr().out
     cfg = json.loads((out / "config.json").read_text())
     assert [m["weight"] for m in cfg["soup"]["members"]] == [0.5, 0.5]
+
+
+def _closeness_to(target):
+    """A score that is higher the nearer a bundle's decoder weights are to ``target``'s."""
+    want = load_file(target / "decoder.safetensors")
+
+    def score(path):
+        got = load_file(path / "decoder.safetensors")
+        return -sum(float((got[k].double() - want[k].double()).abs().sum()) for k in want)
+
+    return score
+
+
+def test_a_greedy_soup_keeps_only_members_that_help(members, tmp_path):
+    a, b = members["a"], members["b"]
+    twin = tmp_path / "twin"
+    shutil.copytree(a, twin)
+    scored, discarded = [], []
+    close_to_a = _closeness_to(a)
+
+    def score(path):
+        scored.append(path.name)
+        return close_to_a(path)
+
+    out = tmp_path / "greedy"
+    cfg, trials = greedy_soup(
+        out, [str(b), str(twin), str(a)], score, label="closeness", discard=discarded.append
+    )
+    # alone: twin and a tie at 0 (twin first, as given), b is worse; twin + a is a itself
+    # (kept, 0 >= 0); adding b pulls the soup away from a (left out)
+    assert [(t["member"], t["kept"]) for t in trials] == [
+        ("twin", True),
+        ("m0", True),
+        ("m1", False),
+    ]
+    assert scored == ["m1", "twin", "m0", ".greedy.greedy", ".greedy.greedy"]
+    assert [p.name for p in discarded] == [".greedy.greedy"] * 2
+    assert not (tmp_path / ".greedy.greedy").exists()  # the candidates are gone
+    assert [m["name"] for m in cfg["soup"]["members"]] == ["twin", "m0"]
+    assert cfg["soup"]["greedy"] == {"score": "closeness", "trials": trials}
+    assert json.loads((out / "config.json").read_text()) == cfg
+    want, got = load_file(a / "decoder.safetensors"), load_file(out / "decoder.safetensors")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    # when nothing helps the best member, nothing is written
+    none_cfg, trials = greedy_soup(tmp_path / "none", [str(a), str(b)], close_to_a)
+    assert none_cfg is None and [t["kept"] for t in trials] == [True, False]
+    assert not (tmp_path / "none").exists()
+
+
+def test_the_cli_greedy_soup_scores_on_dev(members, tmp_path, capsys):
+    a, b, out = str(members["a"]), str(members["b"]), tmp_path / "greedy-cli"
+    common = ["--data", str(members["data"]), "--cache", str(tmp_path / "cache")]
+    args = ["soup", a, b, "--out", str(out), "--greedy", "--beam", "2", "--precision", "fp32"]
+    assert cli_main(args + common) == 0
+    text = capsys.readouterr().out
+    assert "greedy soup by dev cider, beam 2 alpha" in text
+    assert "m0" in text and "m1" in text
+    if out.exists():  # the soup beat its best member on dev
+        trials = json.loads((out / "config.json").read_text())["soup"]["greedy"]["trials"]
+        assert [t["kept"] for t in trials] == [True, True]
+        assert trials[1]["soup"] >= trials[0]["alone"]
+    else:
+        assert "nothing written" in text
+    assert not (tmp_path / ".greedy-cli.greedy").exists()
+    # the scoring flags mean nothing without --greedy
+    assert cli_main(["soup", a, b, "--out", str(tmp_path / "x"), "--beam", "2"]) != 0
+    assert "only with --greedy" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
