@@ -405,7 +405,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     _check_finetune(cfg)
-    result = main(cfg, args.data, Path(args.out), _cache(args), args.resume, force=args.force)
+    result = main(
+        cfg, args.data, Path(args.out), _cache(args), args.resume, force=args.force,
+        export_best=args.export_best,
+    )  # fmt: skip
     if not result["stopped"] and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
         summary = {
             "out": args.out,
@@ -431,7 +434,10 @@ def _train_scst(args: argparse.Namespace) -> int:
                 "train_precision", "samples", "baseline", "dev_beam"):  # fmt: skip
         if getattr(args, key, None) is not None:
             setattr(cfg, key, getattr(args, key))
-    result = main_scst(cfg, args.data, Path(args.out), _cache(args), args.resume, force=args.force)
+    result = main_scst(
+        cfg, args.data, Path(args.out), _cache(args), args.resume, force=args.force,
+        export_best=args.export_best,
+    )  # fmt: skip
     if not result.get("stopped"):
         print(json.dumps({"out": args.out, "best_epoch": result.get("best_epoch")}))
     return 0
@@ -968,6 +974,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     state = p.add_mutually_exclusive_group()
     state.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--export-best", action="store_true",
+        help="with --resume: train no further, export the best finished epoch of the run in "
+        "--out as its bundle (its state stays, so it can still be resumed)",
+    )  # fmt: skip
     state.add_argument(
         "--force",
         action="store_true",

@@ -38,6 +38,7 @@ from captioning.train import (
     STATE_DIR,
     TrainConfig,
     TrainData,
+    check_export_best,
     check_out,
     clear_out,
     epoch_order,
@@ -298,16 +299,19 @@ def main_scst(
     cache: Path | None,
     resume: bool,
     force: bool = False,
+    export_best: bool = False,
 ) -> dict:
     """SCST from the bundle ``cfg.init`` (or resume the run in ``out``); export the best epoch.
 
-    ``out`` follows ``train.main``'s rules (empty, ``resume`` or ``force``) and must not be the
-    starting bundle. The starting model's dev scores are measured first: an SCST epoch is kept
+    ``out`` follows ``train.main``'s rules (empty, ``resume`` or ``force``; ``export_best``
+    exports an unfinished run's best epoch without training) and must not be the starting
+    bundle. The starting model's dev scores are measured first: an SCST epoch is kept
     only if its dev CIDEr-D beats them.
     """
     from captioning.bundle import export_bundle, load_decoder, resolve_bundle
     from captioning.reports import write_card
 
+    check_export_best(export_best, resume)
     if not cfg.init:
         raise ValueError("SCST starts from a trained bundle: pass --init BUNDLE")
     out = Path(out)
@@ -396,7 +400,7 @@ def main_scst(
             last_ckpt[0] = time.monotonic()
         return bool(over)
 
-    while meta["epoch"] <= cfg.epochs and meta["bad_epochs"] < cfg.patience:
+    while not export_best and meta["epoch"] <= cfg.epochs and meta["bad_epochs"] < cfg.patience:
         epoch = meta["epoch"]
         acc = meta.setdefault(
             "partial",

@@ -564,26 +564,42 @@ def main(
     cache: Path | None,
     resume: bool,
     force: bool = False,
+    export_best: bool = False,
 ) -> dict:
     """Train (or resume), then export the best epoch as a bundle in ``out``.
 
     ``out`` must be empty or absent, unless ``resume`` (continue the run in ``out/train_state``)
-    or ``force`` (first delete everything that belonged to the old weights). Under torchrun
+    or ``force`` (first delete everything that belonged to the old weights). ``export_best``
+    (with ``resume``) trains no further: it exports the best finished epoch of an unfinished
+    run, whose state stays as it was, so the run can still be resumed. Under torchrun
     (``WORLD_SIZE`` > 1) every rank runs this; see the module docstring. The result is the
     run's state, including ``step_losses``: ``[epoch, step, cross-entropy of the global batch]``
     for every step of the run (kept in the checkpoint, so across resumes too).
     """
     dist_ = distributed.from_env()
     try:
-        return _main(cfg, data_dir, Path(out), cache, resume, force, dist_)
+        return _main(cfg, data_dir, Path(out), cache, resume, force, dist_, export_best)
     finally:
         distributed.close(dist_)
 
 
-def _main(cfg, data_dir, out: Path, cache, resume: bool, force: bool, dist_: Dist) -> dict:
+def check_export_best(export_best: bool, resume: bool) -> None:
+    """``--export-best`` reads a run's state: it needs ``--resume`` and that run's flags."""
+    if export_best and not resume:
+        raise ValueError(
+            "--export-best exports the best epoch of the run in --out so far: pass --resume "
+            "with that run's flags"
+        )
+
+
+def _main(
+    cfg, data_dir, out: Path, cache, resume: bool, force: bool, dist_: Dist,
+    export_best: bool = False,
+) -> dict:  # fmt: skip
     from captioning.bundle import export_bundle
     from captioning.reports import write_card
 
+    check_export_best(export_best, resume)
     main_rank = dist_.is_main
     resuming = check_out(out, resume, force)
     distributed.barrier(dist_)  # every rank has looked at ``out`` before rank 0 changes it
@@ -665,7 +681,7 @@ def _main(cfg, data_dir, out: Path, cache, resume: bool, force: bool, dist_: Dis
             checkpoint({**meta, "step": step})
         return over
 
-    while meta["epoch"] <= cfg.epochs and meta["bad_epochs"] < cfg.patience:
+    while not export_best and meta["epoch"] <= cfg.epochs and meta["bad_epochs"] < cfg.patience:
         epoch = meta["epoch"]
         acc = meta.setdefault("partial", {"loss_sum": 0.0, "n": 0, "seconds": 0.0})
         stats = train_one_epoch(
@@ -706,7 +722,10 @@ def _main(cfg, data_dir, out: Path, cache, resume: bool, force: bool, dist_: Dis
             atomic_write_json(out / STATE_DIR / "history.json", meta["history"])  # to watch a run
     if main_rank:
         if best is None:
-            raise ValueError(f"no epoch finished (epochs={cfg.epochs}); nothing to export")
+            raise ValueError(
+                f"no epoch of the run in {out} has finished yet (epochs={cfg.epochs}); "
+                "nothing to export"
+            )
         model.load_state_dict(best)
         block = finetune.export_block(out, model, cfg.encoder)  # None unless --finetune
         history, best_epoch = staged_history(cfg, meta)

@@ -346,3 +346,37 @@ def test_an_updown_bundle_trains_and_captions_on_either_runtime(tiny_flickr, cac
     fast = Captioner.load(out, precision="fp32", runtime="openvino")
     assert runtime.runtime_of(fast.step_decoder) == "openvino"
     assert fast.caption(photo, beam_size=3).tokens == ref.tokens
+
+
+def test_export_best_exports_an_unfinished_runs_best_epoch_and_leaves_it_resumable(
+    tiny_flickr, cache_dir, tmp_path
+):
+    kw = dict(decoder="merge", epochs=2, batch_images=24)  # 2 batches an epoch
+    straight = tmp_path / "straight"
+    main(config(**kw), str(tiny_flickr), straight, cache_dir, resume=False)
+    run, killed = tmp_path / "run", config(max_minutes=1e-9, **kw)  # one batch a call
+    with pytest.raises(ValueError, match="pass --resume"):
+        main(config(**kw), str(tiny_flickr), run, cache_dir, resume=False, export_best=True)
+    assert not run.exists()
+    assert main(killed, str(tiny_flickr), run, cache_dir, resume=False)["stopped"]
+    with pytest.raises(ValueError, match="has finished yet"):
+        main(config(**kw), str(tiny_flickr), run, cache_dir, resume=True, export_best=True)
+    while read_state(run)[0]["epoch"] == 1:  # on to epoch 2's first batch
+        assert main(killed, str(tiny_flickr), run, cache_dir, resume=True)["stopped"]
+    state = (run / "train_state" / "state.safetensors").read_bytes()
+    result = main(config(**kw), str(tiny_flickr), run, cache_dir, resume=True, export_best=True)
+    assert not result["stopped"] and result["best_epoch"] == 1
+    assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1]
+    assert (run / "train_state" / "state.safetensors").read_bytes() == state  # untouched
+    assert (
+        Captioner.load(run, precision="fp32")
+        .caption(tiny_flickr / "Images" / "0000_synthetic.png")
+        .text
+    )
+    main(config(**kw), str(tiny_flickr), run, cache_dir, resume=True)  # the run goes on
+    a = load_file(straight / "train_state" / "state.safetensors")
+    b = load_file(run / "train_state" / "state.safetensors")
+    for k in a:
+        if k.startswith("model."):
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1, 2]
