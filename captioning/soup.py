@@ -84,8 +84,9 @@ def average_file(files: Sequence[Path], weights: Sequence[float], out: Path) -> 
 
 def member_histories(paths: Sequence[Path]) -> list[dict]:
     """The members' ``history.json`` epochs in member order, each tagged ``member: name``
-    (members without a history add nothing)."""
-    return [{**r, "member": p.name} for p in paths for r in read_history(p)]
+    (members without a history add nothing); a member that is a soup itself passes on its own
+    members' tags, so a soup of soups draws a line per original run."""
+    return [{**r, "member": r.get("member") or p.name} for p in paths for r in read_history(p)]
 
 
 def make_soup(

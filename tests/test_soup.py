@@ -182,3 +182,19 @@ def test_the_cli_greedy_soup_scores_on_dev(members, tmp_path, capsys):
     assert cli_main(["soup", a, b, "--out", str(tmp_path / "x"), "--beam", "2"]) != 0
     assert "only with --greedy" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_soup_of_a_soup_counts_as_its_members(members, tmp_path):
+    a, b = members["a"], members["b"]
+    twin = tmp_path / "twin"
+    shutil.copytree(a, twin)
+    inner = tmp_path / "inner"
+    make_soup(inner, [str(a), str(b)])
+    make_soup(tmp_path / "outer", [str(inner), str(twin)], [2, 1])
+    make_soup(tmp_path / "flat", [str(a), str(b), str(twin)])
+    outer = load_file(tmp_path / "outer" / "decoder.safetensors")
+    flat = load_file(tmp_path / "flat" / "decoder.safetensors")
+    for k, v in flat.items():  # (a + b) / 2 weighted 2:1 with twin = (a + b + twin) / 3
+        torch.testing.assert_close(outer[k].double(), v.double(), atol=2e-3, rtol=2e-3)
+    history = json.loads((tmp_path / "outer" / "history.json").read_text())
+    assert {r["member"] for r in history} == {"m0", "m1", "twin"}  # the original runs' lines
