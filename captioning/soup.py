@@ -62,6 +62,16 @@ def _check_members(paths: Sequence[Path], configs: Sequence[dict]) -> None:
     shared_vocabulary(paths)
 
 
+def _member_paths(out: Path, members: Sequence[str]) -> list[Path]:
+    """The members' bundle directories; BundleError if one repeats or ``out`` is one of them."""
+    paths = [resolve_bundle(m) for m in members]
+    if out.resolve() in {p.resolve() for p in paths}:
+        raise BundleError(f"--out {out} is one of the members; write the soup elsewhere")
+    if len({p.resolve() for p in paths}) != len(paths):
+        raise BundleError("a soup needs different member bundles (give a member more weight)")
+    return paths
+
+
 def average_file(files: Sequence[Path], weights: Sequence[float], out: Path) -> None:
     """The weighted mean (``weights`` sum to 1) of the float tensors of safetensors ``files``,
     in the first file's dtypes and metadata; other tensors (counters) are the first file's."""
@@ -102,11 +112,7 @@ def make_soup(
     weights by default, normalised to sum to 1). Returns its config; ``greedy`` (the trials of
     ``greedy_soup``) is recorded in its ``soup`` entry."""
     weights = member_weights(members, weights)
-    paths = [resolve_bundle(m) for m in members]
-    if out.resolve() in {p.resolve() for p in paths}:
-        raise BundleError(f"--out {out} is one of the members; write the soup elsewhere")
-    if len({p.resolve() for p in paths}) != len(paths):
-        raise BundleError("a soup needs different member bundles (give a member more weight)")
+    paths = _member_paths(out, members)
     check_out_empty(out, force)
     configs = single_model_configs(paths)
     _check_members(paths, configs)
@@ -166,11 +172,7 @@ def greedy_soup(
     the score in the trials (e.g. ``dev cider, beam 3``).
     """
     weights = member_weights(members, weights)
-    paths = [resolve_bundle(m) for m in members]
-    if len({p.resolve() for p in paths}) != len(paths):
-        raise BundleError("a soup needs different member bundles (give a member more weight)")
-    if out.resolve() in {p.resolve() for p in paths}:
-        raise BundleError(f"--out {out} is one of the members; write the soup elsewhere")
+    paths = _member_paths(out, members)
     check_out_empty(out, force)  # before minutes of scoring, as are the members' checks
     _check_members(paths, single_model_configs(paths))
     alone = [score(p) for p in paths]
