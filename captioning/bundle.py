@@ -331,6 +331,10 @@ def export_bundle(
     write_records(out, [], config)
 
 
+DECODING_CHOSEN_KEY = "decode_chosen_by"
+"""``config.json`` key: how ``decode_defaults`` was chosen ("dev CIDEr-D"); absent = never tuned."""
+
+
 def bundle_decoding(config: dict, beam_size: int | None = None, **overrides) -> DecodeConfig:
     """A bundle's default decoding (``config["decode_defaults"]``) with ``beam_size`` and other
     fields overridden; raises ValueError for a bad setting."""
@@ -338,12 +342,18 @@ def bundle_decoding(config: dict, beam_size: int | None = None, **overrides) -> 
     return DecodeConfig(**{**config.get("decode_defaults", {}), **overrides, **beam})
 
 
-def set_decode_defaults(bundle: Path, **changes) -> dict:
-    """Change the bundle's default decoding (e.g. the beam size chosen on dev)."""
+def set_decode_defaults(bundle: Path, chosen_by: str | None = None, **changes) -> dict:
+    """Change the bundle's default decoding (e.g. the beam size chosen on dev). ``chosen_by``
+    says how it was chosen (``tune-decoding --apply``: "dev CIDEr-D") and is recorded with it
+    (``DECODING_CHOSEN_KEY``); a change without it clears that record."""
     cfg = read_config(bundle)
     merged = {**cfg.get("decode_defaults", {}), **changes}
     DecodeConfig(**merged)  # validates the keys
     cfg["decode_defaults"] = merged
+    if chosen_by:
+        cfg[DECODING_CHOSEN_KEY] = chosen_by
+    else:
+        cfg.pop(DECODING_CHOSEN_KEY, None)
     atomic_write_json(bundle / "config.json", cfg)
     write_records(bundle, read_records(bundle), cfg)
     return merged

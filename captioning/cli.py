@@ -518,7 +518,8 @@ def cmd_tune_decoding(args: argparse.Namespace) -> int:
         )
     if args.apply:
         chosen = {k: best[k] for k in ("length_alpha", "no_repeat_ngram")}
-        set_decode_defaults(cap.path, beam_size=best["beam"], **chosen)
+        by = f"dev {METRIC_LABELS[args.metric]}"
+        set_decode_defaults(cap.path, by, beam_size=best["beam"], **chosen)
         card = write_card(cap.path)
         print(
             f"{cap.name}: default decoding is now beam {best['beam']}, alpha "

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captioning.bundle import (
+    DECODING_CHOSEN_KEY,
     BundleError,
     BundleInfo,
     Setting,
@@ -367,6 +368,14 @@ def _ensemble_data_line(data: dict | None) -> str:
     )
 
 
+def _decoding_source(cfg: dict) -> str:
+    """How the default decoding was chosen, as the card says it."""
+    chosen = cfg.get(DECODING_CHOSEN_KEY)
+    if chosen:
+        return f"chosen on {chosen} by `tune-decoding`"
+    return "the built-in default, not yet chosen on dev: run `tune-decoding --apply`"
+
+
 def card_markdown(path: Path) -> str:
     """``card.md``: what the model is, its data, protocol and every score recorded so far."""
     info = bundle_info(path)
@@ -380,7 +389,7 @@ def card_markdown(path: Path) -> str:
         *about,
         f"- Encoder features: precision `{cfg.get('precision', 'unknown')}`, runtime "
         f"`{cfg.get('runtime', 'unknown')}`.",
-        f"- Default decoding: {decoding_label(default_decoding(info))} (chosen on dev).",
+        f"- Default decoding: {decoding_label(default_decoding(info))} ({_decoding_source(cfg)}).",
         "- Protocol: corpus BLEU-1..4 (nltk, all of each image's references, no smoothing), "
         "CIDEr-D, METEOR and ROUGE-L (pycocoevalcap) on lowercased, punctuation-stripped "
         "tokens; 0–100 scale.",

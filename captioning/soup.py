@@ -31,6 +31,7 @@ from captioning.bundle import (
     BLOCK_FILE,
     BLOCK_KEY,
     DECODER_FILE,
+    DECODING_CHOSEN_KEY,
     BundleError,
     check_out_empty,
     clear_model_outputs,
@@ -121,9 +122,8 @@ def make_soup(
     for stale in ("history.json", BLOCK_FILE):
         (out / stale).unlink(missing_ok=True)
     average_file([p / DECODER_FILE for p in paths], weights, out / DECODER_FILE)
-    config = {
-        k: v for k, v in configs[0].items() if k not in ("best_epoch", "select_metric", "soup")
-    }
+    mine = ("best_epoch", "select_metric", "soup", DECODING_CHOSEN_KEY)  # not the soup's
+    config = {k: v for k, v in configs[0].items() if k not in mine}
     if config.get(BLOCK_KEY):
         average_file([p / BLOCK_FILE for p in paths], weights, out / BLOCK_FILE)
         config[BLOCK_KEY] = {**config[BLOCK_KEY], "sha256": sha256_file(out / BLOCK_FILE)}

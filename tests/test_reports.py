@@ -27,6 +27,7 @@ from captioning.decoding import DecodeConfig
 from captioning.evaluate import PREDICTION_FIELDS, write_predictions
 from captioning.precision import resolve_precision
 from captioning.reports import (
+    card_markdown,
     comparison_markdown,
     default_result,
     latency_markdown,
@@ -173,6 +174,16 @@ def test_default_row_follows_the_bundles_default_decoding(tmp_path):
     assert sorted(marked) == [("dev", 1, 5), ("test", 0, 5)]
     set_decode_defaults(b, beam_size=4)
     assert default_result(info(b)) is None  # not evaluated at the default: say so, not guess
+
+
+def test_the_card_says_how_the_default_decoding_was_chosen(tmp_path):
+    b = make_bundle(tmp_path, "m")
+    assert "not yet chosen on dev: run `tune-decoding --apply`" in card_markdown(b)
+    set_decode_defaults(b, "dev CIDEr-D", beam_size=5)  # as tune-decoding --apply does
+    assert "beam 5 α 0 (chosen on dev CIDEr-D by `tune-decoding`)" in card_markdown(b)
+    set_decode_defaults(b, beam_size=2)  # a change by hand is not a choice on dev
+    assert "beam 2 α 0 (the built-in default, not yet chosen" in card_markdown(b)
+    assert "decode_chosen_by" not in json.loads((b / "config.json").read_text())
 
 
 def test_default_prefers_the_bundles_own_precision(tmp_path):

@@ -79,6 +79,8 @@ def test_records_say_what_made_each_number(name):
     assert len(rows) == 1000 and {r["image"] for r in rows}
     card = (b.path / "card.md").read_text()
     assert "flickr8k-official layout (official Flickr8k split)" in card and "(default)" in card
+    assert cfg["decode_chosen_by"] == "dev CIDEr-D"  # every shipped default was tuned on dev
+    assert "(chosen on dev CIDEr-D by `tune-decoding`)" in card
 
 
 def test_reevaluation_reproduces_recorded_dev_subset(captioner, flickr8k_dir):
