@@ -675,11 +675,12 @@ def _dev_scorer(args: argparse.Namespace, first_member: str):
     default with the flags' overrides); ``discard(path)`` drops a scored candidate's features."""
     import shutil
 
-    from captioning.bundle import bundle_decoding, read_config, resolve_bundle
+    from captioning.bundle import bundle_decoding, decoding_label, read_config, resolve_bundle
     from captioning.captioner import Captioner
     from captioning.data import load_dataset
     from captioning.evaluate import evaluate
     from captioning.features import FeatureCache
+    from captioning.metrics import METRIC_LABELS
 
     ds = load_dataset(args.data)
     cfg = bundle_decoding(
@@ -704,10 +705,7 @@ def _dev_scorer(args: argparse.Namespace, first_member: str):
             shutil.rmtree(caches.pop(path), ignore_errors=True)
 
     images = f"first {args.limit} dev images" if args.limit else "dev"
-    label = (
-        f"{images} {args.metric}, beam {cfg.beam_size} alpha {cfg.length_alpha} "
-        f"no_repeat_ngram {cfg.no_repeat_ngram}"
-    )
+    label = f"{images} {METRIC_LABELS[args.metric]}, {decoding_label(cfg)}"
     return score, discard, label
 
 

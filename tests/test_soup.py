@@ -169,7 +169,7 @@ def test_the_cli_greedy_soup_scores_on_dev(members, tmp_path, capsys):
     args = ["soup", a, b, "--out", str(out), "--greedy", "--beam", "2", "--precision", "fp32"]
     assert cli_main(args + common) == 0
     text = capsys.readouterr().out
-    assert "greedy soup by dev cider, beam 2 alpha" in text
+    assert "greedy soup by dev CIDEr-D, beam 2 α 0" in text
     assert "m0" in text and "m1" in text
     if out.exists():  # the soup beat its best member on dev
         trials = json.loads((out / "config.json").read_text())["soup"]["greedy"]["trials"]
