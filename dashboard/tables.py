@@ -263,15 +263,20 @@ def read_history(bundles: Sequence[BundleInfo]) -> pd.DataFrame:
 
 
 def training_summary(history: pd.DataFrame, bundles: Sequence[BundleInfo]) -> pd.DataFrame:
-    """Per model: epochs run, best epoch, its dev BLEU-4 and CIDEr-D, seconds per epoch."""
+    """Per model: epochs run, best epoch, its dev BLEU-4 and CIDEr-D, seconds per epoch.
+
+    The best epoch is the bundle's recorded one; a line without one (a soup's member) gets the
+    epoch its training would have kept: the best dev CIDEr-D (else BLEU-4, for old histories).
+    """
     best = {b.name: b.config.get("best_epoch") for b in bundles}
     rows = []
     for model, g in history.groupby("model", sort=False):
         pick = g[g["epoch"] == best.get(model)]
+        scored = [c for c in ("dev_cider", "dev_bleu4") if g[c].notna().any()]
         if len(pick):
             row = pick.iloc[-1]
-        elif g["dev_bleu4"].notna().any():
-            row = g.loc[g["dev_bleu4"].idxmax()]
+        elif scored:
+            row = g.loc[g[scored[0]].idxmax()]
         else:
             row = g.iloc[-1]
         stages = g["stage"].value_counts(sort=False)

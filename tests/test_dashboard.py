@@ -601,6 +601,10 @@ def test_a_soups_history_is_a_line_per_member_in_tints_of_its_colour(tiny_world,
     (info,) = list_bundles(tmp_path)
     hist = tables.read_history([info])
     assert list(dict.fromkeys(hist["model"])) == ["soup · a", "soup · b"]
+    hist.loc[hist["model"] == "soup · a", "dev_bleu4"] = [20.0, 10.0]  # BLEU-4 best at epoch 1
+    summary = tables.training_summary(hist, [info]).set_index("model")
+    assert summary.loc["soup · a", "best epoch"] == 2  # a member's best: its best dev CIDEr-D
+    assert summary.loc["soup · a", "dev CIDEr-D"] == 42.0
     colors = {"soup": "#1F5A96"}
     fig = charts.history_chart(hist, {"dev_cider": "dev CIDEr-D"}, colors, title="t", ytitle="y")
     assert [t.name for t in fig.data] == ["soup · a", "soup · b"]

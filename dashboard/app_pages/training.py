@@ -64,4 +64,7 @@ st.dataframe(
         "samples / s": st.column_config.NumberColumn(format="%.0f"),
     },
 )
-st.caption("Best epoch = the checkpoint exported in the bundle. Test-split scores are on Compare.")
+st.caption(
+    "Best epoch = the checkpoint exported in the bundle (for a soup's member, its best dev "
+    "CIDEr-D epoch). Test-split scores are on Compare."
+)
