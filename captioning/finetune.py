@@ -213,6 +213,18 @@ class FinetuneModel(nn.Module):
     select = staticmethod(Decoder.select)
 
 
+def frozen_block_model(encoder: str, block: str, decoder: Decoder, bundle: Path,
+                       config: dict) -> FinetuneModel:  # fmt: skip
+    """``decoder`` behind bundle ``bundle``'s tuned ``block``, the block frozen (no gradients):
+    a model that reads the cached block inputs, e.g. for SCST over a fine-tuned bundle."""
+    spec = block_spec(encoder, block)
+    body = build_encoder(encoder, "fp32").model.body[spec.start :]  # a new encoder's block
+    body = body.to(memory_format=torch.channels_last)  # the cached inputs arrive as NHWC
+    load_block_weights(body, spec, bundle_block_state(bundle, config))
+    body.requires_grad_(False)
+    return FinetuneModel(body, decoder, spec)
+
+
 def trainable_model(cfg, dcfg: DecoderConfig) -> nn.Module:
     """What ``train`` optimises: the decoder, or (``cfg.finetune``) block + decoder.
 

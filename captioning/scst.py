@@ -10,7 +10,9 @@ the image's other samples (default) or the reward of its greedy caption. The los
 averaged over those words. Training starts from a bundle's decoder, keeps its vocabulary, and
 writes a bundle whose history holds the cross-entropy epochs (``stage: "xe"``) and then the SCST
 epochs (``stage: "scst"``); the epoch with the best dev CIDEr-D is exported, and it is the
-starting model itself when no SCST epoch beats it.
+starting model itself when no SCST epoch beats it. A bundle that fine-tuned its encoder's last
+block (``train --finetune``) keeps that block frozen: it runs on the cached block inputs, only the
+decoder learns, and the exported bundle ships the same block.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from captioning import finetune
 from captioning.data import load_dataset
 from captioning.decoders import Decoder
 from captioning.decoding import DecodeConfig, NextWordRules
@@ -308,7 +311,7 @@ def main_scst(
     bundle. The starting model's dev scores are measured first: an SCST epoch is kept
     only if its dev CIDEr-D beats them.
     """
-    from captioning.bundle import export_bundle, load_decoder, resolve_bundle
+    from captioning.bundle import export_bundle, load_decoder, resolve_bundle, tuned_block
     from captioning.reports import write_card
 
     check_export_best(export_best, resume)
@@ -321,8 +324,9 @@ def main_scst(
     resuming = check_out(out, resume, force)
     torch.manual_seed(cfg.seed)
     model, vocab, bundle_cfg = load_decoder(init)
-    if bundle_cfg.get("encoder_block"):  # captioning.finetune: its features need the tuned block
-        raise ValueError(f"{init} has a fine-tuned encoder block; SCST needs a frozen encoder")
+    block = tuned_block(bundle_cfg)
+    if block:  # its tuned block, frozen, runs on the cached block inputs (captioning.finetune)
+        model = finetune.frozen_block_model(bundle_cfg["encoder"], block, model, init, bundle_cfg)
     xe_history = init_history(init)
     xe_config = bundle_cfg.get("train_config", {})
     if xe_config.get("objective") == "scst":  # SCST again from an SCST bundle
@@ -336,7 +340,7 @@ def main_scst(
     )
     known = {f.name for f in fields(TrainConfig)}
     same = {"encoder": cfg.encoder, "decoder": cfg.decoder, "precision": cfg.precision,
-            "device": cfg.device}  # fmt: skip
+            "device": cfg.device, "finetune": block or ""}  # fmt: skip
     tcfg = TrainConfig(**{**{k: v for k, v in cfg.xe_train_config.items() if k in known}, **same})
     ds = load_dataset(data_dir)
     data = prepare_data(ds, tcfg, cache)
@@ -352,7 +356,8 @@ def main_scst(
         {n: ds.captions[n] for n in data.train_images}, vocab, end_word=cfg.reward_end
     )
     dev_decoding = _dev_decoding(cfg.dev_beam, bundle_cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trained = [q for q in model.parameters() if q.requires_grad]  # the decoder's
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     xe_epochs = max((int(r.get("epoch", 0)) for r in xe_history), default=0)
     best: dict[str, torch.Tensor] | None
@@ -446,7 +451,7 @@ def main_scst(
     model.load_state_dict(best)
     export_bundle(
         out,
-        model,
+        finetune.decoder_of(model),
         vocab,
         cfg=cfg,
         dcfg=model.cfg,
@@ -458,6 +463,7 @@ def main_scst(
         encoder_runtime=data.encoder_runtime,
         encoder_precision=data.encoder_precision,
         select_metric=SELECT_METRIC,
+        encoder_block=finetune.export_block(out, model, cfg.encoder),  # None when frozen
     )
     write_card(out)
     return {"stopped": False, **meta}

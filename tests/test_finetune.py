@@ -379,3 +379,25 @@ def test_a_cached_compile_loads_without_building_the_trunk(tuned, tmp_path, monk
     bad = copy_with_changed_block(tuned["out"], tmp_path / "bad")
     with pytest.raises(BundleError, match="sha256"):
         Captioner.load(bad, precision="fp32", runtime="openvino")
+
+
+def test_scst_over_a_finetuned_bundle_keeps_its_block_frozen(tuned, tmp_path):
+    from captioning.scst import ScstConfig, main_scst
+
+    out = tmp_path / "scst"
+    cfg = ScstConfig(init=str(tuned["out"]), epochs=1, batch_images=2, samples=2, lr=1e-2,
+                     patience=1, max_len=6)  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:  # the cached layer3 inputs only: no trunk runs
+        for cls, name in ((StemModel, "forward"), (Encoder, "forward"), (Encoder, "feature_map")):
+            mp.setattr(cls, name, trunk_must_not_run)
+        result = main_scst(cfg, str(tuned["data"]), out, tuned["cache"], resume=False)
+    assert not result["stopped"]
+    history = json.loads((out / "history.json").read_text())
+    assert [h["stage"] for h in history] == ["finetune", "scst"]
+    assert history[-1]["reward"] >= 0
+    config = json.loads((out / "config.json").read_text())
+    assert config[BLOCK_KEY]["block"] == "layer4"
+    want, got = load_file(tuned["out"] / BLOCK_FILE), load_file(out / BLOCK_FILE)
+    assert set(got) == set(want) and all(torch.equal(want[k], got[k]) for k in want)  # frozen
+    cap = Captioner.load(out, precision="fp32")
+    assert cap.caption(tuned["data"] / "Images" / "0000_synthetic.png", beam_size=1).text
