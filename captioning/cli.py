@@ -407,7 +407,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_finetune(cfg)
     result = main(
         cfg, args.data, Path(args.out), _cache(args), args.resume, force=args.force,
-        export_best=args.export_best,
+        export_best=args.export_best, export_last=args.export_last,
     )  # fmt: skip
     if not result["stopped"] and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
         summary = {
@@ -436,7 +436,7 @@ def _train_scst(args: argparse.Namespace) -> int:
             setattr(cfg, key, getattr(args, key))
     result = main_scst(
         cfg, args.data, Path(args.out), _cache(args), args.resume, force=args.force,
-        export_best=args.export_best,
+        export_best=args.export_best, export_last=args.export_last,
     )  # fmt: skip
     if not result.get("stopped"):
         print(json.dumps({"out": args.out, "best_epoch": result.get("best_epoch")}))
@@ -977,6 +977,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--export-best", action="store_true",
         help="with --resume: train no further, export the best finished epoch of the run in "
         "--out as its bundle (its state stays, so it can still be resumed)",
+    )  # fmt: skip
+    p.add_argument(
+        "--export-last", action="store_true",
+        help="with --resume: as --export-best, with the run's latest finished epoch instead "
+        "(e.g. an SCST epoch that dev did not prefer alone, to make a soup of)",
     )  # fmt: skip
     state.add_argument(
         "--force",

@@ -41,7 +41,7 @@ from captioning.train import (
     STATE_DIR,
     TrainConfig,
     TrainData,
-    check_export_best,
+    check_export,
     check_out,
     clear_out,
     epoch_order,
@@ -50,6 +50,7 @@ from captioning.train import (
     git_commit,
     image_feats,
     init_history,
+    last_epoch,
     load_state,
     prepare_data,
     save_state,
@@ -303,18 +304,20 @@ def main_scst(
     resume: bool,
     force: bool = False,
     export_best: bool = False,
+    export_last: bool = False,
 ) -> dict:
     """SCST from the bundle ``cfg.init`` (or resume the run in ``out``); export the best epoch.
 
     ``out`` follows ``train.main``'s rules (empty, ``resume`` or ``force``; ``export_best``
-    exports an unfinished run's best epoch without training) and must not be the starting
+    exports an unfinished run's best epoch without training, ``export_last`` its latest
+    finished epoch) and must not be the starting
     bundle. The starting model's dev scores are measured first: an SCST epoch is kept
     only if its dev CIDEr-D beats them.
     """
     from captioning.bundle import export_bundle, load_decoder, resolve_bundle, tuned_block
     from captioning.reports import write_card
 
-    check_export_best(export_best, resume)
+    check_export(export_best, export_last, resume)
     if not cfg.init:
         raise ValueError("SCST starts from a trained bundle: pass --init BUNDLE")
     out = Path(out)
@@ -405,7 +408,8 @@ def main_scst(
             last_ckpt[0] = time.monotonic()
         return bool(over)
 
-    while not export_best and meta["epoch"] <= cfg.epochs and meta["bad_epochs"] < cfg.patience:
+    exporting = export_best or export_last  # no training: export from the state as it is
+    while not exporting and meta["epoch"] <= cfg.epochs and meta["bad_epochs"] < cfg.patience:
         epoch = meta["epoch"]
         acc = meta.setdefault(
             "partial",
@@ -446,6 +450,9 @@ def main_scst(
         save_state(out, model, opt, sched, meta, best)  # the commit point of this epoch
         atomic_write_json(out / STATE_DIR / "history.json", meta["history"])  # to watch a run
         last_ckpt[0] = time.monotonic()
+    if export_last:  # the weights as the latest finished SCST epoch left them
+        meta = {**meta, "best_epoch": meta["xe_epochs"] + last_epoch(meta, out)}
+        best = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if best is None:  # a resumed v1 state without best weights
         raise ValueError(f"{out}'s training state holds no best weights; nothing to export")
     model.load_state_dict(best)

@@ -20,6 +20,7 @@ the soup's ``config.json``.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -96,8 +97,17 @@ def average_file(files: Sequence[Path], weights: Sequence[float], out: Path) -> 
 def member_histories(paths: Sequence[Path]) -> list[dict]:
     """The members' ``history.json`` epochs in member order, each tagged ``member: name``
     (members without a history add nothing); a member that is a soup itself passes on its own
-    members' tags, so a soup of soups draws a line per original run."""
-    return [{**r, "member": r.get("member") or p.name} for p in paths for r in read_history(p)]
+    members' tags, so a soup of soups draws a line per original run, and an epoch two members
+    both hold (a run continued from another member, e.g. by SCST) is kept once."""
+    rows, seen = [], set()
+    for p in paths:
+        for r in read_history(p):
+            row = {**r, "member": r.get("member") or p.name}
+            key = json.dumps(row, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+    return rows
 
 
 def make_soup(

@@ -565,41 +565,62 @@ def main(
     resume: bool,
     force: bool = False,
     export_best: bool = False,
+    export_last: bool = False,
 ) -> dict:
     """Train (or resume), then export the best epoch as a bundle in ``out``.
 
     ``out`` must be empty or absent, unless ``resume`` (continue the run in ``out/train_state``)
     or ``force`` (first delete everything that belonged to the old weights). ``export_best``
     (with ``resume``) trains no further: it exports the best finished epoch of an unfinished
-    run, whose state stays as it was, so the run can still be resumed. Under torchrun
+    run, whose state stays as it was, so the run can still be resumed; ``export_last`` does the
+    same with its latest finished epoch. Under torchrun
     (``WORLD_SIZE`` > 1) every rank runs this; see the module docstring. The result is the
     run's state, including ``step_losses``: ``[epoch, step, cross-entropy of the global batch]``
     for every step of the run (kept in the checkpoint, so across resumes too).
     """
     dist_ = distributed.from_env()
     try:
-        return _main(cfg, data_dir, Path(out), cache, resume, force, dist_, export_best)
+        return _main(
+            cfg, data_dir, Path(out), cache, resume, force, dist_, export_best, export_last
+        )
     finally:
         distributed.close(dist_)
 
 
-def check_export_best(export_best: bool, resume: bool) -> None:
-    """``--export-best`` reads a run's state: it needs ``--resume`` and that run's flags."""
-    if export_best and not resume:
+def check_export(export_best: bool, export_last: bool, resume: bool) -> None:
+    """``--export-best``/``--export-last`` read a run's state: one of them, with ``--resume``
+    and that run's flags."""
+    if export_best and export_last:
+        raise ValueError("--export-best and --export-last: choose one")
+    if (export_best or export_last) and not resume:
+        which = "best" if export_best else "latest finished"
         raise ValueError(
-            "--export-best exports the best epoch of the run in --out so far: pass --resume "
-            "with that run's flags"
+            f"--export-{'best' if export_best else 'last'} exports the {which} epoch of the run "
+            "in --out so far: pass --resume with that run's flags"
         )
+
+
+def last_epoch(meta: dict, out: Path) -> int:
+    """The run's latest finished epoch (``--export-last``); ValueError inside an epoch or
+    before the first has finished."""
+    if meta.get("step") or meta.get("partial"):
+        raise ValueError(
+            f"the run in {out} stopped inside epoch {meta['epoch']}; --export-last exports a "
+            "finished epoch: resume it to the end of that epoch first (or use --export-best)"
+        )
+    if meta["epoch"] <= 1:
+        raise ValueError(f"no epoch of the run in {out} has finished yet; nothing to export")
+    return meta["epoch"] - 1
 
 
 def _main(
     cfg, data_dir, out: Path, cache, resume: bool, force: bool, dist_: Dist,
-    export_best: bool = False,
+    export_best: bool = False, export_last: bool = False,
 ) -> dict:  # fmt: skip
     from captioning.bundle import export_bundle
     from captioning.reports import write_card
 
-    check_export_best(export_best, resume)
+    check_export(export_best, export_last, resume)
     main_rank = dist_.is_main
     resuming = check_out(out, resume, force)
     distributed.barrier(dist_)  # every rank has looked at ``out`` before rank 0 changes it
@@ -681,7 +702,8 @@ def _main(
             checkpoint({**meta, "step": step})
         return over
 
-    while not export_best and meta["epoch"] <= cfg.epochs and meta["bad_epochs"] < cfg.patience:
+    exporting = export_best or export_last  # no training: export from the state as it is
+    while not exporting and meta["epoch"] <= cfg.epochs and meta["bad_epochs"] < cfg.patience:
         epoch = meta["epoch"]
         acc = meta.setdefault("partial", {"loss_sum": 0.0, "n": 0, "seconds": 0.0})
         stats = train_one_epoch(
@@ -720,6 +742,9 @@ def _main(
         checkpoint(meta)  # the commit point of this epoch
         if main_rank:
             atomic_write_json(out / STATE_DIR / "history.json", meta["history"])  # to watch a run
+    if export_last:  # the weights as the latest finished epoch left them
+        meta = {**meta, "best_epoch": last_epoch(meta, out)}
+        best = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if main_rank:
         if best is None:
             raise ValueError(

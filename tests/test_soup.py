@@ -14,7 +14,7 @@ from captioning.bundle import BundleError, list_bundles, read_records
 from captioning.cli import main as cli_main
 from captioning.fileio import sha256_file
 from captioning.reports import card_markdown
-from captioning.soup import greedy_soup, make_soup
+from captioning.soup import greedy_soup, make_soup, member_histories
 from captioning.train import main as train_main
 from dashboard import tables
 from tests.synthetic import make_tiny_flickr
@@ -198,3 +198,10 @@ def test_a_soup_of_a_soup_counts_as_its_members(members, tmp_path):
         torch.testing.assert_close(outer[k].double(), v.double(), atol=2e-3, rtol=2e-3)
     history = json.loads((tmp_path / "outer" / "history.json").read_text())
     assert {r["member"] for r in history} == {"m0", "m1", "twin"}  # the original runs' lines
+    # a member that continued another (as SCST continues its --init) repeats its epochs: once
+    cont = tmp_path / "cont"
+    shutil.copytree(a, cont)
+    inner_rows = json.loads((inner / "history.json").read_text())
+    (cont / "history.json").write_text(json.dumps([*inner_rows, {"epoch": 9, "stage": "scst"}]))
+    assert member_histories([inner, cont]) == [*inner_rows, {"epoch": 9, "stage": "scst",
+                                                             "member": "cont"}]  # fmt: skip

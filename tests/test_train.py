@@ -373,6 +373,11 @@ def test_export_best_exports_an_unfinished_runs_best_epoch_and_leaves_it_resumab
         .caption(tiny_flickr / "Images" / "0000_synthetic.png")
         .text
     )
+    with pytest.raises(ValueError, match="stopped inside epoch 2"):  # --export-last: not mid-epoch
+        main(config(**kw), str(tiny_flickr), run, cache_dir, resume=True, export_last=True)
+    with pytest.raises(ValueError, match="choose one"):
+        main(config(**kw), str(tiny_flickr), run, cache_dir, resume=True, export_best=True,
+             export_last=True)  # fmt: skip
     main(config(**kw), str(tiny_flickr), run, cache_dir, resume=True)  # the run goes on
     a = load_file(straight / "train_state" / "state.safetensors")
     b = load_file(run / "train_state" / "state.safetensors")
@@ -380,3 +385,10 @@ def test_export_best_exports_an_unfinished_runs_best_epoch_and_leaves_it_resumab
         if k.startswith("model."):
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1, 2]
+    # --export-last: the latest finished epoch's weights, whatever dev preferred
+    result = main(config(**kw), str(tiny_flickr), run, cache_dir, resume=True, export_last=True)
+    assert result["best_epoch"] == 2
+    assert json.loads((run / "config.json").read_text())["best_epoch"] == 2
+    exported = load_file(run / "decoder.safetensors")
+    for k, v in exported.items():
+        torch.testing.assert_close(v.float(), b[f"model.{k}"].float(), atol=2e-3, rtol=2e-3)
