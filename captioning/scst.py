@@ -310,9 +310,8 @@ def main_scst(
 
     ``out`` follows ``train.main``'s rules (empty, ``resume`` or ``force``; ``export_best``
     exports an unfinished run's best epoch without training, ``export_last`` its latest
-    finished epoch) and must not be the starting
-    bundle. The starting model's dev scores are measured first: an SCST epoch is kept
-    only if its dev CIDEr-D beats them.
+    finished epoch) and must not be the starting bundle. The starting model's dev scores are
+    measured first: an SCST epoch is kept only if its dev CIDEr-D beats them.
     """
     from captioning.bundle import export_bundle, load_decoder, resolve_bundle, tuned_block
     from captioning.reports import write_card
