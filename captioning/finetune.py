@@ -213,13 +213,22 @@ class FinetuneModel(nn.Module):
     select = staticmethod(Decoder.select)
 
 
+def fresh_block(encoder: str, spec: BlockSpec) -> nn.Module:
+    """A new fp32 copy of the encoder's real block, channels-last (the cached inputs arrive as
+    NHWC); the shared encoder is not touched."""
+    return (
+        build_encoder(encoder, "fp32")
+        .model.body[spec.start :]
+        .to(memory_format=torch.channels_last)
+    )
+
+
 def frozen_block_model(encoder: str, block: str, decoder: Decoder, bundle: Path,
                        config: dict) -> FinetuneModel:  # fmt: skip
     """``decoder`` behind bundle ``bundle``'s tuned ``block``, the block frozen (no gradients):
     a model that reads the cached block inputs, e.g. for SCST over a fine-tuned bundle."""
     spec = block_spec(encoder, block)
-    body = build_encoder(encoder, "fp32").model.body[spec.start :]  # a new encoder's block
-    body = body.to(memory_format=torch.channels_last)  # the cached inputs arrive as NHWC
+    body = fresh_block(encoder, spec)
     load_block_weights(body, spec, bundle_block_state(bundle, config))
     body.requires_grad_(False)
     return FinetuneModel(body, decoder, spec)
@@ -234,8 +243,7 @@ def trainable_model(cfg, dcfg: DecoderConfig) -> nn.Module:
     if not cfg.finetune:
         return decoder
     spec = block_spec(cfg.encoder, cfg.finetune)
-    block = build_encoder(cfg.encoder, "fp32").model.body[spec.start :]
-    block = block.to(memory_format=torch.channels_last)  # the cached inputs arrive as NHWC
+    block = fresh_block(cfg.encoder, spec)
     block.requires_grad_(True)
     return FinetuneModel(block, decoder, spec)
 
