@@ -23,20 +23,21 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from captioning.bundle import BundleError, list_bundles
-    from captioning.captioner import Captioner, CaptionResult
+    from captioning.bundle.catalog import list_bundles
+    from captioning.bundle.format import BundleError
+    from captioning.inference.captioner import Captioner, CaptionResult
 
 _LAZY = {
-    "Captioner": "captioning.captioner",
-    "CaptionResult": "captioning.captioner",
-    "BundleError": "captioning.bundle",
-    "list_bundles": "captioning.bundle",
+    "Captioner": "captioning.inference.captioner",
+    "CaptionResult": "captioning.inference.captioner",
+    "BundleError": "captioning.bundle.format",
+    "list_bundles": "captioning.bundle.catalog",
 }
 
 
 def load_bundle(name_or_path, precision: str = "auto"):
     """``Captioner.load(name_or_path, precision)``: a bundle name in artifacts/models or a path."""
-    from captioning.captioner import Captioner
+    from captioning.inference.captioner import Captioner
 
     return Captioner.load(name_or_path, precision)
 

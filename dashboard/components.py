@@ -11,11 +11,12 @@ from pathlib import Path
 import streamlit as st
 from PIL import Image
 
-from captioning import reports
-from captioning.bundle import BundleError, BundleInfo, is_ensemble, read_config
+from captioning.bundle import reports
+from captioning.bundle.catalog import BundleInfo
+from captioning.bundle.format import BundleError, is_ensemble, read_config
 from captioning.data import DATA_ENV, FIX_HELP, Flickr8k
-from captioning.decoders import ATTENTION_KINDS
-from captioning.images import ACCEPTED_FORMATS, ImageLoadError, load_image
+from captioning.data.images import ACCEPTED_FORMATS, ImageLoadError, load_image
+from captioning.models.decoders import ATTENTION_KINDS
 from dashboard import state
 from dashboard.tables import default_beam, metrics_entry, order_bundles, pretty_encoder
 

@@ -15,9 +15,11 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from captioning.bundle import BLOCK_FILE, BundleInfo, list_bundles, models_dir_default
-from captioning.captioner import Captioner, CaptionResult
+from captioning.bundle.catalog import BundleInfo, list_bundles
+from captioning.bundle.format import BLOCK_FILE
+from captioning.core.paths import models_dir_default
 from captioning.data import DataError, Flickr8k, load_flickr8k, resolve_data_dir
+from captioning.inference.captioner import Captioner, CaptionResult
 from dashboard import limits, tables
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from captioning import reports
-from captioning.bundle import BundleInfo, is_ensemble
-from captioning.decoders import ATTENTION_KINDS, DECODER_KINDS
-from captioning.metrics import BLEU_KEYS, METRIC_LABELS
+from captioning.bundle import reports
+from captioning.bundle.catalog import BundleInfo
+from captioning.bundle.format import is_ensemble
+from captioning.models.bleu import BLEU_KEYS
+from captioning.models.decoders import ATTENTION_KINDS, DECODER_KINDS
+from captioning.models.metrics import METRIC_LABELS
 
 DECODER_ORDER = DECODER_KINDS  # simplest first
 BLEU_COLUMNS = BLEU_KEYS

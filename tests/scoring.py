@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from captioning.captioner import Captioner
-from captioning.encoders import preprocess
-from captioning.ensemble import EnsembleCaptioner
-from captioning.vocab import END_ID, START_ID
+from captioning.data.vocab import END_ID, START_ID
+from captioning.inference.captioner import Captioner, EnsembleCaptioner
+from captioning.models.encoders import preprocess
 
 
 def word_logprobs(cap: Captioner, img: Image.Image, tokens: list[int]) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from captioning.batch import (
+from captioning.serving.ray_batch import (
     PARTIAL_PREFIX,
     ROW_FIELDS,
     BatchConfig,

@@ -8,9 +8,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from captioning import bench as B
-from captioning.precision import cpu_description
-from captioning.runtime import openvino_module
+from captioning.inference import bench as B
+from captioning.core.machine import cpu_description
+from captioning.runtime.openvino import openvino_module
 
 BUNDLE = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "resnet50-inject"
 
@@ -45,7 +45,7 @@ def test_ratios_are_openvino_speedups():
 
 @pytest.mark.skipif(not BUNDLE.is_dir(), reason="needs the shipped resnet50-inject bundle")
 def test_bench_runs_each_runtime_and_saves(tmp_path):
-    from captioning.reports import read_bench
+    from captioning.bundle.reports import read_bench
 
     both = openvino_module() is not None
     res = B.bench(BUNDLE, runs=2, warmup=1, beams=(3,), folder_images=2, batch_size=2)

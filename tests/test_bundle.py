@@ -12,9 +12,10 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from captioning.bundle import BundleError, list_bundles, resolve_bundle
-from captioning.captioner import Captioner
-from captioning.encoders import shared_encoder
+from captioning.bundle.catalog import list_bundles, resolve_bundle
+from captioning.bundle.format import BundleError
+from captioning.inference.captioner import Captioner
+from captioning.runtime.encoders import shared_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ def test_list_bundles(world_env):
     )
     info = next(b for b in list_bundles() if b.name == "vgg16-attention")
     assert info.encoder == "vgg16" and info.decoder == "attention"
-    from captioning.reports import default_result
+    from captioning.bundle.reports import default_result
 
     assert default_result(info, "test").n_images == 8
 
@@ -159,10 +160,10 @@ def test_cli_errors_are_one_line(world_env):
 
 
 def test_tune_decoding_picks_on_dev_and_applies(world_env, tmp_path):
-    from captioning.bundle import set_decode_defaults
+    from captioning.bundle.card import write_card
+    from captioning.bundle.records import set_decode_defaults
     from captioning.data import load_flickr8k
-    from captioning.evaluate import tune_decoding
-    from captioning.reports import write_card
+    from captioning.inference.tune import tune_decoding
 
     bundle = tmp_path / "tuned"
     shutil.copytree(world_env.models / "resnet50-inject", bundle)
@@ -189,7 +190,7 @@ def test_tune_decoding_picks_on_dev_and_applies(world_env, tmp_path):
 def test_evaluation_matches_direct_captioning_in_any_split_order(world_env):
     """Features come from the cache in cache order; predictions must follow the split's order."""
     from captioning.data import load_flickr8k
-    from captioning.evaluate import evaluate
+    from captioning.inference.evaluate import evaluate
 
     cap = Captioner.load("resnet50-attention", precision="fp32")
     ds = load_flickr8k(world_env.data)
@@ -228,8 +229,8 @@ def test_plain_evaluate_leaves_the_bundle_alone(world_env, tmp_path, monkeypatch
 
 
 def test_evaluate_record_adds_this_settings_row_and_says_so(world_env, tmp_path, capsys):
+    from captioning.bundle.reports import default_result, results
     from captioning.cli import main
-    from captioning.reports import default_result, results
 
     bundle = tmp_path / "m"
     shutil.copytree(world_env.models / "resnet50-inject", bundle)

@@ -123,7 +123,7 @@ def test_public_api_is_importable_from_the_package():
 
     import captioning
     from captioning import Captioner
-    from captioning.captioner import Captioner as Direct
+    from captioning.inference.captioner import Captioner as Direct
 
     assert Captioner is Direct and callable(Captioner.load)
     assert captioning.__version__ == importlib.metadata.version("captioning")
@@ -156,7 +156,7 @@ def test_beam_out_of_range_is_refused_everywhere(argv, beam, capsys):
 
 def test_beam_range_comes_from_decoding():
     from captioning.cli import beam_arg
-    from captioning.decoding import MAX_BEAM, DecodeConfig
+    from captioning.models.decoding import MAX_BEAM, DecodeConfig
 
     assert beam_arg("1") == 1 and beam_arg(str(MAX_BEAM)) == MAX_BEAM
     DecodeConfig(beam_size=MAX_BEAM)  # the CLI's largest beam is one the decoder accepts

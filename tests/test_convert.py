@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper, save_model
 
-from captioning.convert import (
+from captioning.models.convert import (
     KERAS_BN_EPS,
     VGG_CONV_INDICES,
     VGG_CONV_NAMES,

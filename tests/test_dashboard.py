@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from captioning.bundle import BundleInfo, list_bundles
-from captioning.captioner import Captioner
+from captioning.bundle.catalog import BundleInfo, list_bundles
 from captioning.data import load_flickr8k
+from captioning.inference.captioner import Captioner
 from dashboard import attention, charts, components, limits, tables
 from tests import hostile
 
@@ -431,7 +431,7 @@ def _bundle(encoder: str, decoder: str, suffix: str = "") -> BundleInfo:
 
 
 def test_default_model_is_the_best_dev_cider_d(tiny_world):
-    from captioning import reports
+    from captioning.bundle import reports
 
     bundles = list_bundles(tiny_world.models)
     dev = {b.name: reports.default_summary(b, "dev")["cider"] for b in bundles}
@@ -494,8 +494,8 @@ def test_compare_page_groups_six_models_by_encoder(app, tiny_world, tmp_path, mo
 
 def test_an_ensemble_gets_its_own_row_and_every_page_takes_it(app, tiny_world, tmp_path,
                                                               monkeypatch):  # fmt: skip
-    from captioning.ensemble import make_ensemble
-    from captioning.evaluate import evaluate, save_evaluation
+    from captioning.bundle.ensemble import make_ensemble
+    from captioning.inference.evaluate import evaluate, save_evaluation
 
     models = tmp_path / "models"
     shutil.copytree(tiny_world.models, models, ignore=shutil.ignore_patterns("train_state"))

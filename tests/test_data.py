@@ -18,7 +18,7 @@ from captioning.data import (
     resolve_data_dir,
 )
 from captioning.data.flickr8k import hash_split
-from captioning.images import load_image
+from captioning.data.images import load_image
 
 SAMPLES = sorted((Path(__file__).resolve().parents[1] / "artifacts" / "samples").glob("*.jpg"))
 

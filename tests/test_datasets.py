@@ -19,9 +19,11 @@ from captioning.data import (
     load_flickr30k,
     load_karpathy,
 )
+from captioning.data.images import load_image
 from captioning.data.reading import hash_order
-from captioning.images import load_image
-from captioning.metrics import CiderD, coco_scores, corpus_bleu_scores
+from captioning.models.bleu import corpus_bleu_scores
+from captioning.models.cider import CiderD
+from captioning.models.coco import coco_scores
 from tests.test_data import make_images
 
 ALL_LAYOUT_IDS = tuple(LAYOUTS)

@@ -36,8 +36,8 @@ NOISE_ONLY = ("att_v.bias",)
 def world(tmp_path_factory):
     """22 train images (3 batches of 7, then 1), their features cached once for every run."""
     from captioning.data import load_flickr8k
-    from captioning.encoders import build_encoder
-    from captioning.features import FeatureCache, extract
+    from captioning.models.encoders import build_encoder
+    from captioning.runtime.features import FeatureCache, extract
     from tests.synthetic import make_tiny_flickr
 
     root = tmp_path_factory.mktemp("ddp")
@@ -61,7 +61,8 @@ def _rank(rank: int, world: int, port: int, argv: list[str]) -> None:
     ``python -m captioning ARGV``. Ranks other than 0 may not write: every atomic write of the
     project ends in ``os.replace`` (captioning/fileio.py), so such a write fails the run.
     """
-    from captioning import cli, fileio
+    from captioning import cli
+    from captioning.core import files as fileio
 
     torch.set_num_threads(1)
     os.environ.update(
@@ -104,7 +105,7 @@ def train_flags(data: Path, cache: Path, decoder: str = "attention") -> list[str
 
 def test_two_processes_follow_the_one_process_run_and_resume(world, tmp_path):
     from captioning.cli import main as cli
-    from captioning.train import read_state
+    from captioning.training.train import read_state
 
     flags = train_flags(*world)
     one, two = tmp_path / "one", tmp_path / "two"
@@ -136,7 +137,7 @@ def test_two_processes_follow_the_one_process_run_and_resume(world, tmp_path):
 def test_torchrun_runs_the_cli(world, tmp_path):
     """The real launcher: ``torchrun --standalone --nproc_per_node 2 -m captioning train``."""
     from captioning import Captioner
-    from captioning.train import read_state
+    from captioning.training.train import read_state
 
     out = tmp_path / "tr"
     flags = train_flags(*world, decoder="inject")

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from captioning.decoders import DecoderConfig, build_decoder, caption_loss
-from captioning.decoding import DecodeConfig, beam_search, greedy_decode
-from captioning.metrics import corpus_bleu_scores
-from captioning.vocab import Vocabulary, pad_batch
+from captioning.data.vocab import Vocabulary, pad_batch
+from captioning.models.bleu import corpus_bleu_scores
+from captioning.models.decoders import DecoderConfig, build_decoder, caption_loss
+from captioning.models.decoding import DecodeConfig, beam_search, greedy_decode
 from tests.synthetic import TinyEncoder, make_task
 
 LR = 3e-3

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from captioning.decoders import DecoderConfig, build_decoder
-from captioning.decoding import MAX_BEAM, DecodeConfig, beam_search, decode, greedy_decode
-from captioning.vocab import END_ID, PAD_ID, START_ID, UNK_ID
+from captioning.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID
+from captioning.models.decoders import DecoderConfig, build_decoder
+from captioning.models.decoding import MAX_BEAM, DecodeConfig, beam_search, decode, greedy_decode
 
 A, B, C, D, E = 4, 5, 6, 7, 8  # word ids after the four specials
 

@@ -14,15 +14,10 @@ import torch
 from torch import nn
 
 from captioning import cli
-from captioning import precision as P
-from captioning.encoders import LoadedEncoder, get_spec
-from captioning.features import FeatureCache
-from captioning.precision import (
-    Precision,
-    device_scope,
-    resolve_device,
-    resolve_precision,
-)
+from captioning.core import machine as P
+from captioning.core.machine import Precision, device_scope, resolve_device, resolve_precision
+from captioning.models.encoders import LoadedEncoder, get_spec
+from captioning.runtime.features import FeatureCache
 from tests.synthetic import make_tiny_flickr
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
@@ -30,10 +25,10 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has
 
 def test_cpu_description_names_the_model_and_its_bf16_flags(monkeypatch):
     info = "processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx512f avx512_bf16 sse\n"
-    monkeypatch.setattr("captioning.precision._cpuinfo", lambda: info)
+    monkeypatch.setattr("captioning.core.machine._cpuinfo", lambda: info)
     assert P.cpu_description() == {"model": "Test CPU 9000", "bf16_flags": ["avx512_bf16"]}
     assert P.cpu_has_fast_bf16()
-    monkeypatch.setattr("captioning.precision._cpuinfo", lambda: "flags\t: fpu sse\n")
+    monkeypatch.setattr("captioning.core.machine._cpuinfo", lambda: "flags\t: fpu sse\n")
     assert P.cpu_description() == {"model": "", "bf16_flags": []} and not P.cpu_has_fast_bf16()
 
 

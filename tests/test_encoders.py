@@ -7,7 +7,8 @@ import skimage.data
 import torch
 from PIL import Image
 
-from captioning.encoders import (
+from captioning.core.machine import Precision, resolve_precision
+from captioning.models.encoders import (
     ENCODERS,
     Encoder,
     InputNorm,
@@ -17,8 +18,7 @@ from captioning.encoders import (
     weights_path,
     weights_sha256,
 )
-from captioning.imagenet import imagenet_labels
-from captioning.precision import Precision, resolve_precision
+from captioning.models.imagenet import imagenet_labels
 
 SHIPPED = [n for n, s in ENCODERS.items() if s.source == "converted"]
 

@@ -15,12 +15,15 @@ import skimage.data
 import torch
 from PIL import Image
 
-from captioning.batch import bundle_sha256
-from captioning.bundle import BundleError, list_bundles, load_decoder, read_records
-from captioning.captioner import Captioner
+from captioning.bundle.catalog import list_bundles
+from captioning.bundle.ensemble import make_ensemble
+from captioning.bundle.format import BundleError, load_decoder
+from captioning.bundle.records import read_records
 from captioning.data import load_flickr8k
-from captioning.ensemble import EnsembleCaptioner, MemberFeatures, make_ensemble
-from captioning.evaluate import evaluate, save_evaluation, split_features
+from captioning.inference.captioner import Captioner, EnsembleCaptioner
+from captioning.inference.evaluate import evaluate, save_evaluation, split_features
+from captioning.models.mixture import MemberFeatures
+from captioning.serving.ray_batch import bundle_sha256
 from tests.scoring import word_logprobs
 
 REPO = Path(__file__).resolve().parents[1]

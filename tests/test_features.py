@@ -12,8 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from captioning.data import load_flickr8k
-from captioning.encoders import build_encoder, preprocess
-from captioning.features import FeatureCache, StaleCacheError, extract
+from captioning.models.encoders import build_encoder, preprocess
+from captioning.runtime.features import FeatureCache, StaleCacheError, extract
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_failed_images_are_retried_once_fixed(resnet, photos, tmp_path):
 
 def test_safetensors_writes_are_fsynced_before_the_rename(tmp_path, monkeypatch):
     """A crash right after the rename must not publish a file whose bytes never reached disk."""
-    from captioning import fileio
+    from captioning.core import files as fileio
 
     events = []
     real_fsync, real_replace = fileio.os.fsync, fileio.os.replace
@@ -152,7 +152,7 @@ def test_tests_never_write_to_the_home_cache(
     resnet, photos, tmp_path, tmp_path_factory, monkeypatch
 ):
     """conftest points ``$CAPTIONING_CACHE`` at a temp dir, so the default cache is private."""
-    from captioning.features import default_cache_dir
+    from captioning.core.paths import default_cache_dir
 
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))

@@ -16,28 +16,29 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from captioning import cli, finetune, reports, runtime
-from captioning.bundle import BLOCK_FILE, BLOCK_KEY, BundleError
-from captioning.captioner import Captioner
+from captioning import cli
+from captioning.bundle import reports
+from captioning.runtime import openvino as runtime
+from captioning.training import finetune
+from captioning.bundle.format import BLOCK_FILE, BLOCK_KEY, BundleError
+from captioning.core.files import sha256_file
 from captioning.data import load_flickr8k
-from captioning.decoders import DecoderConfig, build_decoder, caption_loss
-from captioning.encoders import Encoder, get_spec, shared_encoder, weights_path
-from captioning.evaluate import evaluate
-from captioning.features import FeatureCache
-from captioning.fileio import sha256_file
-from captioning.finetune import (
+from captioning.inference.captioner import Captioner
+from captioning.inference.evaluate import evaluate
+from captioning.models.blocks import (
     FINETUNE_BLOCKS,
     BlockSpec,
-    FinetuneModel,
     StemModel,
-    block_input_features,
-    block_lr,
     block_spec,
-    param_groups,
     swap_block,
     tuned_sha256,
 )
-from captioning.train import TeacherForcing, TrainConfig, main
+from captioning.models.decoders import DecoderConfig, build_decoder, caption_loss
+from captioning.models.encoders import Encoder, get_spec, weights_path
+from captioning.runtime.encoders import shared_encoder
+from captioning.runtime.features import FeatureCache
+from captioning.training.finetune import FinetuneModel, block_input_features, block_lr, param_groups
+from captioning.training.train import TeacherForcing, TrainConfig, main
 from tests.synthetic import make_tiny_flickr
 
 TINY = BlockSpec("tiny", "tiny", start=3, input_name="mid", input_channels=8, input_side=8)
@@ -231,7 +232,7 @@ def test_the_layer3_cache_holds_the_block_input(tuned):
     assert grid.dtype == torch.float16 and grid.shape[1:] == (196, 1024)
     # the cached input through layer4 gives the shared encoder's own grid (fp16 rounding aside)
     name = manifest["shards"][0]["images"][0]
-    from captioning.pipeline import load_pixels
+    from captioning.runtime.pixels import load_pixels
 
     want = shared.encode(load_pixels(tuned["ds"].image_path(name))[None]).grid
     layer4 = shared.model.body[7:]
@@ -382,7 +383,7 @@ def test_a_cached_compile_loads_without_building_the_trunk(tuned, tmp_path, monk
 
 
 def test_scst_over_a_finetuned_bundle_keeps_its_block_frozen(tuned, tmp_path):
-    from captioning.scst import ScstConfig, main_scst
+    from captioning.training.scst import ScstConfig, main_scst
 
     out = tmp_path / "scst"
     cfg = ScstConfig(init=str(tuned["out"]), epochs=1, batch_images=2, samples=2, lr=1e-2,

@@ -14,8 +14,7 @@ import pytest
 from PIL import EpsImagePlugin, Image, ImageFile
 from skimage import data as skdata
 
-from captioning.encoders import INPUT_SIZE, preprocess
-from captioning.images import (
+from captioning.data.images import (
     ACCEPTED_FORMATS,
     IMAGE_EXTENSIONS,
     MAX_ASPECT,
@@ -25,6 +24,7 @@ from captioning.images import (
     load_image,
     sniff_format,
 )
+from captioning.models.encoders import INPUT_SIZE, preprocess
 from tests import hostile
 from tests.hostile import encode, png_header
 

@@ -12,20 +12,18 @@ import numpy as np
 import pytest
 from pycocoevalcap.cider.cider import Cider
 
-from captioning import metrics
-from captioning.metrics import (
+from captioning.models import bleu
+from captioning.models import coco
+from captioning.models.bleu import corpus_bleu_scores, normalize, sentence_bleu_smoothed
+from captioning.models.cider import CiderD
+from captioning.models.coco import coco_scores, pycoco_bleu
+from captioning.models.metrics import (
     DIVERSITY_KEYS,
     METRIC_KEYS,
     METRIC_LABELS,
-    CiderD,
-    coco_scores,
-    corpus_bleu_scores,
     diversity_stats,
     evaluate_captions,
     format_table,
-    normalize,
-    pycoco_bleu,
-    sentence_bleu_smoothed,
 )
 
 BLEU = ("bleu1", "bleu2", "bleu3", "bleu4")
@@ -434,16 +432,16 @@ def test_cider_and_rouge_known_answers():
     assert good["meteor"] is None and "meteor=False" in good["meteor_error"]
 
 
-@pytest.mark.skipif(metrics._java_executable() is None, reason="java is not installed")
+@pytest.mark.skipif(coco._java_executable() is None, reason="java is not installed")
 def test_meteor_with_java(monkeypatch):
     pids: list[int] = []
 
-    class Recording(metrics._MeteorProcess):
+    class Recording(coco._MeteorProcess):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             pids.append(self.meteor_p.pid)
 
-    monkeypatch.setattr(metrics, "_MeteorProcess", Recording)
+    monkeypatch.setattr(coco, "_MeteorProcess", Recording)
     single = {k: [refs[0]] for k, refs in REFS.items()}
     perfect = {k: refs[0] for k, refs in REFS.items()}
     same = coco_scores(perfect, single)
@@ -467,7 +465,7 @@ def test_meteor_with_java(monkeypatch):
 
 
 def test_meteor_without_java_gives_reason(monkeypatch):
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    monkeypatch.setattr(coco.shutil, "which", lambda name: None)
     scores = coco_scores(HYPS, REFS)
     assert scores["meteor"] is None
     assert "java not found" in scores["meteor_error"]
@@ -477,19 +475,19 @@ def test_meteor_without_java_gives_reason(monkeypatch):
 
 
 def test_meteor_failure_is_reported_and_process_reaped(monkeypatch, tmp_path):
-    started: list[metrics._MeteorProcess] = []
+    started: list[coco._MeteorProcess] = []
 
-    class Recording(metrics._MeteorProcess):
+    class Recording(coco._MeteorProcess):
         def __init__(self, *args, **kwargs):
             started.append(self)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(metrics, "_MeteorProcess", Recording)
+    monkeypatch.setattr(coco, "_MeteorProcess", Recording)
     # A "java" that exits at once: METEOR reads EOF and fails with a reason.
     failing = tmp_path / "java-fails"
     failing.write_text("#!/bin/sh\necho 'no JVM here' >&2\nexit 1\n")
     failing.chmod(failing.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setattr(metrics, "_java_executable", lambda: str(failing))
+    monkeypatch.setattr(coco, "_java_executable", lambda: str(failing))
     scores = coco_scores(HYPS, REFS)
     assert scores["meteor"] is None
     assert "METEOR failed" in scores["meteor_error"]
@@ -498,7 +496,7 @@ def test_meteor_failure_is_reported_and_process_reaped(monkeypatch, tmp_path):
     hanging = tmp_path / "java-hangs"
     hanging.write_text("#!/bin/sh\nexec sleep 60\n")
     hanging.chmod(hanging.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setattr(metrics, "_java_executable", lambda: str(hanging))
+    monkeypatch.setattr(coco, "_java_executable", lambda: str(hanging))
     start = time.monotonic()
     scores = coco_scores(HYPS, REFS, meteor_timeout_s=1.0)
     assert time.monotonic() - start < 10.0
@@ -606,7 +604,7 @@ FIXED_REFS = {**REFS, **EDGE_REFS}
 
 def pycoco_cider(hyps, refs):
     """pycocoevalcap's Cider on our normalized tokens: (mean, per-caption scores)."""
-    gts, res = metrics._prepare(hyps, refs).coco_inputs()
+    gts, res = bleu._prepare(hyps, refs).coco_inputs()
     mean, per = Cider().compute_score(gts, res)
     return float(mean), np.asarray(per)
 
@@ -670,7 +668,7 @@ def test_cider_d_end_word_penalises_a_caption_cut_off_mid_phrase():
 
 
 def test_cider_d_on_vocabulary_ids():
-    from captioning.vocab import END_ID, PAD_ID, START_ID, Vocabulary
+    from captioning.data.vocab import END_ID, PAD_ID, START_ID, Vocabulary
 
     vocab = Vocabulary.build([c for refs in FIXED_REFS.values() for c in refs], min_freq=2)
     ids = list(FIXED_HYPS)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from captioning.images import ImageLoadError
-from captioning.parallel import (
+from captioning.data.images import ImageLoadError
+from captioning.serving.procs import (
     IMAGES_PER_PROC,
     WORKER_MEMORY,
     WorkerError,
@@ -36,7 +36,7 @@ def test_plan_procs_is_one_per_core_per_images_and_per_memory():
 
 @pytest.mark.skipif(not BUNDLE.is_dir(), reason="needs the shipped resnet50-inject bundle")
 def test_workers_give_the_streams_captions_in_order_with_bad_files_in_place(tmp_path):
-    from captioning.captioner import Captioner
+    from captioning.inference.captioner import Captioner
 
     bad = [tmp_path / f"broken{i}.jpg" for i in range(2)]
     for b in bad:

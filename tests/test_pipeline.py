@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning.encoders import preprocess
-from captioning.images import ImageLoadError
-from captioning.pipeline import Batch, load_pixels, load_rgb, prefetch
+from captioning.data.images import ImageLoadError
+from captioning.models.encoders import preprocess
+from captioning.runtime.pixels import Batch, load_pixels, load_rgb, prefetch
 
 SAMPLES = Path(__file__).resolve().parents[1] / "artifacts" / "samples"
 BUNDLE = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "resnet50-inject"
@@ -113,7 +113,7 @@ def test_caption_stream_matches_caption_and_keeps_bad_files_in_place(tmp_path):
     """Overlapped (batch i+1 encodes while batch i is beam-searched) or not, the stream gives
     ``caption``'s captions in input order, with each bad file's error in its place, including a
     batch in which no image loads."""
-    from captioning.captioner import Captioner
+    from captioning.inference.captioner import Captioner
 
     cap = Captioner.load(BUNDLE, precision="fp32", runtime="torch")
     bad = [tmp_path / f"broken{i}.jpg" for i in range(3)]

@@ -12,22 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from captioning.bundle import (
-    Setting,
-    add_record,
-    export_bundle,
-    list_bundles,
-    read_records,
-    set_decode_defaults,
-)
-from captioning.data import CaptionDataset
-from captioning.data.flickr8k import KAGGLE_NOTE, OFFICIAL_NOTE
-from captioning.decoders import DecoderConfig, build_decoder
-from captioning.decoding import DecodeConfig
-from captioning.evaluate import PREDICTION_FIELDS, write_predictions
-from captioning.precision import resolve_precision
-from captioning.reports import (
-    card_markdown,
+from captioning.bundle.card import card_markdown, write_card
+from captioning.bundle.catalog import list_bundles
+from captioning.bundle.export import export_bundle
+from captioning.bundle.records import Setting, add_record, read_records, set_decode_defaults
+from captioning.bundle.reports import (
     comparison_markdown,
     default_result,
     latency_markdown,
@@ -36,10 +25,15 @@ from captioning.reports import (
     read_history,
     results,
     results_markdown,
-    write_card,
 )
-from captioning.train import TrainConfig
-from captioning.vocab import Vocabulary
+from captioning.core.machine import resolve_precision
+from captioning.data import CaptionDataset
+from captioning.data.flickr8k import KAGGLE_NOTE, OFFICIAL_NOTE
+from captioning.data.vocab import Vocabulary
+from captioning.inference.evaluate import PREDICTION_FIELDS, write_predictions
+from captioning.models.decoders import DecoderConfig, build_decoder
+from captioning.models.decoding import DecodeConfig
+from captioning.training.train import TrainConfig
 from dashboard import tables
 
 SCORES = {"bleu1": 60.0, "bleu2": 40.0, "bleu3": 30.0, "bleu4": 20.0, "meteor": None,
@@ -334,7 +328,7 @@ def test_disagreements_without_default_rows_is_empty():
 
 @pytest.mark.parametrize("bad", [{"decoding": {"beam": 3}}, {"split": "test"}])
 def test_malformed_records_are_a_bundle_error(tmp_path, bad):
-    from captioning.bundle import BundleError
+    from captioning.bundle.format import BundleError
 
     b = make_bundle(tmp_path, "m")
     doc = {"format": "captioning-metrics", "version": 2,

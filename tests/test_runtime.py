@@ -16,15 +16,19 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from captioning import runtime
-from captioning.decoders import DecoderConfig, build_decoder
-from captioning.decoding import DecodeConfig, decode
-from captioning.encoders import EncoderOutput, EncoderSpec, LoadedEncoder
-from captioning.fileio import read_json, sha256_file
-from captioning.precision import Precision, cpu_has_fast_bf16, resolve_precision
+from captioning.core import machine
+from captioning.core import paths
+from captioning.runtime import decoders as rt_dec
+from captioning.runtime import encoders as rt_enc
+from captioning.runtime import openvino as ov
+from captioning.core.files import read_json, sha256_file
+from captioning.core.machine import Precision, cpu_has_fast_bf16, resolve_precision
+from captioning.models.decoders import DecoderConfig, build_decoder
+from captioning.models.decoding import DecodeConfig, decode
+from captioning.models.encoders import EncoderOutput, EncoderSpec, LoadedEncoder
 
 SIDE = 32  # tiny encoders take 32x32 images and give a 4x4 grid of 8 channels
-needs_openvino = pytest.mark.skipif(runtime.openvino_module() is None, reason="needs openvino")
+needs_openvino = pytest.mark.skipif(ov.openvino_module() is None, reason="needs openvino")
 
 
 class TinyEncoder(nn.Module):
@@ -60,38 +64,38 @@ def tiny_encoder(tmp_path, seed: int, precision: str = "fp32") -> LoadedEncoder:
 
 
 def compile_tiny(enc: LoadedEncoder, tmp_path):
-    return runtime.openvino_encoder(
+    return rt_enc.openvino_encoder(
         enc, fp32_model=lambda: enc.model, input_size=SIDE, cache_root=tmp_path / "cache"
     )
 
 
 def count_conversions(monkeypatch) -> list:
     calls = []
-    real = runtime._convert
+    real = ov._convert
 
     def counting(*args, **kwargs):
         calls.append(args[2].name)  # the entry directory
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runtime, "_convert", counting)
+    monkeypatch.setattr(ov, "_convert", counting)
     return calls
 
 
 def test_resolve_runtime():
-    assert runtime.resolve_runtime("torch") == "torch"
-    want = "openvino" if runtime.openvino_module() is not None else "torch"
-    assert runtime.resolve_runtime("auto") == want
+    assert ov.resolve_runtime("torch") == "torch"
+    want = "openvino" if ov.openvino_module() is not None else "torch"
+    assert ov.resolve_runtime("auto") == want
     with pytest.raises(ValueError, match="unknown runtime"):
-        runtime.resolve_runtime("onnx")
+        ov.resolve_runtime("onnx")
 
 
 def test_openvino_absent_falls_back_to_torch(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now fails
-    assert runtime.openvino_module() is None
-    assert runtime.resolve_runtime("auto") == "torch"
+    assert ov.openvino_module() is None
+    assert ov.resolve_runtime("auto") == "torch"
     assert capsys.readouterr().err == ""  # auto picks torch without a word
     enc = tiny_encoder(tmp_path, 0)
-    out = runtime.accelerate_encoder(enc, "openvino")
+    out = rt_enc.accelerate_encoder(enc, "openvino")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "openvino is not installed" in err[0]
     assert out.engine is None and out.runtime == "torch" and out.label == "fp32"
@@ -111,14 +115,14 @@ def test_encoder_matches_torch_with_dynamic_batch_and_is_cached(monkeypatch, tmp
         assert got.grid.shape == (batch, 16, 8) and got.pooled.shape == (batch, 8)
         torch.testing.assert_close(got.grid, ref.grid, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(got.pooled, ref.pooled, atol=1e-5, rtol=1e-4)
-    entry = runtime.openvino_cache_dir(tmp_path / "cache") / engine.key.dirname
+    entry = paths.openvino_cache_dir(tmp_path / "cache") / engine.key.dirname
     manifest = read_json(entry / "manifest.json")
     assert manifest["weights_sha256"] == enc.sha256 and manifest["precision"] == "fp32"
-    assert manifest["openvino"] == runtime.openvino_version()
+    assert manifest["openvino"] == ov.openvino_version()
     compile_tiny(enc, tmp_path)  # a second load reads the cache
     assert len(calls) == 1
     # the LoadedEncoder interface: encode goes to the engine, labels say so
-    fast = runtime.accelerate_encoder(enc, "openvino", fp32_model=lambda: enc.model,
+    fast = rt_enc.accelerate_encoder(enc, "openvino", fp32_model=lambda: enc.model,
                                       input_size=SIDE, cache_root=tmp_path / "cache")  # fmt: skip
     assert fast.runtime == "openvino" and fast.label == "fp32-openvino" and len(calls) == 1
     x = torch.rand(2, 3, SIDE, SIDE)
@@ -128,11 +132,11 @@ def test_encoder_matches_torch_with_dynamic_batch_and_is_cached(monkeypatch, tmp
 @needs_openvino
 def test_threads_are_pinned_only_when_the_process_uses_every_core(monkeypatch, tmp_path):
     # Each process pins from core 0 on: two one-thread processes on 2 cores would share core 0.
-    monkeypatch.setattr(runtime, "usable_cpus", lambda: 2)
-    assert runtime.pin_threads(2) and runtime.pin_threads(4) and not runtime.pin_threads(1)
+    monkeypatch.setattr(machine, "usable_cpus", lambda: 2)
+    assert machine.pin_threads(2) and machine.pin_threads(4) and not machine.pin_threads(1)
     enc = tiny_encoder(tmp_path, 0)
     for threads, pinned in ((1, False), (2, True)):
-        engine = runtime.openvino_encoder(
+        engine = rt_enc.openvino_encoder(
             enc, fp32_model=lambda: enc.model, input_size=SIDE, threads=threads,
             cache_root=tmp_path / "cache",
         )  # fmt: skip
@@ -151,7 +155,7 @@ def test_weights_change_invalidates_the_cache(monkeypatch, tmp_path):
     torch.testing.assert_close(e_new.encode(x).grid, new.encode(x).grid, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(e_new.encode(x).grid, old.encode(x).grid, atol=1e-3)
     # an entry whose manifest does not match its key is converted again, not trusted
-    entry = runtime.openvino_cache_dir(tmp_path / "cache") / e_new.key.dirname
+    entry = paths.openvino_cache_dir(tmp_path / "cache") / e_new.key.dirname
     bad = {**read_json(entry / "manifest.json"), "weights_sha256": old.sha256}
     (entry / "manifest.json").write_text(json.dumps(bad))
     compile_tiny(new, tmp_path)
@@ -163,7 +167,7 @@ def test_damaged_cache_entry_is_rebuilt(monkeypatch, tmp_path):
     calls = count_conversions(monkeypatch)
     enc = tiny_encoder(tmp_path, 0)
     engine = compile_tiny(enc, tmp_path)
-    entry = runtime.openvino_cache_dir(tmp_path / "cache") / engine.key.dirname
+    entry = paths.openvino_cache_dir(tmp_path / "cache") / engine.key.dirname
     shutil.rmtree(entry / "compiled", ignore_errors=True)
     (entry / "model.xml").write_text("<not a model")
     engine = compile_tiny(enc, tmp_path)
@@ -179,9 +183,9 @@ class FailingCore:
 
 @needs_openvino
 def test_compile_failure_falls_back_to_torch_with_one_line(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(runtime, "_core", FailingCore)
+    monkeypatch.setattr(ov, "_core", FailingCore)
     enc = tiny_encoder(tmp_path, 0)
-    out = runtime.accelerate_encoder(enc, "openvino", fp32_model=lambda: enc.model,
+    out = rt_enc.accelerate_encoder(enc, "openvino", fp32_model=lambda: enc.model,
                                      input_size=SIDE, cache_root=tmp_path / "cache")  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert out.engine is None and out.runtime == "torch"
@@ -189,14 +193,14 @@ def test_compile_failure_falls_back_to_torch_with_one_line(monkeypatch, capsys, 
     assert "running on torch" in err[0] and "second line" not in err[0]
     dec = build_decoder(DecoderConfig(kind="inject", vocab_size=12, feat_dim=8, embed_dim=8,
                                       hidden_dim=16))  # fmt: skip
-    got = runtime.accelerate_decoder(dec, "0" * 64, "fp32", "openvino", cache_root=tmp_path)
+    got = rt_dec.accelerate_decoder(dec, "0" * 64, "fp32", "openvino", cache_root=tmp_path)
     err = capsys.readouterr().err.strip().splitlines()
     assert got is dec and len(err) == 1 and "decoder step" in err[0]
 
 
 @needs_openvino
 def test_cpu_without_bf16_compiles_fp32(monkeypatch, tmp_path):
-    monkeypatch.setattr("captioning.precision.cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr("captioning.core.machine.cpu_has_fast_bf16", lambda: False)
     prec = resolve_precision("auto")
     assert prec.dtype == "fp32"
     enc = tiny_encoder(tmp_path, 0, prec.dtype)
@@ -230,9 +234,9 @@ def test_decoder_step_matches_torch(name, tmp_path):
     dec = build_decoder(cfg).eval()
     path = tmp_path / "decoder.safetensors"
     save_file({k: v.contiguous() for k, v in dec.state_dict().items()}, str(path))
-    fast = runtime.openvino_decoder(dec, sha256_file(path), "fp32", grid_cells=16,
+    fast = rt_dec.openvino_decoder(dec, sha256_file(path), "fp32", grid_cells=16,
                                     cache_root=tmp_path)  # fmt: skip
-    assert fast.cfg is dec.cfg and runtime.runtime_of(fast) == "openvino"
+    assert fast.cfg is dec.cfg and rt_dec.runtime_of(fast) == "openvino"
     feats = torch.rand(3, 16, 8) if cfg.uses_grid else torch.rand(3, 8)
     with torch.inference_mode():
         ctx = dec.context(feats)
@@ -251,8 +255,8 @@ def test_decoder_step_matches_torch(name, tmp_path):
 
 @needs_openvino
 def test_captioner_runs_on_openvino_or_falls_back(tiny_world, monkeypatch):
-    from captioning.captioner import Captioner
-    from captioning.images import iter_image_files
+    from captioning.data.images import iter_image_files
+    from captioning.inference.captioner import Captioner
 
     bundle = tiny_world.models / "resnet50-attention"
     ref = Captioner.load(bundle, precision="fp32", runtime="torch")
@@ -263,7 +267,7 @@ def test_captioner_runs_on_openvino_or_falls_back(tiny_world, monkeypatch):
     want = [r.text for r in ref.caption_batch(files, beam_size=3)]
     assert [r.text for r in fast.caption_batch(files, beam_size=3)] == want
     # the next process finds the compiled encoder in the cache and builds no torch model
-    again = runtime.load_encoder("resnet50", "fp32", "openvino")
+    again = rt_enc.load_encoder("resnet50", "fp32", "openvino")
     assert again.model is None and again.runtime == "openvino"
     x = torch.rand(2, 3, 224, 224)
     torch.testing.assert_close(again.encode(x).grid, fast.encoder.encode(x).grid)
@@ -277,9 +281,9 @@ def _user_entry(name: str, sha: str, precision: str):
 
     if not CALLER_CACHE:
         return None
-    key = runtime.CompileKey(f"encoder-{name}", sha, precision, runtime.openvino_version())
-    entry = runtime.openvino_cache_dir(CALLER_CACHE) / key.dirname
-    return entry if runtime._entry_ok(entry, key) else None
+    key = ov.CompileKey(f"encoder-{name}", sha, precision, ov.openvino_version())
+    entry = paths.openvino_cache_dir(CALLER_CACHE) / key.dirname
+    return entry if ov._entry_ok(entry, key) else None
 
 
 @needs_openvino
@@ -287,8 +291,8 @@ def _user_entry(name: str, sha: str, precision: str):
 def test_flickr8k_features_match_torch_fp32(name, flickr8k_dir, tmp_path):
     """Accuracy gate: feature cosine to torch fp32 >= 0.999 on dev images (auto precision)."""
     from captioning.data import load_flickr8k
-    from captioning.encoders import build_encoder, weights_sha256
-    from captioning.pipeline import load_pixels
+    from captioning.models.encoders import build_encoder, weights_sha256
+    from captioning.runtime.pixels import load_pixels
 
     prec = resolve_precision("auto").dtype
     entry = _user_entry(name, weights_sha256(name), prec)
@@ -299,7 +303,7 @@ def test_flickr8k_features_match_torch_fp32(name, flickr8k_dir, tmp_path):
     ds = load_flickr8k(flickr8k_dir)
     x = torch.stack([load_pixels(ds.image_path(n)) for n in ds.splits["dev"][:64]])  # [64, 3, H, W]
     ref = build_encoder(name, "fp32").encode(x)
-    enc = runtime.accelerate_encoder(build_encoder(name, prec), "openvino", cache_root=tmp_path)
+    enc = rt_enc.accelerate_encoder(build_encoder(name, prec), "openvino", cache_root=tmp_path)
     assert enc.runtime == "openvino"
     got = enc.encode(x)
     for a, b in ((got.grid, ref.grid), (got.pooled, ref.pooled)):

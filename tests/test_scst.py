@@ -12,10 +12,12 @@ import torch
 from pycocoevalcap.cider.cider import Cider
 from safetensors.torch import load_file
 
-from captioning.decoders import DecoderConfig, build_decoder, caption_loss
-from captioning.decoding import DecodeConfig, NextWordRules, greedy_decode
-from captioning.metrics import CiderD, normalize
-from captioning.scst import (
+from captioning.data.vocab import END_ID, PAD_ID, START_ID, Vocabulary, pad_batch
+from captioning.models.bleu import normalize
+from captioning.models.cider import CiderD
+from captioning.models.decoders import DecoderConfig, build_decoder, caption_loss
+from captioning.models.decoding import DecodeConfig, NextWordRules, greedy_decode
+from captioning.training.scst import (
     CiderReward,
     ScstConfig,
     _dev_decoding,
@@ -25,7 +27,6 @@ from captioning.scst import (
     scst_step,
     self_critical_loss,
 )
-from captioning.vocab import END_ID, PAD_ID, START_ID, Vocabulary, pad_batch
 from tests.synthetic import TEMPLATES, TinyEncoder, make_task
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread
@@ -237,7 +238,7 @@ def scst_config(bundle, **kw) -> ScstConfig:
 
 
 def test_main_scst_writes_both_stages_and_resumes(tiny_world, tmp_path):
-    from captioning.captioner import Captioner
+    from captioning.inference.captioner import Captioner
 
     # the session's tiny world: synthetic Flickr8k and bundles trained 2 epochs (read only here)
     data, cache, bundle = tiny_world.data, tiny_world.cache, tiny_world.models / "resnet50-inject"

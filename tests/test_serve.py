@@ -19,8 +19,8 @@ with warnings.catch_warnings():  # starlette 1.x: "install httpx2 instead"; http
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
     from fastapi.testclient import TestClient
 
-from captioning.loadtest import LoadConfig, free_port, run_level, sample_images  # noqa: E402
-from captioning.serve import MicroBatcher, ServeConfig, create_app  # noqa: E402
+from captioning.serving.app import MicroBatcher, ServeConfig, create_app  # noqa: E402
+from captioning.serving.loadtest import LoadConfig, free_port, run_level, sample_images  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "artifacts" / "samples"
@@ -126,7 +126,7 @@ def test_size_limit_and_decompression_bombs(cap):
 
 
 def test_micro_batcher_groups_by_beam(cap):
-    from captioning.images import ImageLoadError
+    from captioning.data.images import ImageLoadError
 
     data = _jpeg()
 
@@ -215,7 +215,7 @@ def test_an_ensemble_serves_and_lists_its_members(tiny_world, tmp_path):
     import shutil
 
     from captioning import Captioner
-    from captioning.ensemble import make_ensemble
+    from captioning.bundle.ensemble import make_ensemble
 
     models = tmp_path / "models"
     shutil.copytree(tiny_world.models, models, ignore=shutil.ignore_patterns("train_state"))

@@ -10,13 +10,16 @@ import skimage.data
 from PIL import Image
 
 from captioning import Captioner
-from captioning.bundle import METRICS_FORMAT, MODELS_DIR, is_ensemble, list_bundles
+from captioning.bundle.catalog import list_bundles
+from captioning.bundle.format import is_ensemble
+from captioning.bundle.records import METRICS_FORMAT
+from captioning.bundle.reports import default_result, read_prediction_rows, results
+from captioning.core.paths import MODELS_DIR
 from captioning.data import load_flickr8k
-from captioning.decoding import DecodeConfig
-from captioning.encoders import preprocess
-from captioning.ensemble import EnsembleCaptioner
-from captioning.evaluate import evaluate
-from captioning.reports import default_result, read_prediction_rows, results
+from captioning.inference.captioner import EnsembleCaptioner
+from captioning.inference.evaluate import evaluate
+from captioning.models.decoding import DecodeConfig
+from captioning.models.encoders import preprocess
 from tests.scoring import word_logprobs
 
 SHIPPED = {b.name: b for b in list_bundles(MODELS_DIR)}

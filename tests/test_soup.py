@@ -10,12 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 from captioning import Captioner
-from captioning.bundle import BundleError, list_bundles, read_records
+from captioning.bundle.card import card_markdown
+from captioning.bundle.catalog import list_bundles
+from captioning.bundle.format import BundleError
+from captioning.bundle.records import read_records
+from captioning.bundle.soup import greedy_soup, make_soup, member_histories
 from captioning.cli import main as cli_main
-from captioning.fileio import sha256_file
-from captioning.reports import card_markdown
-from captioning.soup import greedy_soup, make_soup, member_histories
-from captioning.train import main as train_main
+from captioning.core.files import sha256_file
+from captioning.training.train import main as train_main
 from dashboard import tables
 from tests.synthetic import make_tiny_flickr
 from tests.test_train import config

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from captioning.text import tokenize
-from captioning.vocab import END, PAD, START, UNK, Vocabulary, pad_batch
+from captioning.data.text import tokenize
+from captioning.data.vocab import END, PAD, START, UNK, Vocabulary, pad_batch
 
 CAPTIONS = [
     "A dog runs on the grass .",

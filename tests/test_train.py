@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from captioning import Captioner
-from captioning.bundle import list_bundles
-from captioning.train import SELECT_METRIC, TrainConfig, main, read_state
+from captioning.bundle.catalog import list_bundles
+from captioning.training.train import SELECT_METRIC, TrainConfig, main, read_state
 from tests.synthetic import make_tiny_flickr
 
 
@@ -194,7 +194,7 @@ def test_a_crash_between_checkpoint_writes_cannot_tear_the_state(
     The old two-file checkpoint (state.safetensors, then state.json) resumed epoch 2's weights
     with epoch 1's bookkeeping and trained epoch 2 twice.
     """
-    from captioning import fileio
+    from captioning.core import files as fileio
 
     cfg = config(decoder="inject", epochs=2)
     straight = tmp_path / "straight"
@@ -243,7 +243,8 @@ def offline_torchvision(tmp_path, monkeypatch):
     """
     from torchvision import models
 
-    from captioning import encoders
+    from captioning.models import encoders
+    from captioning.runtime import encoders as rt_enc
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     spec = encoders.get_spec("resnet50-tv")
@@ -258,15 +259,15 @@ def offline_torchvision(tmp_path, monkeypatch):
         return state
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", load_state_dict_from_url)
-    encoders.shared_encoder.cache_clear()
+    rt_enc.shared_encoder.cache_clear()
     yield ckpt
-    encoders.shared_encoder.cache_clear()
+    rt_enc.shared_encoder.cache_clear()
 
 
 def test_torchvision_encoder_trains_and_exports(offline_torchvision, cache_dir, tmp_path):
     """``train --encoder resnet50-tv`` used to crash in export_bundle after the whole run."""
-    from captioning.encoders import weights_sha256
-    from captioning.fileio import sha256_file
+    from captioning.core.files import sha256_file
+    from captioning.models.encoders import weights_sha256
 
     data = make_tiny_flickr(tmp_path / "flickr", sizes={"train": 6, "dev": 3, "test": 1})
     out = tmp_path / "tv-inject"
@@ -279,7 +280,7 @@ def test_torchvision_encoder_trains_and_exports(offline_torchvision, cache_dir, 
 
 
 @pytest.mark.skipif(
-    __import__("captioning.runtime").runtime.openvino_module() is None, reason="needs openvino"
+    __import__("captioning.runtime.openvino").runtime.openvino.openvino_module() is None, reason="needs openvino"
 )
 def test_train_reads_the_openvino_feature_cache_and_records_it(tiny_flickr, tmp_path):
     """``--runtime openvino``: missing features are extracted by OpenVINO into its own cache
@@ -331,7 +332,8 @@ def test_init_warm_starts_the_decoder_and_checks_it_fits(tiny_flickr, cache_dir,
 def test_an_updown_bundle_trains_and_captions_on_either_runtime(tiny_flickr, cache_dir, tmp_path):
     """The two-LSTM decoder goes through training, export and captioning like any other; its
     compiled step (four state tensors) gives torch's captions."""
-    from captioning import runtime
+    from captioning.runtime import decoders as rt_dec
+    from captioning.runtime import openvino as runtime
 
     out = tmp_path / "tiny-updown"
     main(config(decoder="updown", epochs=2), str(tiny_flickr), out, cache_dir, resume=False)
@@ -344,7 +346,7 @@ def test_an_updown_bundle_trains_and_captions_on_either_runtime(tiny_flickr, cac
     if runtime.openvino_module() is None:
         pytest.skip("openvino is not installed: the torch half ran")
     fast = Captioner.load(out, precision="fp32", runtime="openvino")
-    assert runtime.runtime_of(fast.step_decoder) == "openvino"
+    assert rt_dec.runtime_of(fast.step_decoder) == "openvino"
     assert fast.caption(photo, beam_size=3).tokens == ref.tokens
 
 

@@ -11,10 +11,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from captioning.captioner import Captioner
 from captioning.data import load_flickr8k
-from captioning.evaluate import evaluate, save_evaluation
-from captioning.train import TrainConfig, main
+from captioning.inference.captioner import Captioner
+from captioning.inference.evaluate import evaluate, save_evaluation
+from captioning.training.train import TrainConfig, main
 from tests.synthetic import make_tiny_flickr
 
 NAMES = ("resnet50-inject", "resnet50-attention", "vgg16-inject", "vgg16-attention")

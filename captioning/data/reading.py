@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from captioning.data.dataset import FIX_HELP, DataError
-from captioning.text import tokenize
+from captioning.data.text import tokenize
 
 SKIP_REASONS = ("unreadable file", "malformed", "missing image", "empty caption", "duplicate")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from captioning.bundle import BundleError
-from captioning.decoding import MAX_BEAM
-from captioning.images import ImageLoadError
+from captioning.bundle.format import BundleError
+from captioning.data.images import ImageLoadError
+from captioning.models.decoding import MAX_BEAM
 from dashboard import components, state, tables
 from dashboard.attention import attention_overlay, fit
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from captioning.bundle import BundleError, BundleInfo
-from captioning.decoding import MAX_BEAM
-from captioning.images import ImageLoadError
-from captioning.metrics import sentence_bleu_smoothed
+from captioning.bundle.catalog import BundleInfo
+from captioning.bundle.format import BundleError
+from captioning.data.images import ImageLoadError
+from captioning.models.bleu import sentence_bleu_smoothed
+from captioning.models.decoding import MAX_BEAM
 from dashboard import charts, components, state, tables
 
 MAX_COLUMNS = 3  # caption cards per row: one per decoder kind

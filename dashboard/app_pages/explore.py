@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from captioning.data import Flickr8k
-from captioning.metrics import METRIC_LABELS, diversity_stats
+from captioning.models.metrics import METRIC_LABELS, diversity_stats
 from dashboard import components, state, tables
 
 SPLITS = ("dev", "test")

@@ -1,0 +1,323 @@
+"""Greedy and batched beam-search decoding for any ``Decoder``.
+
+Special ids come from the vocabulary format: ``<pad>``=0, ``<start>``=1, ``<end>``=2, ``<unk>``=3.
+
+Beam search is the standard one (GNMT, fairseq, Hugging Face):
+
+* Each image has ``k`` live hypotheses and a pool of finished ones. The pool holds the
+  ``min(n_best, k)`` best finished captions by the length-normalised score
+  ``logprob / (words + 1) ** length_alpha`` (``<end>`` counts as a token; α=0 is the raw
+  log-prob). This is the plain ``len ** α`` of the old code, not GNMT's ``((5 + len) / 6) ** α``,
+  so the α tuned on dev for the shipped bundles keeps its meaning.
+* Each step ranks the ``k·V`` extensions by summed log-prob (all live hypotheses have the same
+  length, so this is also the normalised order) and keeps the ``2k`` best. Those ending in
+  ``<end>`` among the top ``k`` join the pool. The first ``k`` that do not end form the new live
+  beam, so the beam never narrows as captions end.
+* An image is done when no live hypothesis can still enter its pool. Log-probs are <= 0, so a
+  live hypothesis with summed log-prob ``lp`` can reach at most ``lp / (max_len + 1) ** α``
+  (an exact upper bound, as Hugging Face's ``early_stopping="never"``; for α=0 it is ``lp``
+  itself). The early stop therefore returns exactly what running to ``max_len`` returns. With
+  ``n_best=1`` the rule is "no live hypothesis can beat the best finished one".
+  A batch steps until its last image is done; the pools of done images cannot change.
+* At ``max_len`` words only ``<end>`` is allowed, which closes the live hypotheses.
+
+``no_repeat_ngram=n`` forbids any word that would complete an n-gram already in the hypothesis
+(greedy and beam). The step loop is batched over images and beams; the words, back-pointers and
+attention of each step are kept in tensors, and the n-best lists are traced back once at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from captioning.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID
+from captioning.models.decoders import Decoder
+
+NEG = -1e9  # log-prob of a forbidden word; hypotheses at or below NEG / 2 are dead
+MAX_BEAM = 10  # largest beam_size accepted anywhere (the CLI's --beam too)
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and value >= low and (high is None or value <= high)
+    if not ok:
+        allowed = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
+
+
+@dataclass
+class DecodeConfig:
+    beam_size: int = 3  # 1 = greedy
+    max_len: int = 20  # generated words, <end> excluded
+    min_len: int = 1  # words before <end> may be emitted
+    length_alpha: float = 0.0  # score = logprob / (words + 1) ** alpha (0 = raw log-prob)
+    block_unk: bool = True
+    n_best: int = 5  # hypotheses returned per image (at most beam_size)
+    no_repeat_ngram: int = 0  # forbid repeating any n-gram of this size (0 = off)
+
+    def __post_init__(self) -> None:
+        _check_int("beam_size", self.beam_size, 1, MAX_BEAM)
+        _check_int("max_len", self.max_len, 1)
+        _check_int("min_len", self.min_len, 0, self.max_len)
+        _check_int("n_best", self.n_best, 1)
+        _check_int("no_repeat_ngram", self.no_repeat_ngram, 0)
+        a = self.length_alpha
+        if isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) or a < 0:
+            raise ValueError(f"length_alpha must be a number >= 0, got {a!r}")
+        if not isinstance(self.block_unk, bool):
+            raise ValueError(f"block_unk must be true or false, got {self.block_unk!r}")
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # word ids, no <start>/<end>
+    logprob: float  # sum of log-probs, <end> included when emitted
+    score: float  # length-normalised score used for ranking
+    finished: bool  # emitted <end>
+    attention: torch.Tensor | None = None  # [len(tokens), L] for attention decoders
+
+
+def _length_score(logprob: float, n_tokens: int, alpha: float) -> float:
+    return logprob / max(n_tokens, 1) ** alpha if alpha else logprob
+
+
+class NextWordRules:
+    """Which next words are allowed at step t; builds its [V] masks once per search."""
+
+    def __init__(self, cfg: DecodeConfig, vocab_size: int) -> None:
+        self.cfg = cfg
+        self.bias = torch.zeros(vocab_size)  # [V], added to the log-probs
+        self.bias[[PAD_ID, START_ID, UNK_ID] if cfg.block_unk else [PAD_ID, START_ID]] = NEG
+        self.early = self.bias.clone()  # before min_len: no <end> either
+        self.early[END_ID] = NEG
+
+    def apply(self, logp: torch.Tensor, t: int, history: torch.Tensor | None) -> torch.Tensor:
+        """logp [B, V] at step t -> a new [B, V] with forbidden words at NEG or below.
+
+        history [B, >= t]: the words of steps 0..t-1 of each row (for n-gram blocking).
+        """
+        cfg = self.cfg
+        if t == cfg.max_len:  # out of room: only <end> is left
+            out = torch.full_like(logp, NEG)
+            out[:, END_ID] = logp[:, END_ID]
+            return out
+        out = logp + (self.early if t < cfg.min_len else self.bias)
+        n = cfg.no_repeat_ngram
+        if n and history is not None and t >= n:
+            _ban_repeats(out, history[:, :t], n)
+        return out
+
+
+def _ban_repeats(logp: torch.Tensor, words: torch.Tensor, n: int) -> None:
+    """In place: forbid each word that would complete an n-gram already in ``words`` [B, t]."""
+    grams = words.unfold(1, n, 1)  # [B, t-n+1, n], every complete n-gram so far
+    last = words[:, words.shape[1] - n + 1 :]  # [B, n-1], the prefix of the next n-gram
+    match = (grams[:, :, :-1] == last[:, None]).all(-1)  # [B, t-n+1]
+    banned = torch.where(match, grams[:, :, -1], PAD_ID)  # <pad> is forbidden anyway
+    logp.scatter_(1, banned, NEG)
+
+
+def _compact(done: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the images to keep once at least 1/8 of them are done, else None."""
+    n_done = int(done.sum())
+    return (~done).nonzero().squeeze(1) if n_done * 8 >= done.numel() else None
+
+
+@torch.inference_mode()
+def greedy_decode(
+    decoder: Decoder, feats: torch.Tensor, cfg: DecodeConfig | None = None
+) -> list[Hypothesis]:
+    """Argmax decoding of a batch. feats: pooled [N, D] or grid [N, L, C].
+
+    Images that emitted <end> leave the batch (in groups, see ``_compact``).
+    """
+    cfg = cfg or DecodeConfig(beam_size=1)
+    ctx = decoder.context(feats)
+    state = decoder.init_state(ctx)
+    n = feats.shape[0]
+    act = torch.arange(n)  # [M] the images still in the batch
+    word = torch.full((n,), START_ID, dtype=torch.long)  # [M]
+    done = torch.zeros(n, dtype=torch.bool)  # [M] emitted <end> but not yet removed
+    length = torch.full((n,), cfg.max_len, dtype=torch.long)  # [N] words before <end>
+    logprob = torch.zeros(n)  # [N]
+    seq = torch.zeros(n, cfg.max_len + 1, dtype=torch.long)  # [N, T] word of each step
+    att: torch.Tensor | None = None  # [N, T, L]
+    rules: NextWordRules | None = None
+    for t in range(cfg.max_len + 1):
+        logp, state, alpha = decoder.step(ctx, state, word)  # [M, V]
+        rules = rules or NextWordRules(cfg, logp.shape[-1])
+        hist = seq.index_select(0, act) if cfg.no_repeat_ngram and act.numel() < n else seq
+        best_lp, word = rules.apply(logp, t, hist).max(-1)  # [M] each
+        word = word.masked_fill(done, PAD_ID)
+        ended = word == END_ID
+        if alpha is not None and att is None:
+            att = torch.zeros(n, cfg.max_len + 1, alpha.shape[-1])
+        if act.numel() == n:  # nobody left yet: plain slices are cheaper than indexing
+            logprob += best_lp.masked_fill(done, 0.0)
+            seq[:, t] = word
+            length.masked_fill_(ended, t)
+            if alpha is not None:
+                att[:, t] = alpha
+        else:
+            logprob.index_add_(0, act, best_lp.masked_fill(done, 0.0))
+            seq[act, t] = word
+            length[act[ended]] = t
+            if alpha is not None:
+                att[act, t] = alpha
+        done |= ended
+        keep = _compact(done)
+        if keep is None:
+            continue
+        if keep.numel() == 0:
+            break
+        act, word, done = act[keep], word[keep], done[keep]
+        ctx = decoder.select(ctx, keep)
+        state = tuple(s.index_select(0, keep) for s in state)
+    out = []
+    for i, (ids, n_words, lp) in enumerate(
+        zip(seq.tolist(), length.tolist(), logprob.tolist(), strict=True)
+    ):
+        out.append(
+            Hypothesis(
+                ids[:n_words],
+                lp,
+                _length_score(lp, n_words + 1, cfg.length_alpha),
+                True,
+                att[i, :n_words].clone() if att is not None else None,
+            )
+        )
+    return out
+
+
+@torch.inference_mode()
+def beam_search(
+    decoder: Decoder,
+    feats: torch.Tensor,
+    cfg: DecodeConfig | None = None,
+    *,
+    stop_early: bool = True,
+) -> list[list[Hypothesis]]:
+    """Batched beam search over N images at once; returns each image's n-best list, best first.
+
+    See the module docstring for the algorithm. Done images leave the batch (in groups, see
+    ``_compact``). ``stop_early=False`` runs every image to ``max_len`` (the result is the
+    same; tests use it to check the stop rule).
+    """
+    cfg = cfg or DecodeConfig()
+    k, n = cfg.beam_size, feats.shape[0]
+    p = min(cfg.n_best, k)  # pool size per image
+    ctx = decoder.select(decoder.context(feats), torch.arange(n).repeat_interleave(k))
+    state = decoder.init_state(ctx)
+    # Rows: image i owns rows i*k .. i*k+k-1 of the N*k "global" rows. The tensors of the loop
+    # hold the M images still in the batch: act [M] images, act_rows [M*k] their global rows.
+    act, act_rows = torch.arange(n), torch.arange(n * k)
+    word = torch.full((n * k,), START_ID, dtype=torch.long)  # [M*k]
+    live = torch.full((n, k), NEG)
+    live[:, 0] = 0.0  # one live hypothesis at the start, so the k beams differ
+    live = live.view(n * k)  # [M*k] summed log-probs of the live hypotheses
+    hist = torch.zeros(n * k, cfg.max_len, dtype=torch.long) if cfg.no_repeat_ngram else None
+    # the pool [M, p, 4]: score, log-prob, step of <end> (= words), global row that emitted it;
+    # float64 holds the integers exactly. Done images move to ``final``.
+    pool = torch.zeros(n, p, 4, dtype=torch.float64)
+    pool[..., 0] = -math.inf
+    final = pool.clone()  # [N, p, 4]
+    best_reach = (cfg.max_len + 1) ** cfg.length_alpha  # largest length normaliser
+    # per step t, by global row: the word left in it, the row it came from, its attention
+    words = torch.zeros(cfg.max_len, n * k, dtype=torch.long)
+    backs = torch.zeros(cfg.max_len, n * k, dtype=torch.long)
+    att: torch.Tensor | None = None  # [T, N*k, L], by the row that attended
+    rules: NextWordRules | None = None
+    first_row = (torch.arange(n) * k)[:, None]  # [M, 1] local rows
+    for t in range(cfg.max_len + 1):
+        logp, state, alpha = decoder.step(ctx, state, word)  # [M*k, V]
+        rules = rules or NextWordRules(cfg, logp.shape[-1])
+        vocab, m = logp.shape[-1], act.numel()
+        full = m == n  # nobody left yet: local rows are the global rows
+        if first_row.shape[0] != m:
+            first_row = (torch.arange(m) * k)[:, None]  # [M, 1] local rows
+        cand = rules.apply(logp, t, hist).add_(live[:, None]).view(m, k * vocab)
+        top_lp, top = cand.topk(2 * k, dim=-1)  # [M, 2k], best first
+        ends = top % vocab == END_ID
+        if bool(ends[:, :k].any()):  # <end> among the top k joins the pool if among the p best
+            lp_k = top_lp[:, :k]
+            score = torch.where(
+                ends[:, :k] & (lp_k > NEG / 2), lp_k / (t + 1) ** cfg.length_alpha, -math.inf
+            )
+            src_k = top[:, :k] // vocab + first_row
+            src_k = (src_k if full else act_rows[src_k]).to(score.dtype)
+            new = torch.stack([score, lp_k, torch.full_like(score, t), src_k], -1)  # [M, k, 4]
+            merged = torch.cat([pool, new.double()], 1)  # [M, p+k, 4], old entries first
+            order = merged[..., 0].argsort(dim=1, descending=True, stable=True)[:, :p]
+            pool = merged.gather(1, order[..., None].expand(-1, -1, 4))  # ties keep the old
+        if alpha is not None and t < cfg.max_len:
+            if att is None:
+                att = torch.zeros(cfg.max_len, n * k, alpha.shape[-1])
+            if full:
+                att[t] = alpha
+            else:
+                att[t, act_rows] = alpha
+        if t == cfg.max_len:  # every live hypothesis was closed with <end>
+            break
+        # live: the first k candidates that do not end (at most k of the 2k end)
+        keep = top.gather(1, ends.to(torch.int8).argsort(dim=1, stable=True)[:, :k])  # [M, k]
+        live = cand.gather(1, keep).view(-1)
+        back = (keep // vocab + first_row).view(-1)  # [M*k] local source rows
+        word = (keep % vocab).view(-1)
+        state = tuple(s.index_select(0, back) for s in state)
+        if full:
+            words[t], backs[t] = word, back
+        else:
+            words[t, act_rows], backs[t, act_rows] = word, act_rows[back]
+        if hist is not None:
+            hist = hist.index_select(0, back)
+            hist[:, t] = word
+        if not stop_early:
+            continue
+        # done: no live hypothesis can reach the p-th pooled score (dead rows sit near NEG)
+        done = pool[:, -1, 0] * best_reach >= live.view(m, k).amax(1)  # [M]
+        stay = _compact(done)
+        if stay is None:
+            continue
+        final[act[done]] = pool[done]
+        if stay.numel() == 0:
+            break
+        rows = (stay[:, None] * k + torch.arange(k)).view(-1)  # [M'*k] local rows kept
+        act, act_rows, pool = act[stay], act_rows[rows], pool[stay]
+        live, word = live[rows], word[rows]
+        ctx = decoder.select(ctx, rows)
+        state = tuple(s.index_select(0, rows) for s in state)
+        if hist is not None:
+            hist = hist[rows]
+    final[act] = pool
+    return _trace_back(cfg, final, words, backs, att)
+
+
+def _trace_back(cfg, pool, words, backs, att) -> list[list[Hypothesis]]:
+    """Follow the back-pointers of each pooled hypothesis to its words and attention [len, L]."""
+    steps, froms = words.tolist(), backs.tolist()  # [T][N*k]
+    out = []
+    for entries in pool.tolist():
+        hyps = []
+        for score, lp, end, row in entries:
+            if score == -math.inf:
+                continue
+            n_words, cur = int(end), int(row)  # the row that emitted <end> at step n_words
+            ids, rows = [0] * n_words, [0] * n_words
+            for s in range(n_words - 1, -1, -1):
+                ids[s], cur = steps[s][cur], froms[s][cur]
+                rows[s] = cur
+            idx = torch.tensor(rows, dtype=torch.long)
+            a = att[torch.arange(n_words), idx] if att is not None else None
+            hyps.append(Hypothesis(ids, lp, score, True, a))
+        out.append(hyps[: cfg.n_best])
+    return out
+
+
+def decode(decoder: Decoder, feats: torch.Tensor, cfg: DecodeConfig) -> list[list[Hypothesis]]:
+    """Beam search for beam_size > 1, greedy for 1; always returns n-best lists."""
+    if cfg.beam_size == 1:
+        return [[h] for h in greedy_decode(decoder, feats, cfg)]
+    return beam_search(decoder, feats, cfg)

@@ -1,0 +1,250 @@
+"""TODO docstring (encoders, runtime, finetune)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+if TYPE_CHECKING:  # torchvision is imported where models are built: captioning starts faster
+    pass
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+
+from captioning.core.machine import Precision, resolve_precision
+from captioning.core.paths import openvino_cache_dir
+from captioning.models.blocks import TunedBlock, swap_block, tuned_sha256
+from captioning.models.encoders import (
+    INPUT_SIZE,
+    EncoderOutput,
+    LoadedEncoder,
+    build_encoder,
+    get_spec,
+    weights_sha256,
+)
+from captioning.runtime.openvino import (
+    CompileKey,
+    GraphInput,
+    _Compiled,
+    _entry_ok,
+    _one_line,
+    compile_graph,
+    note,
+    openvino_version,
+    resolve_runtime,
+)
+
+
+@functools.lru_cache(maxsize=8)
+def shared_encoder(name: str, precision: str = "auto", runtime: str = "torch") -> LoadedEncoder:
+    """One encoder per (name, precision, runtime) in this process, shared by all its users.
+
+    ``runtime`` "auto"/"openvino" compiles the forward pass (``captioning.runtime``); a failed
+    compile falls back to torch with a notice, so check ``.runtime`` for what runs.
+    """
+    if runtime == "torch":
+        return build_encoder(name, precision)
+
+    return load_encoder(name, precision, runtime)
+
+
+# ---------------------------------------------------------------- encoder
+
+
+class _EncoderGraph(nn.Module):
+    """What the encoder returns, as a traceable module: pooled [B, D] and grid [B, HW, C]."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor):  # [B, 3, H, W] RGB in [0, 1]
+        fmap = self.encoder.feature_map(images)  # [B, C, h, w]
+        grid = fmap.flatten(2).transpose(1, 2)  # [B, hw, C]
+        return grid.mean(1), grid
+
+
+class OpenVINOEncoder(_Compiled):
+    """A compiled encoder: ``encode(images [B,3,224,224])`` -> ``EncoderOutput`` (float32)."""
+
+    def encode(self, images: torch.Tensor) -> EncoderOutput:
+        pooled, grid = self.infer([images.detach().float().numpy()])
+        return EncoderOutput(pooled=pooled, grid=grid)
+
+
+def openvino_encoder(
+    encoder: LoadedEncoder,
+    *,
+    fp32_model: Callable[[], nn.Module] | None = None,
+    input_size: int | None = None,
+    threads: int | None = None,
+    cache_root: Path | None = None,
+) -> OpenVINOEncoder:
+    """Compile a ``LoadedEncoder`` (dynamic batch). Raises on failure.
+
+    ``fp32_model`` builds the module to trace (default: the encoder's own model if it is fp32,
+    else a fresh fp32 build of the registered encoder, so bf16 rounding never reaches the IR).
+    """
+    if fp32_model is None:
+
+        def fp32_model():
+            if encoder.precision.dtype == "fp32":
+                return encoder.model
+            ref = build_encoder(encoder.spec.name, "fp32")
+            if ref.sha256 != encoder.sha256:
+                raise RuntimeError(f"the {encoder.spec.name} weights changed while loading")
+            return ref.model
+
+    side = input_size or INPUT_SIZE
+    key = CompileKey(
+        f"encoder-{encoder.spec.name}", encoder.sha256, encoder.precision.dtype, openvino_version()
+    )
+    compiled = compile_graph(
+        key,
+        lambda: _EncoderGraph(fp32_model()),
+        [GraphInput((-1, 3, side, side))],
+        threads=threads,
+        cache_root=cache_root,
+    )
+    return OpenVINOEncoder(compiled, key)
+
+
+def load_encoder(
+    name: str, precision: str | Precision = "auto", runtime: str = "auto"
+) -> LoadedEncoder:
+    """A registered encoder (``LoadedEncoder``) on ``runtime``.
+
+    When a compiled model is cached, the torch model is not built at all (``model`` is None):
+    start-up then skips torchvision and the weights' conversion. Otherwise the torch encoder is
+    built and compiled (or kept, on failure).
+    """
+    if resolve_runtime(runtime) == "openvino":
+        prec = precision if isinstance(precision, Precision) else resolve_precision(precision)
+        try:
+            sha = weights_sha256(name)
+        except FileNotFoundError:  # torchvision weights not downloaded: building fetches them
+            sha = None
+        cached = sha and cached_encoder(name, sha, prec, lambda: build_encoder(name, "fp32").model)
+        if cached:
+            return cached
+    return accelerate_encoder(build_encoder(name, precision), runtime)
+
+
+def cached_encoder(
+    name: str, sha: str, prec: Precision, build: Callable[[], nn.Module] | None = None
+) -> LoadedEncoder | None:
+    """Encoder ``name`` whose weights have sha256 ``sha`` (a fine-tuned encoder's identity too),
+    compiled from the cache without building its torch model (``model`` is None); None when the
+    cache has no valid entry or it fails to load. ``build`` (the fp32 torch module) rebuilds a
+    damaged entry; without it such an entry gives None, and the caller takes the slow path."""
+    key = CompileKey(f"encoder-{name}", sha, prec.dtype, openvino_version())
+    if not _entry_ok(openvino_cache_dir() / key.dirname, key):
+        return None
+
+    def graph() -> nn.Module:
+        if build is None:
+            raise RuntimeError("no torch model to rebuild a damaged compile-cache entry from")
+        return _EncoderGraph(build())
+
+    try:
+        compiled = compile_graph(key, graph, [GraphInput((-1, 3, INPUT_SIZE, INPUT_SIZE))])
+    except Exception:  # noqa: BLE001 - the slow path reports the failure
+        return None
+    engine = OpenVINOEncoder(compiled, key)
+    return LoadedEncoder(None, get_spec(name), sha, _ov_precision(prec), engine=engine)
+
+
+def accelerate_encoder(encoder: LoadedEncoder, runtime: str = "auto", **kwargs) -> LoadedEncoder:
+    """``encoder`` with its forward pass on ``runtime`` (a LoadedEncoder either way).
+
+    Falls back to the torch encoder, with a notice, when OpenVINO is missing or fails.
+    """
+    if resolve_runtime(runtime) == "torch":
+        return replace(encoder, engine=None)
+    try:
+        engine = openvino_encoder(encoder, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any conversion/compile failure means "use torch"
+        note(
+            f"OpenVINO could not compile the {encoder.spec.name} encoder ({_one_line(e)}); "
+            "running on torch"
+        )
+        return replace(encoder, engine=None)
+    return replace(encoder, engine=engine, precision=_ov_precision(encoder.precision))
+
+
+def _ov_precision(prec: Precision) -> Precision:
+    """The precision an OpenVINO encoder records: its dtype (memory format is OpenVINO's)."""
+    return replace(prec, channels_last=False)
+
+
+_TUNED: dict[tuple, LoadedEncoder] = {}  # one tuned encoder per (block file, precision, runtime)
+_TUNED_LOCK = threading.Lock()
+MAX_TUNED = 8
+
+
+def cached_tuned_encoder(
+    encoder: str, encoder_sha256: str, block: TunedBlock, precision: str | Precision
+) -> LoadedEncoder | None:
+    """A fine-tuned encoder straight from the OpenVINO compile cache, without building the torch
+    trunk (torchvision's import and the weights' load are most of ``caption``'s start-up); None
+    when it is not cached, or when the shipped weights of ``encoder`` are not ``encoder_sha256``
+    (the slow path then says so)."""
+    try:
+        base_sha = weights_sha256(encoder)
+    except FileNotFoundError:
+        return None
+    if base_sha != encoder_sha256:
+        return None
+    prec = precision if isinstance(precision, Precision) else resolve_precision(precision)
+    key = (encoder, base_sha, prec, block.spec.name, block.sha256, "openvino")
+    if (known := _recall(key)) is not None:
+        return known
+    enc = cached_encoder(encoder, tuned_sha256(base_sha, block.spec.name, block.sha256), prec)
+    return None if enc is None else _remember(key, enc)
+
+
+def _recall(key: tuple) -> LoadedEncoder | None:
+    with _TUNED_LOCK:
+        return _TUNED.get(key)
+
+
+def _remember(key: tuple, enc: LoadedEncoder) -> LoadedEncoder:
+    """Keep ``enc`` under ``key`` (at most ``MAX_TUNED``, oldest out); returns the kept one."""
+    with _TUNED_LOCK:
+        if len(_TUNED) >= MAX_TUNED:
+            _TUNED.pop(next(iter(_TUNED)))
+        return _TUNED.setdefault(key, enc)
+
+
+def tuned_encoder(base: LoadedEncoder, block: TunedBlock, runtime: str) -> LoadedEncoder:
+    """``base`` (the shared torch encoder, already checked against the bundle's record) with the
+    fine-tuned ``block`` swapped into a copy; ``base`` is untouched.
+
+    ValueError when the block's weights do not fit. ``runtime`` "openvino" compiles the tuned
+    encoder (an fp32 trace) under its own identity; a failed compile runs it on torch.
+    """
+    spec, sha, path = block
+    key = (base.spec.name, base.sha256, base.precision, spec.name, sha, runtime)
+    if (known := _recall(key)) is not None:
+        return known
+    try:
+        state = load_file(str(path))
+        model = swap_block(base.model, spec, state)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    enc = LoadedEncoder(model, base.spec, tuned_sha256(base.sha256, spec.name, sha), base.precision)
+    if runtime != "torch":
+
+        def fp32_model() -> nn.Module:  # traced in fp32, so bf16 rounding never reaches the IR
+            if base.precision.dtype == "fp32":
+                return model
+            ref = build_encoder(base.spec.name, "fp32")
+            return swap_block(ref.model, spec, state)
+
+        enc = accelerate_encoder(enc, runtime, fp32_model=fp32_model)
+    return _remember(key, enc)
