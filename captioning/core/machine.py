@@ -8,6 +8,7 @@ elsewhere, where bf16 would be emulated and slower.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,10 +16,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where it is used, so the CLI parser stays light
     import torch
     from torch import nn
-import os
-
-import torch
-from torch import nn
 
 FIXED_PRECISIONS = ("fp32", "bf16")
 PRECISIONS = ("auto", *FIXED_PRECISIONS)  # every --precision choice

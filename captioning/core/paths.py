@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # torchvision is imported where models are built: captioning starts faster
-    pass
 import os
+from pathlib import Path
 
-ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "artifacts"
+ARTIFACTS_DIR = Path(__file__).resolve().parents[2] / "artifacts"
+SAMPLES_DIR = ARTIFACTS_DIR / "samples"
 ENCODER_DIR = ARTIFACTS_DIR / "encoders"
 
 CACHE_ENV = "CAPTIONING_CACHE"

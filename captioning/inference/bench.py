@@ -26,12 +26,12 @@ from PIL import Image
 
 from captioning.core.files import atomic_write_json
 from captioning.core.machine import FIXED_PRECISIONS, cpu_description
-from captioning.core.paths import ARTIFACTS_DIR
+from captioning.core.paths import SAMPLES_DIR
 from captioning.data.images import iter_image_files
 from captioning.inference.captioner import Captioner
 from captioning.runtime.pixels import load_pixels
 
-SAMPLES = ARTIFACTS_DIR / "samples"
+SAMPLES = SAMPLES_DIR
 BENCH_FORMAT = "captioning-bench"
 BENCH_VERSION = 2
 BEAMS = (1, 3, 5)

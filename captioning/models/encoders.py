@@ -27,11 +27,12 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-if TYPE_CHECKING:  # torchvision is imported where models are built: captioning starts faster
-    from torchvision import models
 from captioning.core.files import sha256_file
 from captioning.core.machine import Precision, resolve_precision
 from captioning.core.paths import ENCODER_DIR
+
+if TYPE_CHECKING:  # torchvision is imported where models are built: captioning starts faster
+    from torchvision import models
 
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import functools
+import threading
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
-
-if TYPE_CHECKING:  # torchvision is imported where models are built: captioning starts faster
-    pass
-import threading
-from collections.abc import Callable
-from dataclasses import replace
 
 from captioning.core.machine import Precision, resolve_precision
 from captioning.core.paths import openvino_cache_dir

@@ -17,12 +17,13 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
 
-SAMPLES = Path(__file__).resolve().parent.parent / "artifacts" / "samples"
+from captioning.core.paths import SAMPLES_DIR
+
+SAMPLES = SAMPLES_DIR
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
