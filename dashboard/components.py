@@ -14,7 +14,7 @@ from PIL import Image
 from captioning.bundle import reports
 from captioning.bundle.catalog import BundleInfo
 from captioning.bundle.format import BundleError, is_ensemble, read_config
-from captioning.data import DATA_ENV, FIX_HELP, Flickr8k
+from captioning.data import DATA_ENV, FIX_HELP, CaptionDataset
 from captioning.data.images import ACCEPTED_FORMATS, ImageLoadError, load_image
 from captioning.models.decoders import ATTENTION_KINDS
 from dashboard import state
@@ -214,7 +214,7 @@ def _random_choice(key: str, names: list[str]) -> None:
     st.session_state[key] = random.choice(names)
 
 
-def _read_dataset_image(ds: Flickr8k, name: str, split: str) -> PickedImage | None:
+def _read_dataset_image(ds: CaptionDataset, name: str, split: str) -> PickedImage | None:
     try:
         data = ds.image_path(name).read_bytes()
     except OSError as e:

@@ -18,7 +18,7 @@ import streamlit as st
 from captioning.bundle.catalog import BundleInfo, list_bundles
 from captioning.bundle.format import BLOCK_FILE
 from captioning.core.paths import models_dir_default
-from captioning.data import DataError, Flickr8k, load_flickr8k, resolve_data_dir
+from captioning.data import CaptionDataset, DataError, load_flickr8k, resolve_data_dir
 from captioning.inference.captioner import Captioner, CaptionResult
 from dashboard import limits, tables
 
@@ -31,7 +31,7 @@ SAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 class DataStatus:
     """The Flickr8k data set if ``$CAPTIONING_DATA`` points at a usable folder, else why not."""
 
-    dataset: Flickr8k | None
+    dataset: CaptionDataset | None
     message: str | None = None
 
 
@@ -116,7 +116,7 @@ def digest_bytes(data: bytes) -> str:
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _dataset(root: str, stamp: int) -> Flickr8k:
+def _dataset(root: str, stamp: int) -> CaptionDataset:
     return load_flickr8k(root)
 
 

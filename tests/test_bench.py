@@ -8,8 +8,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from captioning.inference import bench as B
 from captioning.core.machine import cpu_description
+from captioning.inference import bench as B
 from captioning.runtime.openvino import openvino_module
 
 BUNDLE = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "resnet50-inject"

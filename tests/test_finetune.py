@@ -18,8 +18,6 @@ from torch import nn
 
 from captioning import cli
 from captioning.bundle import reports
-from captioning.runtime import openvino as runtime
-from captioning.training import finetune
 from captioning.bundle.format import BLOCK_FILE, BLOCK_KEY, BundleError
 from captioning.core.files import sha256_file
 from captioning.data import load_flickr8k
@@ -35,8 +33,10 @@ from captioning.models.blocks import (
 )
 from captioning.models.decoders import DecoderConfig, build_decoder, caption_loss
 from captioning.models.encoders import Encoder, get_spec, weights_path
+from captioning.runtime import openvino as runtime
 from captioning.runtime.encoders import shared_encoder
 from captioning.runtime.features import FeatureCache
+from captioning.training import finetune
 from captioning.training.finetune import FinetuneModel, block_input_features, block_lr, param_groups
 from captioning.training.train import TeacherForcing, TrainConfig, main
 from tests.synthetic import make_tiny_flickr

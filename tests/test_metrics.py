@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from pycocoevalcap.cider.cider import Cider
 
-from captioning.models import bleu
-from captioning.models import coco
+from captioning.models import bleu, coco
 from captioning.models.bleu import corpus_bleu_scores, normalize, sentence_bleu_smoothed
 from captioning.models.cider import CiderD
 from captioning.models.coco import coco_scores, pycoco_bleu

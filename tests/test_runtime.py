@@ -16,16 +16,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from captioning.core import machine
-from captioning.core import paths
-from captioning.runtime import decoders as rt_dec
-from captioning.runtime import encoders as rt_enc
-from captioning.runtime import openvino as ov
+from captioning.core import machine, paths
 from captioning.core.files import read_json, sha256_file
 from captioning.core.machine import Precision, cpu_has_fast_bf16, resolve_precision
 from captioning.models.decoders import DecoderConfig, build_decoder
 from captioning.models.decoding import DecodeConfig, decode
 from captioning.models.encoders import EncoderOutput, EncoderSpec, LoadedEncoder
+from captioning.runtime import decoders as rt_dec
+from captioning.runtime import encoders as rt_enc
+from captioning.runtime import openvino as ov
 
 SIDE = 32  # tiny encoders take 32x32 images and give a 4x4 grid of 8 channels
 needs_openvino = pytest.mark.skipif(ov.openvino_module() is None, reason="needs openvino")

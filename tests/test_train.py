@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from captioning import Captioner
 from captioning.bundle.catalog import list_bundles
+from captioning.runtime.openvino import openvino_module
 from captioning.training.train import SELECT_METRIC, TrainConfig, main, read_state
 from tests.synthetic import make_tiny_flickr
 
@@ -279,9 +280,7 @@ def test_torchvision_encoder_trains_and_exports(offline_torchvision, cache_dir, 
     assert cap.caption(data / "Images" / "0000_synthetic.png").text
 
 
-@pytest.mark.skipif(
-    __import__("captioning.runtime.openvino").runtime.openvino.openvino_module() is None, reason="needs openvino"
-)
+@pytest.mark.skipif(openvino_module() is None, reason="needs openvino")
 def test_train_reads_the_openvino_feature_cache_and_records_it(tiny_flickr, tmp_path):
     """``--runtime openvino``: missing features are extracted by OpenVINO into its own cache
     (``…-fp32-openvino``), the torch cache is never made, and the bundle records the runtime."""

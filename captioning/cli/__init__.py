@@ -20,6 +20,7 @@ from pathlib import Path
 
 from captioning.core.machine import DEVICES, FIXED_PRECISIONS, PRECISIONS
 from captioning.core.paths import ENCODER_DIR
+from captioning.core.settings import debug
 
 EXIT_USER_ERROR = 2
 EVAL_OUT = Path("runs") / "eval"  # plain `evaluate` writes here (git-ignored), never a bundle
@@ -658,8 +659,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from captioning.bundle.ensemble import make_ensemble
+    from captioning.core.machine import git_commit
     from captioning.core.paths import models_dir_default
-    from captioning.training.train import git_commit
 
     out = Path(args.out) if args.out else models_dir_default() / "-".join(args.members)
     cfg = make_ensemble(out, args.members, args.weights, commit=git_commit(), force=args.force)
@@ -716,7 +717,7 @@ def _dev_scorer(args: argparse.Namespace, first_member: str):
 
 def cmd_soup(args: argparse.Namespace) -> int:
     from captioning.bundle.soup import greedy_soup, make_soup
-    from captioning.training.train import git_commit
+    from captioning.core.machine import git_commit
 
     out = Path(args.out)
     if not args.greedy:
@@ -1361,7 +1362,7 @@ def main(argv: list[str] | None = None) -> int:
         KeyError,
         RuntimeError,
     ) as e:
-        if os.environ.get("CAPTIONING_DEBUG"):
+        if debug():
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 Layouts: Flickr8k (official, Kaggle), COCO 2017, Karpathy split files (COCO, Flickr8k,
 Flickr30k) and Flickr30k (token file, Kaggle CSV); see ``LAYOUTS``. Every reader returns a
-``CaptionDataset`` (``Flickr8k`` is its old name) with ``layout`` and ``split_source`` set.
+``CaptionDataset`` with ``layout`` and ``split_source`` set.
 """
 
 from captioning.data.coco import load_coco
@@ -13,7 +13,6 @@ from captioning.data.dataset import (
     SPLITS,
     CaptionDataset,
     DataError,
-    Flickr8k,
     resolve_data_dir,
 )
 from captioning.data.detect import detect_layout, load_dataset
@@ -30,7 +29,6 @@ __all__ = [
     "SPLIT_SOURCES",
     "CaptionDataset",
     "DataError",
-    "Flickr8k",
     "detect_layout",
     "layouts_help",
     "load_coco",

@@ -6,7 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DATA_ENV = "CAPTIONING_DATA"
+from captioning.core.settings import DATA_ENV
+
 SPLITS = ("train", "dev", "test")
 SPLIT_SOURCES = ("official", "karpathy", "coco2017", "hash", "seeded")
 FIX_HELP = f"Pass --data DIR or set the {DATA_ENV} environment variable to the data folder."
@@ -79,9 +80,6 @@ class CaptionDataset:
         if len(self.skipped) > MAX_LISTED:
             lines.append(f"    ... and {len(self.skipped) - MAX_LISTED} more reports")
         return "\n".join(lines)
-
-
-Flickr8k = CaptionDataset  # the name before there were other data sets
 
 
 def resolve_data_dir(arg: str | Path | None, *, allow_file: bool = False) -> Path:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from captioning.bundle.records import Setting, add_record, metrics_path
 from captioning.core.files import atomic_write_text
-from captioning.data import Flickr8k
+from captioning.data import CaptionDataset
 from captioning.inference.captioner import Captioner
 from captioning.models.bleu import BLEU_KEYS, sentence_bleu_smoothed
 from captioning.models.metrics import evaluate_captions
@@ -47,7 +47,7 @@ class Evaluation:
         }
 
 
-def split_features(cap: Captioner, ds: Flickr8k, names: list[str], cache_root: Path | None):
+def split_features(cap: Captioner, ds: CaptionDataset, names: list[str], cache_root: Path | None):
     """Features from the cache when present (extracting any missing ones first); an ensemble
     gets each member's."""
     from captioning.inference.captioner import EnsembleCaptioner
@@ -67,7 +67,7 @@ def split_features(cap: Captioner, ds: Flickr8k, names: list[str], cache_root: P
 
 def evaluate(
     cap: Captioner,
-    ds: Flickr8k,
+    ds: CaptionDataset,
     split: str,
     beam: int | None = None,
     *,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from captioning.data import Flickr8k
+from captioning.data import CaptionDataset
 from captioning.inference.captioner import Captioner
 from captioning.inference.evaluate import evaluate
 from captioning.models.metrics import HEADLINE_KEYS
@@ -15,7 +15,7 @@ TUNE_METRICS = ("cider", "bleu4")
 
 def tune_decoding(
     cap: Captioner,
-    ds: Flickr8k,
+    ds: CaptionDataset,
     beams=(1, 3, 5),
     alphas=(0.0, 0.5, 1.0),
     cache_root: Path | None = None,

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from captioning.core.files import atomic_write_json
-from captioning.core.machine import resolve_precision
+from captioning.core.machine import git_commit, resolve_precision
 from captioning.data import load_dataset
 from captioning.data.vocab import END_ID, PAD_ID, START_ID, Vocabulary
 from captioning.models.cider import CiderD
@@ -48,7 +48,6 @@ from captioning.training.train import (
     epoch_order,
     epoch_timing,
     evaluate_dev,
-    git_commit,
     image_feats,
     init_history,
     last_epoch,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -34,8 +33,8 @@ from tqdm.auto import tqdm
 
 from captioning.bundle.format import bundle_block_state
 from captioning.core.files import atomic_save_safetensors, atomic_write_json, read_json
-from captioning.core.machine import device_scope, resolve_device, resolve_precision
-from captioning.data import Flickr8k, load_dataset
+from captioning.core.machine import device_scope, git_commit, resolve_device, resolve_precision
+from captioning.data import CaptionDataset, load_dataset
 from captioning.data.vocab import Vocabulary, pad_batch
 from captioning.models.bleu import corpus_bleu_scores
 from captioning.models.blocks import load_block_weights
@@ -99,21 +98,7 @@ class TrainData:
     encoder_precision: str = ""  # its precision label (bf16+cl, fp32); "" = not known
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            timeout=5,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def prepare_data(ds: Flickr8k, cfg: TrainConfig, cache_root: Path | None) -> TrainData:
+def prepare_data(ds: CaptionDataset, cfg: TrainConfig, cache_root: Path | None) -> TrainData:
     """Vocabulary from train captions only; features from the cache (extracted when missing)."""
     train, dev = ds.splits["train"], ds.splits["dev"]
     vocab = Vocabulary.build((c for n in train for c in ds.captions[n]), min_freq=cfg.min_freq)

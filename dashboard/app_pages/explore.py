@@ -7,7 +7,7 @@ import hashlib
 import pandas as pd
 import streamlit as st
 
-from captioning.data import Flickr8k
+from captioning.data import CaptionDataset
 from captioning.models.metrics import METRIC_LABELS, diversity_stats
 from dashboard import components, state, tables
 
@@ -60,7 +60,7 @@ def bleu_label(order: int) -> str:
     return f"smoothed sentence BLEU-{order}"
 
 
-def detail(frame: pd.DataFrame, image: str, split: str, dataset: Flickr8k | None) -> None:
+def detail(frame: pd.DataFrame, image: str, split: str, dataset: CaptionDataset | None) -> None:
     """The image, its references and every model's caption of it (on ``split``)."""
     st.markdown(f"##### {image} · {split} split")
     pic, text = st.columns([2, 3], gap="large")
