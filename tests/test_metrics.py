@@ -603,7 +603,7 @@ FIXED_REFS = {**REFS, **EDGE_REFS}
 
 def pycoco_cider(hyps, refs):
     """pycocoevalcap's Cider on our normalized tokens: (mean, per-caption scores)."""
-    gts, res = bleu._prepare(hyps, refs).coco_inputs()
+    gts, res = bleu.prepare(hyps, refs).coco_inputs()
     mean, per = Cider().compute_score(gts, res)
     return float(mean), np.asarray(per)
 

@@ -282,7 +282,7 @@ def _user_entry(name: str, sha: str, precision: str):
         return None
     key = ov.CompileKey(f"encoder-{name}", sha, precision, ov.openvino_version())
     entry = paths.openvino_cache_dir(CALLER_CACHE) / key.dirname
-    return entry if ov._entry_ok(entry, key) else None
+    return entry if ov.entry_ok(entry, key) else None
 
 
 @needs_openvino

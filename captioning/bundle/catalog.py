@@ -1,4 +1,4 @@
-"""TODO docstring (bundle)."""
+"""Finding bundles: by name in the models folder or by path, and listing the complete ones."""
 
 from __future__ import annotations
 

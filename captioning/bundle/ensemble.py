@@ -95,7 +95,7 @@ def check_members(path: Path, config: dict, vocab: Vocabulary | None = None) -> 
     return paths
 
 
-def _joined(labels) -> str:
+def joined_labels(labels) -> str:
     """The members' distinct labels in order, e.g. ``openvino`` or ``bf16+cl/fp32``."""
     return "/".join(dict.fromkeys(labels))
 
@@ -149,8 +149,8 @@ def make_ensemble(
             {"name": p.name, "weight": w, "sha256": weights_fingerprint(p)}
             for p, w in zip(paths, weights, strict=True)
         ],
-        "precision": _joined(c["precision"] for c in configs),
-        "runtime": _joined(c["runtime"] for c in configs),
+        "precision": joined_labels(c["precision"] for c in configs),
+        "runtime": joined_labels(c["runtime"] for c in configs),
         "data": first.get("data"),
         "decode_defaults": first.get("decode_defaults", asdict(DecodeConfig())),
         "git_commit": commit,

@@ -1,4 +1,4 @@
-"""TODO docstring (bundle)."""
+"""Write a trained decoder (and its fine-tuned block's record) as a self-contained bundle."""
 
 from __future__ import annotations
 

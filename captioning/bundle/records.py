@@ -1,4 +1,10 @@
-"""TODO docstring (bundle)."""
+"""A bundle's evaluation records: ``metrics.json``, one record per setting.
+
+A setting (``Setting``) is everything that made a number except the weights: split (and subset),
+decoding, precision and runtime. ``add_record`` replaces the record of the same setting, so
+re-running an evaluation never doubles a row; ``mark_defaults`` flags the records made with the
+bundle's default decoding (what tables and cards show first).
+"""
 
 from __future__ import annotations
 
@@ -95,55 +101,16 @@ def read_records(directory: Path) -> list[dict]:
         data = read_json(path)
     except ValueError as e:
         raise BundleError(str(e)) from None
-    if isinstance(data, dict) and data.get("format") == METRICS_FORMAT:
-        records = data.get("records", [])
-    elif isinstance(data, dict):  # version 1: {split: {"beam<K>": metrics}}
-        records = legacy_records(data, directory)
-    else:
+    if not isinstance(data, dict) or data.get("format") != METRICS_FORMAT:
         raise BundleError(f"{path} is not a {METRICS_FORMAT} file")
+    records = data.get("records", [])
     for r in records:
-        r["decoding"] = asdict(Setting.from_dict(r).decoding)  # fill fields added since
+        r["decoding"] = asdict(Setting.from_dict(r).decoding)  # every field, defaults filled in
     return records
 
 
 def record_setting(record: dict) -> Setting:
     return Setting.from_dict(record)
-
-
-def legacy_records(old: dict, directory: Path) -> list[dict]:
-    """Convert a version-1 ``metrics.json`` (keys like ``test``/``beam5``, ``dev_first50``).
-
-    Version 1 evaluated with the bundle's default decoding except beam and α, so the other
-    fields come from its config; the numbers are kept exactly.
-    """
-    cfg = read_json(directory / "config.json") if (directory / "config.json").exists() else {}
-    base = cfg.get("decode_defaults", {})
-    out = []
-    for split_key, by_beam in old.items():
-        split, _, first = split_key.partition("_first")
-        limit = int(first) if first else 0
-        for m in by_beam.values():
-            decoding = {**base, "beam_size": m["beam"], "length_alpha": m.get("length_alpha", 0.0)}
-            name = f"predictions_{split}_beam{m['beam']}.csv"
-            scores = {k: v for k, v in m.items() if k not in LEGACY_SETTING_KEYS}
-            out.append(
-                {
-                    "split": split,
-                    "limit": limit,
-                    "decoding": asdict(DecodeConfig(**decoding)),
-                    "precision": m.get("precision", "unknown"),
-                    "runtime": DEFAULT_RUNTIME,
-                    "n_images": m["n_images"],
-                    "metrics": scores,
-                    "predictions": name if not limit and (directory / name).exists() else None,
-                    "default": False,
-                    "recorded": None,
-                }
-            )
-    return mark_defaults(out, cfg)
-
-
-LEGACY_SETTING_KEYS = ("beam", "split", "length_alpha", "precision", "n_images")
 
 
 def mark_defaults(records: list[dict], config: dict) -> list[dict]:

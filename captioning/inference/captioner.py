@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from captioning.bundle.catalog import resolve_bundle
-from captioning.bundle.ensemble import _joined, check_members
+from captioning.bundle.ensemble import check_members, joined_labels
 from captioning.bundle.format import (
     BLOCK_KEY,
     DEFAULT_RUNTIME,
@@ -277,7 +277,7 @@ class EnsembleCaptioner(Captioner):
         self.defaults = bundle_decoding(config)
         self.decoder = EnsembleStep([m.decoder for m in members], weights)  # the torch reference
         self.step_decoder = EnsembleStep([m.step_decoder for m in members], weights)
-        self.runtime = _joined(m.runtime for m in members)
+        self.runtime = joined_labels(m.runtime for m in members)
 
     @classmethod
     def load_ensemble(
@@ -296,11 +296,11 @@ class EnsembleCaptioner(Captioner):
 
     @property
     def precision_label(self) -> str:
-        return _joined(m.precision_label for m in self.members)
+        return joined_labels(m.precision_label for m in self.members)
 
     @property
     def encoder_label(self) -> str:
-        return _joined(m.encoder_label for m in self.members)
+        return joined_labels(m.encoder_label for m in self.members)
 
     @property
     def encoder_on_torch(self) -> bool:

@@ -1,4 +1,4 @@
-"""TODO docstring (evaluate)."""
+"""Choose a bundle's default decoding on dev: a grid of beams, α and n-gram blocking."""
 
 from __future__ import annotations
 

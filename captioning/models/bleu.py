@@ -1,4 +1,8 @@
-"""TODO docstring (metrics)."""
+"""Caption normalisation and corpus BLEU-1..4 (nltk, no smoothing).
+
+``normalize`` drops ``<start>``/``<end>``/``<pad>`` and tokenises hypotheses and references the same
+way, so every metric sees the same words on both sides.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ def normalize(caption: Caption, *, keep_unk: bool = True) -> list[str]:
 
 
 @dataclass(frozen=True)
-class _Corpus:
+class Corpus:
     """Validated, normalized hypotheses and references, aligned by image id."""
 
     ids: tuple[Hashable, ...]
@@ -58,7 +62,7 @@ class _Corpus:
         return gts, res
 
 
-def _normalize_refs(refs: Sequence[Caption], image_id: Hashable) -> tuple[tuple[str, ...], ...]:
+def normalize_refs(refs: Sequence[Caption], image_id: Hashable) -> tuple[tuple[str, ...], ...]:
     """Normalize one image's references, rejecting a bare string or an empty list."""
     if isinstance(refs, str):
         raise TypeError(
@@ -69,7 +73,7 @@ def _normalize_refs(refs: Sequence[Caption], image_id: Hashable) -> tuple[tuple[
     return tuple(tuple(normalize(r, keep_unk=False)) for r in refs)
 
 
-def _prepare(hyps: Mapping[str, Caption], refs: Mapping[str, Sequence[Caption]]) -> _Corpus:
+def prepare(hyps: Mapping[str, Caption], refs: Mapping[str, Sequence[Caption]]) -> Corpus:
     """Check that every hypothesis id has references, then normalize both sides."""
     if len(hyps) == 0:
         raise ValueError("no hypotheses to evaluate")
@@ -81,14 +85,14 @@ def _prepare(hyps: Mapping[str, Caption], refs: Mapping[str, Sequence[Caption]])
             f"{len(missing)} of {len(hyps)} hypothesis ids have no references: {shown}{more}"
         )
     ids = tuple(hyps)
-    return _Corpus(
+    return Corpus(
         ids=ids,
         hyps=tuple(tuple(normalize(hyps[k])) for k in ids),
-        refs=tuple(_normalize_refs(refs[k], k) for k in ids),
+        refs=tuple(normalize_refs(refs[k], k) for k in ids),
     )
 
 
-def _bleu(corpus: _Corpus) -> dict[str, float]:
+def bleu_scores(corpus: Corpus) -> dict[str, float]:
     """Unsmoothed nltk corpus BLEU-1..4 on the 0-100 scale."""
     with warnings.catch_warnings():
         # Zero-count orders are expected on small sets; their BLEU-n is documented as ~0.
@@ -105,7 +109,7 @@ def corpus_bleu_scores(
     hyps: Mapping[str, Caption], refs: Mapping[str, Sequence[Caption]]
 ) -> dict[str, float]:
     """Corpus BLEU-1..4 (0-100), all references per image, no smoothing."""
-    return _bleu(_prepare(hyps, refs))
+    return bleu_scores(prepare(hyps, refs))
 
 
 def sentence_bleu_smoothed(hyp: Caption, refs: Sequence[Caption]) -> dict[str, float]:
@@ -114,7 +118,7 @@ def sentence_bleu_smoothed(hyp: Caption, refs: Sequence[Caption]) -> dict[str, f
     Smoothed sentence scores are for browsing only: they are not comparable with
     :func:`corpus_bleu_scores` and must not be averaged into a corpus score.
     """
-    ref_tokens = [list(r) for r in _normalize_refs(refs, "<sentence>")]
+    ref_tokens = [list(r) for r in normalize_refs(refs, "<sentence>")]
     scores = sentence_bleu(
         ref_tokens,
         normalize(hyp),

@@ -1,4 +1,9 @@
-"""TODO docstring (finetune)."""
+"""An encoder's last block as a unit of its own: which modules it is, its cached input, and
+swapping fine-tuned weights into a copy of the encoder.
+
+ResNet50's ``layer4`` and VGG16's ``block5`` can be fine-tuned (``--finetune``); a bundle then ships
+the block's weights (``encoder_block.safetensors``) and its identity is ``tuned_sha256``.
+"""
 
 from __future__ import annotations
 

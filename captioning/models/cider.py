@@ -1,4 +1,5 @@
-"""TODO docstring (metrics)."""
+"""CIDEr-D (Vedantam et al.) in numpy: consensus-weighted n-gram TF-IDF, clipped and
+length-penalised, scored against each image's references. Also the reward SCST trains with."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 
 from captioning.data.vocab import END, PAD, START
-from captioning.models.bleu import CIDER_N, CIDER_SIGMA, Caption, _normalize_refs, normalize
+from captioning.models.bleu import CIDER_N, CIDER_SIGMA, Caption, normalize, normalize_refs
 
 # -- CIDEr-D as a reward --------------------------------------------------------------------------
 
@@ -66,7 +67,7 @@ class CiderD:
         self.n, self.sigma = n, sigma
         self.image_ids = tuple(refs)
         self._row = {k: i for i, k in enumerate(self.image_ids)}
-        per_image = [_normalize_refs(refs[k], k) for k in self.image_ids]
+        per_image = [normalize_refs(refs[k], k) for k in self.image_ids]
         if end_word:  # the last word of every reference
             per_image = [tuple((*c, _END_WORD) for c in caps) for caps in per_image]
         words = sorted({w for caps in per_image for c in caps for w in c})

@@ -1,4 +1,8 @@
-"""TODO docstring (metrics)."""
+"""The COCO caption toolkit's scorers (pycocoevalcap): BLEU, METEOR (Java), ROUGE-L, CIDEr-D.
+
+METEOR runs one persistent Java process per scoring, with a time limit; without Java it is
+reported as missing with the reason, and every other metric still runs.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor import meteor as coco_meteor
 from pycocoevalcap.rouge.rouge import Rouge
 
-from captioning.models.bleu import BLEU_KEYS, CIDER_N, CIDER_SIGMA, Caption, _Corpus, _prepare
+from captioning.models.bleu import BLEU_KEYS, CIDER_N, CIDER_SIGMA, Caption, Corpus, prepare
 
 METEOR_TIMEOUT_S = 600.0
 
@@ -25,7 +29,7 @@ def pycoco_bleu(
     hyps: Mapping[str, Caption], refs: Mapping[str, Sequence[Caption]]
 ) -> dict[str, float]:
     """pycocoevalcap's ``Bleu(4)`` on the same normalized tokens (0-100), for cross-checks."""
-    gts, res = _prepare(hyps, refs).coco_inputs()
+    gts, res = prepare(hyps, refs).coco_inputs()
     scores, _ = Bleu(4).compute_score(gts, res, verbose=0)
     return {k: 100.0 * float(s) for k, s in zip(BLEU_KEYS, scores, strict=True)}
 
@@ -125,8 +129,8 @@ def _meteor(
             scorer.close()
 
 
-def _coco(
-    corpus: _Corpus, *, meteor: bool, meteor_timeout_s: float
+def coco_corpus_scores(
+    corpus: Corpus, *, meteor: bool, meteor_timeout_s: float
 ) -> dict[str, float | str | None]:
     """CIDEr-D, ROUGE-L and METEOR (0-100) plus ``meteor_error``."""
     gts, res = corpus.coco_inputs()
@@ -152,4 +156,4 @@ def coco_scores(
     meteor_timeout_s: float = METEOR_TIMEOUT_S,
 ) -> dict[str, float | str | None]:
     """``{"cider", "rougeL", "meteor", "meteor_error"}``: scores on 0-100, or None + reason."""
-    return _coco(_prepare(hyps, refs), meteor=meteor, meteor_timeout_s=meteor_timeout_s)
+    return coco_corpus_scores(prepare(hyps, refs), meteor=meteor, meteor_timeout_s=meteor_timeout_s)

@@ -7,8 +7,8 @@ Beam search is the standard one (GNMT, fairseq, Hugging Face):
 * Each image has ``k`` live hypotheses and a pool of finished ones. The pool holds the
   ``min(n_best, k)`` best finished captions by the length-normalised score
   ``logprob / (words + 1) ** length_alpha`` (``<end>`` counts as a token; α=0 is the raw
-  log-prob). This is the plain ``len ** α`` of the old code, not GNMT's ``((5 + len) / 6) ** α``,
-  so the α tuned on dev for the shipped bundles keeps its meaning.
+  log-prob). This is the plain ``len ** α`` (Hugging Face's ``length_penalty``), not GNMT's
+  ``((5 + len) / 6) ** α``; the shipped bundles' α was tuned on dev with it.
 * Each step ranks the ``k·V`` extensions by summed log-prob (all live hypotheses have the same
   length, so this is also the normalised order) and keeps the ``2k`` best. Those ending in
   ``<end>`` among the top ``k`` join the pool. The first ``k`` that do not end form the new live
@@ -192,6 +192,21 @@ def greedy_decode(
     return out
 
 
+def _start(n: int, cfg: DecodeConfig):
+    """The beam before the first step: words [N*k] (<start>), live log-probs [N*k] (one live
+    hypothesis per image, so the k beams differ), the empty pool [N, p, 4] (score, log-prob, step
+    of <end> = words, global row that emitted it; float64 holds the integers exactly) and the
+    word history [N*k, max_len] that n-gram blocking reads (None without blocking)."""
+    k = cfg.beam_size
+    word = torch.full((n * k,), START_ID, dtype=torch.long)
+    live = torch.full((n, k), NEG)
+    live[:, 0] = 0.0
+    pool = torch.zeros(n, min(cfg.n_best, k), 4, dtype=torch.float64)
+    pool[..., 0] = -math.inf
+    hist = torch.zeros(n * k, cfg.max_len, dtype=torch.long) if cfg.no_repeat_ngram else None
+    return word, live.view(n * k), pool, hist
+
+
 @torch.inference_mode()
 def beam_search(
     decoder: Decoder,
@@ -200,30 +215,18 @@ def beam_search(
     *,
     stop_early: bool = True,
 ) -> list[list[Hypothesis]]:
-    """Batched beam search over N images at once; returns each image's n-best list, best first.
-
-    See the module docstring for the algorithm. Done images leave the batch (in groups, see
-    ``_compact``). ``stop_early=False`` runs every image to ``max_len`` (the result is the
-    same; tests use it to check the stop rule).
-    """
+    """Batched beam search over N images (the module docstring has the algorithm); each image's
+    n-best list, best first. Done images leave the batch in groups (``_compact``);
+    ``stop_early=False`` runs every image to ``max_len``, with the same result."""
     cfg = cfg or DecodeConfig()
     k, n = cfg.beam_size, feats.shape[0]
-    p = min(cfg.n_best, k)  # pool size per image
     ctx = decoder.select(decoder.context(feats), torch.arange(n).repeat_interleave(k))
     state = decoder.init_state(ctx)
     # Rows: image i owns rows i*k .. i*k+k-1 of the N*k "global" rows. The tensors of the loop
     # hold the M images still in the batch: act [M] images, act_rows [M*k] their global rows.
     act, act_rows = torch.arange(n), torch.arange(n * k)
-    word = torch.full((n * k,), START_ID, dtype=torch.long)  # [M*k]
-    live = torch.full((n, k), NEG)
-    live[:, 0] = 0.0  # one live hypothesis at the start, so the k beams differ
-    live = live.view(n * k)  # [M*k] summed log-probs of the live hypotheses
-    hist = torch.zeros(n * k, cfg.max_len, dtype=torch.long) if cfg.no_repeat_ngram else None
-    # the pool [M, p, 4]: score, log-prob, step of <end> (= words), global row that emitted it;
-    # float64 holds the integers exactly. Done images move to ``final``.
-    pool = torch.zeros(n, p, 4, dtype=torch.float64)
-    pool[..., 0] = -math.inf
-    final = pool.clone()  # [N, p, 4]
+    word, live, pool, hist = _start(n, cfg)
+    final = pool.clone()  # [N, p, 4]: the pools of done images
     best_reach = (cfg.max_len + 1) ** cfg.length_alpha  # largest length normaliser
     # per step t, by global row: the word left in it, the row it came from, its attention
     words = torch.zeros(cfg.max_len, n * k, dtype=torch.long)
@@ -242,23 +245,14 @@ def beam_search(
         top_lp, top = cand.topk(2 * k, dim=-1)  # [M, 2k], best first
         ends = top % vocab == END_ID
         if bool(ends[:, :k].any()):  # <end> among the top k joins the pool if among the p best
-            lp_k = top_lp[:, :k]
-            score = torch.where(
-                ends[:, :k] & (lp_k > NEG / 2), lp_k / (t + 1) ** cfg.length_alpha, -math.inf
+            src = top[:, :k] // vocab + first_row  # [M, k] local rows that emitted them
+            pool = _pool_endings(
+                pool, top_lp[:, :k], ends[:, :k], src if full else act_rows[src], t, cfg
             )
-            src_k = top[:, :k] // vocab + first_row
-            src_k = (src_k if full else act_rows[src_k]).to(score.dtype)
-            new = torch.stack([score, lp_k, torch.full_like(score, t), src_k], -1)  # [M, k, 4]
-            merged = torch.cat([pool, new.double()], 1)  # [M, p+k, 4], old entries first
-            order = merged[..., 0].argsort(dim=1, descending=True, stable=True)[:, :p]
-            pool = merged.gather(1, order[..., None].expand(-1, -1, 4))  # ties keep the old
         if alpha is not None and t < cfg.max_len:
             if att is None:
                 att = torch.zeros(cfg.max_len, n * k, alpha.shape[-1])
-            if full:
-                att[t] = alpha
-            else:
-                att[t, act_rows] = alpha
+            att[t, slice(None) if full else act_rows] = alpha
         if t == cfg.max_len:  # every live hypothesis was closed with <end>
             break
         # live: the first k candidates that do not end (at most k of the 2k end)
@@ -293,6 +287,25 @@ def beam_search(
             hist = hist[rows]
     final[act] = pool
     return _trace_back(cfg, final, words, backs, att)
+
+
+def _pool_endings(
+    pool: torch.Tensor,
+    lp: torch.Tensor,
+    ends: torch.Tensor,
+    rows: torch.Tensor,
+    t: int,
+    cfg: DecodeConfig,
+) -> torch.Tensor:
+    """Merge the top-k candidates that end at step ``t`` into the pool [M, p, 4] and keep its p
+    best (ties keep the older entry). lp, ends, rows: [M, k] log-probs, ends-with-<end> flags
+    and the global rows that emitted them."""
+    p = pool.shape[1]
+    score = torch.where(ends & (lp > NEG / 2), lp / (t + 1) ** cfg.length_alpha, -math.inf)
+    new = torch.stack([score, lp, torch.full_like(score, t), rows.to(score.dtype)], -1)
+    merged = torch.cat([pool, new.double()], 1)  # [M, p+k, 4], old entries first
+    order = merged[..., 0].argsort(dim=1, descending=True, stable=True)[:, :p]
+    return merged.gather(1, order[..., None].expand(-1, -1, 4))
 
 
 def _trace_back(cfg, pool, words, backs, att) -> list[list[Hypothesis]]:

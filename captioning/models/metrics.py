@@ -37,8 +37,8 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 
-from captioning.models.bleu import Caption, _bleu, _prepare, normalize
-from captioning.models.coco import METEOR_TIMEOUT_S, _coco
+from captioning.models.bleu import Caption, bleu_scores, normalize, prepare
+from captioning.models.coco import METEOR_TIMEOUT_S, coco_corpus_scores
 
 DIVERSITY_KEYS = ("distinct", "repeat_trigram", "repeat_bigram")
 METRIC_LABELS = {
@@ -72,10 +72,10 @@ def evaluate_captions(
 
     That is BLEU-1..4, METEOR, ROUGE-L, CIDEr-D and the :func:`diversity_stats` rates.
     """
-    corpus = _prepare(hyps, refs)
-    coco = _coco(corpus, meteor=meteor, meteor_timeout_s=meteor_timeout_s)
+    corpus = prepare(hyps, refs)
+    coco = coco_corpus_scores(corpus, meteor=meteor, meteor_timeout_s=meteor_timeout_s)
     out: dict[str, float | int | str | None] = {
-        **_bleu(corpus),
+        **bleu_scores(corpus),
         "meteor": coco["meteor"],
         "rougeL": coco["rougeL"],
         "cider": coco["cider"],

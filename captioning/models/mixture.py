@@ -1,4 +1,9 @@
-"""TODO docstring (ensemble)."""
+"""The ensemble's decoder: several decoders' word probabilities averaged at every step.
+
+``EnsembleStep`` has the decoder-step interface (``context``/``init_state``/``select``/``step``),
+so the beam search runs an ensemble unchanged; ``MemberFeatures`` carries one feature tensor per
+member through it.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""TODO docstring (runtime)."""
+"""The decoder step on OpenVINO: one compiled graph per bundle and grid size.
+
+``accelerate_decoder`` returns an object with the decoder's ``context``/``init_state``/
+``select``/``step`` interface whose step runs compiled (torch where compiling fails); the beam
+search (``captioning.models.decoding``) cannot tell the two apart.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,12 @@ import torch
 from torch import nn
 
 from captioning.runtime.openvino import (
+    CompiledGraph,
     CompileKey,
     GraphInput,
-    _Compiled,
-    _one_line,
     compile_graph,
     note,
+    one_line,
     openvino_version,
     resolve_runtime,
 )
@@ -43,7 +48,7 @@ class _StepGraph(nn.Module):
         return (logp, *state) if alpha is None else (logp, *state, alpha)
 
 
-class OpenVINODecoder(_Compiled):
+class OpenVINODecoder(CompiledGraph):
     """A ``Decoder`` for decoding: ``step`` runs compiled, ``context``/``init_state``/``select``
     are the torch decoder's (they run once per image)."""
 
@@ -125,7 +130,7 @@ def accelerate_decoder(decoder, weights_sha256: str, precision: str, runtime: st
         return openvino_decoder(decoder, weights_sha256, precision, **kw)
     except Exception as e:  # noqa: BLE001 - any conversion/compile failure means "use torch"
         note(
-            f"OpenVINO could not compile the {decoder.cfg.kind} decoder step ({_one_line(e)}); "
+            f"OpenVINO could not compile the {decoder.cfg.kind} decoder step ({one_line(e)}); "
             "running it on torch"
         )
         return decoder

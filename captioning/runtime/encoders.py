@@ -1,4 +1,10 @@
-"""TODO docstring (encoders, runtime, finetune)."""
+"""Encoders ready to run: shared per process, compiled on OpenVINO when asked, fine-tuned blocks.
+
+``shared_encoder(name, precision, runtime)`` is the one encoder a process keeps per setting;
+``load_encoder`` compiles it on OpenVINO (from the compile cache without building the torch model
+when it can) or keeps it on torch; ``tuned_encoder`` swaps a bundle's fine-tuned block into a copy
+of the shared trunk. Whatever fails to compile runs on torch with a notice.
+"""
 
 from __future__ import annotations
 
@@ -24,13 +30,13 @@ from captioning.models.encoders import (
     weights_sha256,
 )
 from captioning.runtime.openvino import (
+    CompiledGraph,
     CompileKey,
     GraphInput,
-    _Compiled,
-    _entry_ok,
-    _one_line,
     compile_graph,
+    entry_ok,
     note,
+    one_line,
     openvino_version,
     resolve_runtime,
 )
@@ -65,7 +71,7 @@ class _EncoderGraph(nn.Module):
         return grid.mean(1), grid
 
 
-class OpenVINOEncoder(_Compiled):
+class OpenVINOEncoder(CompiledGraph):
     """A compiled encoder: ``encode(images [B,3,224,224])`` -> ``EncoderOutput`` (float32)."""
 
     def encode(self, images: torch.Tensor) -> EncoderOutput:
@@ -139,7 +145,7 @@ def cached_encoder(
     cache has no valid entry or it fails to load. ``build`` (the fp32 torch module) rebuilds a
     damaged entry; without it such an entry gives None, and the caller takes the slow path."""
     key = CompileKey(f"encoder-{name}", sha, prec.dtype, openvino_version())
-    if not _entry_ok(openvino_cache_dir() / key.dirname, key):
+    if not entry_ok(openvino_cache_dir() / key.dirname, key):
         return None
 
     def graph() -> nn.Module:
@@ -166,7 +172,7 @@ def accelerate_encoder(encoder: LoadedEncoder, runtime: str = "auto", **kwargs) 
         engine = openvino_encoder(encoder, **kwargs)
     except Exception as e:  # noqa: BLE001 - any conversion/compile failure means "use torch"
         note(
-            f"OpenVINO could not compile the {encoder.spec.name} encoder ({_one_line(e)}); "
+            f"OpenVINO could not compile the {encoder.spec.name} encoder ({one_line(e)}); "
             "running on torch"
         )
         return replace(encoder, engine=None)

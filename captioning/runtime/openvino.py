@@ -165,7 +165,7 @@ def _ov_type(ov, dtype: torch.dtype):
     return {torch.float32: ov.Type.f32, torch.int64: ov.Type.i64}[dtype]
 
 
-def _entry_ok(entry: Path, key: CompileKey) -> bool:
+def entry_ok(entry: Path, key: CompileKey) -> bool:
     try:
         manifest = read_json(entry / "manifest.json")
     except (OSError, ValueError):
@@ -207,7 +207,7 @@ def compile_graph(
         "ENABLE_CPU_PINNING": pin_threads(n_threads),
         "CACHE_DIR": str(entry / "compiled"),
     }
-    fresh = not _entry_ok(entry, key)
+    fresh = not entry_ok(entry, key)
     if fresh:
         _convert(build, inputs, entry, key)
     try:
@@ -219,7 +219,7 @@ def compile_graph(
         return _core().compile_model(str(entry / "model.xml"), "CPU", config)
 
 
-class _Compiled:
+class CompiledGraph:
     """A compiled model with one infer request per thread (requests are not thread-safe)."""
 
     runtime = "openvino"
@@ -241,6 +241,6 @@ class _Compiled:
         return [torch.from_numpy(out[i]) for i in range(len(self.compiled.outputs))]
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
