@@ -17,14 +17,11 @@ import torch
 from captioning.bundle.catalog import resolve_bundle
 from captioning.bundle.ensemble import check_members, joined_labels
 from captioning.bundle.format import (
-    BLOCK_KEY,
     DEFAULT_RUNTIME,
     BundleError,
+    OpenBundle,
     bundle_decoding,
-    checked_block_file,
-    is_ensemble,
-    load_decoder,
-    read_config,
+    open_bundle,
 )
 from captioning.core.files import sha256_file
 from captioning.data.images import ImageLoadError
@@ -81,18 +78,17 @@ class Captioner:
         """``runtime``: torch (the reference, default), openvino, or auto (openvino where
         installed; the CLI's default). Whatever fails to compile runs on torch; ``.runtime``
         says what runs ("openvino+torch": the encoder on OpenVINO, the decoder step on torch)."""
-        path = resolve_bundle(name_or_path, models_dir)
-        if is_ensemble(cfg := read_config(path)):  # several bundles' averaged probabilities
-            return EnsembleCaptioner.load_ensemble(path, cfg, precision, runtime)
-        decoder, vocab, cfg = load_decoder(path)
-        block = checked_block_file(path, cfg) if cfg.get(BLOCK_KEY) else None  # fine-tuned
+        bundle = open_bundle(resolve_bundle(name_or_path, models_dir))
+        if bundle.decoder is None:  # an ensemble: several bundles' averaged probabilities
+            return EnsembleCaptioner.load_ensemble(bundle, precision, runtime)
         rt = resolve_runtime(runtime)
+        path, cfg, block = bundle.path, bundle.config, bundle.block
         encoder = None
         if block and rt == "openvino":  # compiled and cached: no torch trunk to build
             encoder = cached_tuned_encoder(cfg["encoder"], cfg["encoder_sha256"], block, precision)
         if encoder is None:
             encoder = cls._encoder(path, cfg, block, precision, rt)
-        cap = cls(path, cfg, decoder, vocab, encoder)
+        cap = cls(path, cfg, bundle.decoder, bundle.vocab, encoder)
         if encoder.runtime != "torch":
             cap._accelerate_decoder(encoder.runtime)
         return cap
@@ -281,14 +277,13 @@ class EnsembleCaptioner(Captioner):
 
     @classmethod
     def load_ensemble(
-        cls, path: Path, config: dict, precision: str = "auto", runtime: str = "torch"
+        cls, bundle: OpenBundle, precision: str = "auto", runtime: str = "torch"
     ) -> EnsembleCaptioner:
         """Load each member from the ensemble's own models directory and check that it is the
         member the ensemble was made and scored with."""
-        vocab = Vocabulary.load(path / "vocab.json")
-        paths = check_members(path, config, vocab)
+        paths = check_members(bundle.path, bundle.config, bundle.vocab)
         members = [Captioner.load(p, precision, runtime=runtime) for p in paths]
-        return cls(path, config, members, vocab)
+        return cls(bundle.path, bundle.config, members, bundle.vocab)
 
     @property
     def uses_grid(self) -> bool:
