@@ -1,5 +1,5 @@
-"""Every ``python -m captioning …`` command the README or the dashboard shows parses with the
-real parser, and the README's CLI reference is the one the parser generates."""
+"""Every ``python -m captioning …`` command the README, docs/ or the dashboard shows parses with
+the real parser, and the CLI reference lists every command, flag and default."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from captioning.cli import build_parser, cli_reference_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
 COMMAND = re.compile(r"(?:\bpython|\btorchrun[^\n`]*?) -m captioning\b(?P<rest>[^\n`]*)")
 PLACEHOLDER = "1"  # for shell variables ($b) and f-string fields ({name}) in shown commands
 
@@ -41,7 +42,7 @@ def _commands(text: str) -> list[str]:
     found = []
     for m in COMMAND.finditer(text):
         rest = m["rest"]
-        rest = re.split(r"\s#|;|\||&&|\s>", rest)[0].strip()
+        rest = re.split(r"\s#|;|\||&&|\s-->|\s>", rest)[0].strip()  # --> ends a marker
         if not rest or "…" in rest or "..." in rest:  # prose: "python -m captioning …"
             continue
         found.append(re.sub(r"\$\w+", PLACEHOLDER, rest))
@@ -49,7 +50,7 @@ def _commands(text: str) -> list[str]:
 
 
 def _shown_commands() -> list[tuple[str, str]]:
-    shown = [("README.md", c) for c in _commands(README.read_text())]
+    shown = [(str(p.relative_to(REPO)), c) for p in PAGES for c in _commands(p.read_text())]
     for path in sorted((REPO / "dashboard").rglob("*.py")):
         for s in _python_strings(path):
             shown += [(str(path.relative_to(REPO)), c) for c in _commands(s)]
@@ -59,9 +60,10 @@ def _shown_commands() -> list[tuple[str, str]]:
 SHOWN = _shown_commands()
 
 
-def test_commands_are_found_in_readme_and_dashboard():
+def test_commands_are_found_in_readme_docs_and_dashboard():
     where = {w for w, _ in SHOWN}
     assert sum(w == "README.md" for w, _ in SHOWN) >= 10
+    assert {"docs/training.md", "docs/scaling.md", "docs/performance.md"} <= where
     assert {"dashboard/components.py", "dashboard/app_pages/compare.py"} <= where
     hints = [c for w, c in SHOWN if w.startswith("dashboard/") and c.startswith("evaluate")]
     assert hints
@@ -91,18 +93,6 @@ def test_the_extractor_would_catch_a_bad_command():
     ]
     torchrun = "torchrun --nnodes 2 \\\n  -m captioning train --out d"
     assert _commands(torchrun) == ["train --out d"]
-
-
-def test_readme_cli_reference_is_generated_from_the_parser():
-    text = README.read_text()
-    block = re.search(
-        r"<!-- cli-reference:start -->\n(.*?)\n<!-- cli-reference:end -->", text, re.S
-    )
-    assert block, "README lacks the generated CLI reference block"
-    want = cli_reference_markdown(build_parser())
-    assert block[1].strip() == want.strip(), (
-        "README's CLI reference is out of date: paste `python -m captioning help-markdown`"
-    )
 
 
 def test_cli_reference_lists_every_command_flag_and_default():

@@ -1,4 +1,4 @@
-"""TODO docstring (reports)."""
+"""``card.md``: a bundle's model card, rendered from its config, history and records."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _data_line(config: dict) -> str:
     counts = ", ".join(f"{sizes[s]} {s}" for s in ("train", "dev", "test") if s in sizes)
     beam = config.get("train_config", {}).get("dev_beam", 1)
     how = "greedy" if beam == 1 else f"beam {beam}"
-    metric = config.get("select_metric", "dev_bleu4")  # bundles before it was recorded: BLEU-4
+    metric = config.get("select_metric", "dev_bleu4")  # absent: dev BLEU-4 chose
     chosen = "dev " + METRIC_LABELS.get(metric.removeprefix("dev_"), metric)
     return (
         f"- Data: {data.get('name', 'Flickr8k')}, {data['layout']} layout ({data['split']}); "
@@ -42,32 +42,32 @@ def _model_lines(cfg: dict, history: list[dict]) -> list[str]:
     how = f"with its `{block}` fine-tuned with the decoder" if block else "(frozen)"
     par = cfg["decoder"] == "inject" and d.get("inject_mode") == "par"
     kind = "`inject` (par-inject: the image beside every word)" if par else f"`{cfg['decoder']}`"
+    article = "an" if cfg["decoder"][:1] in "aeiou" else "a"
     return [
-        f"An image captioner: the `{cfg['encoder']}` ImageNet encoder {how} and a "
+        f"An image captioner: the `{cfg['encoder']}` ImageNet encoder {how} and {article} "
         f"{kind} LSTM decoder (hidden {d['hidden_dim']}, embedding {d['embed_dim']}, "
         f"dropout {d['dropout']}) with a {d['vocab_size']}-word vocabulary.",
         "",
         *(_soup_lines(cfg) if cfg.get("soup") else [
             _data_line(cfg),
             f"- Best epoch: {cfg.get('best_epoch')} of {len(history)}; encoder weights sha256 "
-            f"`{cfg['encoder_sha256'][:16]}…`; git commit `{cfg.get('git_commit')}`."]),
+            f"`{cfg['encoder_sha256'][:16]}…`."]),
     ]  # fmt: skip
 
 
 def _soup_lines(cfg: dict) -> list[str]:
-    """The card's lines for a soup (``captioning.soup``): its members instead of an epoch."""
+    """The card's lines for a soup (``captioning.bundle.soup``): its members instead of an epoch."""
     members = ", ".join(f"`{m['name']}` ({m['weight']:g})" for m in cfg["soup"]["members"])
     return [
         f"- A weight-averaged soup of {members}: the weighted mean of their decoder and "
         "fine-tuned block weights; `history.json` holds their epochs.",
         _ensemble_data_line(cfg.get("data")),
-        f"- Encoder weights sha256 `{cfg['encoder_sha256'][:16]}…`; made at git commit "
-        f"`{cfg.get('git_commit')}`.",
+        f"- Encoder weights sha256 `{cfg['encoder_sha256'][:16]}…`.",
     ]
 
 
 def _ensemble_lines(cfg: dict) -> list[str]:
-    """The card's description of an ensemble (``captioning.ensemble``): its members."""
+    """The card's description of an ensemble (``captioning.bundle.ensemble``): its members."""
     members = ", ".join(f"`{m['name']}` ({m['weight']:g})" for m in cfg["members"])
     return [
         f"An ensemble of {members}: one beam search over the weighted mean of the members' "
@@ -75,7 +75,6 @@ def _ensemble_lines(cfg: dict) -> list[str]:
         "card describes its training, and loading checks the members' sha256.",
         "",
         _ensemble_data_line(cfg.get("data")),
-        f"- Made at git commit `{cfg.get('git_commit')}`.",
     ]
 
 
