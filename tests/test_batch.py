@@ -1,4 +1,5 @@
-"""Batch captioning on Ray Data: inputs, pool sizing, error rows, resume without duplicates."""
+"""Batch captioning on Ray Data: inputs, pool sizing, the bundle digest, decoding tasks, error
+rows, resume without duplicates."""
 
 from __future__ import annotations
 
@@ -10,15 +11,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from captioning.serving.ray_batch import (
+from captioning.bundle.format import BLOCK_FILE, DECODER_FILE
+from captioning.serving.batch_files import (
     PARTIAL_PREFIX,
     ROW_FIELDS,
-    BatchConfig,
+    check_compatible,
     existing_rows,
-    plan_pool,
     read_inputs,
-    run_batch,
+    row_schema,
     steady_rate,
+)
+from captioning.serving.ray_batch import (
+    BatchConfig,
+    bundle_sha256,
+    load_files,
+    loaded_schema,
+    plan_pool,
+    run_batch,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +87,51 @@ def test_existing_rows_sets_half_written_shards_aside(tmp_path):
     assert not (tmp_path / "run2_000000-0.parquet").exists()
 
 
+def test_an_out_folder_refuses_another_bundle_or_decoding(tmp_path):
+    rows = [{"path": "/p/1.jpg", "model": "m", "bundle_sha256": "a" * 64, "decoding": "{}"}]
+    check_compatible(rows, "m", "a" * 64, "{}", tmp_path)
+    check_compatible([], "m", "b" * 64, "{}", tmp_path)  # an empty folder takes any run
+    for sha, decoding in (("b" * 64, "{}"), ("a" * 64, '{"beam_size": 2}')):
+        with pytest.raises(ValueError, match="use another --out"):
+            check_compatible(rows, "m", sha, decoding, tmp_path)
+
+
+def test_bundle_sha256_covers_the_weights_and_the_tuned_block(tmp_path):
+    files = {"config.json": b"{}", DECODER_FILE: b"decoder", "vocab.json": b"[]"}
+    files |= {BLOCK_FILE: b"block", "history.json": b"[]"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    digest = bundle_sha256(tmp_path)
+    assert len(digest) == 64 and bundle_sha256(tmp_path) == digest
+
+    (tmp_path / BLOCK_FILE).write_bytes(b"another fine-tuned block")
+    tuned = bundle_sha256(tmp_path)
+    assert tuned != digest  # a changed block changes the captions, so the digest
+    (tmp_path / "history.json").write_bytes(b"[1]")
+    assert bundle_sha256(tmp_path) == tuned  # the training log decides no caption
+    (tmp_path / DECODER_FILE).write_bytes(b"another decoder")
+    assert bundle_sha256(tmp_path) != tuned
+    frozen = bundle_sha256(tmp_path)
+    (tmp_path / BLOCK_FILE).unlink()
+    assert bundle_sha256(tmp_path) != frozen
+
+
+def test_load_files_decodes_images_and_names_bad_ones(tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    paths = [str(SAMPLES / "chelsea.jpg"), str(broken), str(tmp_path / "missing.jpg")]
+    table = load_files(pa.table({"path": paths}))
+    assert table.schema == loaded_schema()
+    rows = table.to_pylist()
+    assert [r["path"] for r in rows] == paths
+    good = rows[0]
+    assert good["error"] is None and min(good["height"], good["width"]) >= 224
+    assert len(good["rgb"]) == good["height"] * good["width"] * 3  # uint8 [H, W, 3]
+    assert "broken.jpg" in rows[1]["error"] and rows[1]["rgb"] == b""
+    assert "missing.jpg" in rows[2]["error"]
+    assert row_schema().names == list(ROW_FIELDS)
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     ray = pytest.importorskip("ray")
@@ -98,9 +152,10 @@ def test_steady_rate_leaves_out_the_first_shard():
     # two actors: both first shards (start-up) drop out, the clock starts at the later one
     two = [(10.0, 128), (10.1, 128), (12.0, 128), (14.1, 128)]
     assert steady_rate(two, actors=2) == pytest.approx(256 / 4.0)
-    assert steady_rate(two[:2], actors=2) is None  # was 2560 images/s from a 0.1 s span
+    assert steady_rate(two[:2], actors=2) is None  # not 2560 images/s from a 0.1 s span
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not BUNDLE.is_dir(), reason="shipped bundle resnet50-attention is absent")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray's own settings
 @pytest.mark.filterwarnings("ignore:The minimum number of concurrent actors:UserWarning")

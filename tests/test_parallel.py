@@ -16,6 +16,7 @@ from captioning.serving.procs import (
     WORKER_MEMORY,
     WorkerError,
     WorkerSpec,
+    available_memory,
     caption_parallel,
     plan_procs,
 )
@@ -34,6 +35,13 @@ def test_plan_procs_is_one_per_core_per_images_and_per_memory():
     assert plan_procs(0, cpus=4) == 1
 
 
+def test_available_memory_is_a_positive_byte_count_or_unknown():
+    memory = available_memory()
+    assert memory is None or memory > 2**20
+    assert plan_procs(10_000, cpus=2, memory=memory) in (1, 2)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not BUNDLE.is_dir(), reason="needs the shipped resnet50-inject bundle")
 def test_workers_give_the_streams_captions_in_order_with_bad_files_in_place(tmp_path):
     from captioning.inference.captioner import Captioner
@@ -58,12 +66,14 @@ def test_workers_give_the_streams_captions_in_order_with_bad_files_in_place(tmp_
             assert res.attention is None
 
 
+@pytest.mark.slow
 def test_a_worker_that_cannot_load_the_bundle_is_an_error_not_a_hang(tmp_path):
     spec = WorkerSpec(str(tmp_path / "no-such-bundle"), "fp32", "torch")
     with pytest.raises(WorkerError, match="no model bundle"):
         list(caption_parallel(spec, [SAMPLES / "chelsea.jpg"] * 3, procs=2, chunk=1))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not BUNDLE.is_dir(), reason="needs the shipped resnet50-inject bundle")
 def test_cli_procs_matches_one_process(tmp_path):
     files = [str(p) for p in sorted(SAMPLES.glob("*.jpg"))] * 2

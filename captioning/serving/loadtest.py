@@ -15,15 +15,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from captioning.core.paths import SAMPLES_DIR
 
-SAMPLES = SAMPLES_DIR
+if TYPE_CHECKING:
+    import httpx
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -50,20 +54,22 @@ class LoadConfig:
 
 
 def sample_images() -> list[tuple[str, bytes]]:
-    files = sorted(SAMPLES.glob("*.jpg"))
+    """(name, JPEG bytes) of each shipped sample photo."""
+    files = sorted(SAMPLES_DIR.glob("*.jpg"))
     if not files:
-        raise FileNotFoundError(f"no sample photos in {SAMPLES}")
+        raise FileNotFoundError(f"no sample photos in {SAMPLES_DIR}")
     return [(f.name, f.read_bytes()) for f in files]
 
 
 def free_port() -> int:
+    """A TCP port free on loopback now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 @contextmanager
-def local_server(model: str, extra: list[str], startup_timeout: float):
+def local_server(model: str, extra: list[str], startup_timeout: float) -> Iterator[str]:
     """``python -m captioning serve`` on a free loopback port; yields its URL."""
     port = free_port()
     cmd = [sys.executable, "-m", "captioning", "serve", "--model", model, "--port", str(port)]
@@ -87,7 +93,7 @@ def local_server(model: str, extra: list[str], startup_timeout: float):
                 proc.wait()
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, log, timeout: float) -> None:
+def _wait_ready(url: str, proc: subprocess.Popen, log: IO[str], timeout: float) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -109,9 +115,20 @@ def _wait_ready(url: str, proc: subprocess.Popen, log, timeout: float) -> None:
 
 
 async def run_level(
-    url: str, clients: int, images, n_requests: int, seconds: float, beam, timeout: float
+    url: str,
+    clients: int,
+    images: list[tuple[str, bytes]],
+    n_requests: int,
+    seconds: float,
+    beam: int | None,
+    timeout: float,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> dict:
-    """``clients`` concurrent loops sharing a budget of ``n_requests`` and ``seconds``."""
+    """``clients`` concurrent loops sharing a budget of ``n_requests`` and ``seconds``.
+
+    ``transport``: httpx's own (TCP) by default; e.g. ``httpx.ASGITransport(app)`` to load an
+    app in this process.
+    """
     import httpx
 
     latencies: list[float] = []
@@ -146,7 +163,7 @@ async def run_level(
                 key = f"HTTP {r.status_code}"
                 errors[key] = errors.get(key, 0) + 1
 
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport) as http:
         await asyncio.gather(*(client(i, http) for i in range(clients)))
     wall = time.perf_counter() - t_start
     lat = np.array(latencies) if latencies else np.array([float("nan")])
@@ -202,6 +219,7 @@ def bench_serve(cfg: LoadConfig) -> dict:
 
 
 def format_report(rep: dict) -> str:
+    """``bench_serve``'s report as a table, one line per concurrency level."""
     lines = [
         f"{rep['model']} on {rep['runtime']} ({rep['precision']}), beam {rep['beam']}",
         f"{'clients':>7s} {'ok':>5s} {'errors':>6s} {'req/s':>7s} {'p50 ms':>8s} {'p99 ms':>8s} "

@@ -2,9 +2,10 @@
 
 ``run_batch(BatchConfig(model, input, out))`` captions every image of ``input`` (a folder, a text
 file of paths, or a Parquet/CSV file with a ``path`` column) into Parquet shards in ``out``, one
-row per image (``ROW_FIELDS``). Unreadable files become rows whose ``error`` names the cause.
-Re-running skips the paths already in ``out``; shards left half-written by a killed run are set
-aside (renamed ``_partial-*``) and their paths captioned again, so no path gets two rows.
+row per image (``batch_files.ROW_FIELDS``). Unreadable files become rows whose ``error`` names
+the cause. Re-running skips the paths already in ``out``; shards left half-written by a killed
+run are set aside (renamed ``_partial-*``) and their paths captioned again, so no path gets two
+rows.
 
 Without an address a local Ray is started on this machine's cores; ``address="auto"`` or
 ``"ray://host:10001"`` joins a cluster, where every node needs this package installed at the
@@ -22,28 +23,29 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from captioning.data.images import ImageLoadError, iter_image_files
-
-ROW_FIELDS = (
-    "path",
-    "caption",
-    "nbest",  # JSON list of {"caption", "logprob"}, best first
-    "logprob",
-    "model",
-    "bundle_sha256",
-    "runtime",
-    "precision",
-    "decoding",  # JSON of the DecodeConfig used
-    "error",  # None, or why the image has no caption
+from captioning.bundle.format import BLOCK_FILE, REQUIRED_FILES
+from captioning.core.files import sha256_file
+from captioning.data.images import ImageLoadError
+from captioning.serving.batch_files import (
+    check_compatible,
+    existing_rows,
+    new_shards,
+    read_inputs,
+    row_schema,
+    shard_names,
+    steady_rate,
 )
-PARTIAL_PREFIX = "_partial-"  # pyarrow's dataset readers ignore files starting with "_"
+from captioning.serving.loading import load_captioner
+
 ACTOR_CPU_SHARE = 0.5  # of the cluster's CPUs reserved for actors; read/write tasks get the rest
 READ_TASK_CPUS = 0.25
 THREADS_PER_WORKER = 1  # the default pool: one actor per this many CPUs...
 ACTOR_MEMORY = 1.5 * 2**30  # ...and per this much of the cluster's memory (an actor peaks ~1.2 GB)
 BATCH_SIZE = 16
-BUNDLE_FILES = ("config.json", "decoder.safetensors", "vocab.json")
+# what decides a bundle's captions: config, decoder weights, vocabulary and a fine-tuned block
+CAPTION_FILES = (*REQUIRED_FILES, BLOCK_FILE)
 
 
 @dataclass
@@ -58,7 +60,7 @@ class BatchConfig:
     batch_size: int = BATCH_SIZE
     precision: str = "auto"
     runtime: str = "auto"
-    device: str = "auto"  # auto | cpu | cuda, resolved on the driver (captioning.precision)
+    device: str = "auto"  # auto | cpu | cuda, resolved on the driver (core.machine)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -101,21 +103,32 @@ class BatchReport:
         return {**asdict(self), "images_per_s": self.images_per_s}
 
 
-# ---------------------------------------------------------------- loading the captioner
+@dataclass
+class BatchJob:
+    """What the driver resolved before starting Ray: the bundle, its digest, the decoding."""
+
+    bundle: Path
+    sha256: str
+    decoding: dict  # every DecodeConfig field
+    device: str
+
+    @property
+    def decoding_json(self) -> str:
+        """The decoding as rows record it."""
+        return json.dumps(self.decoding, sort_keys=True)
 
 
-def load_captioner(
-    model: str | Path, precision: str = "auto", runtime: str = "auto", device: str = "cpu"
-):
-    """``Captioner.load`` on ``device`` with the fastest runtime available there."""
-    from captioning import Captioner
+def bundle_sha256(bundle: Path) -> str:
+    """One digest of the files that decide a bundle's captions (``CAPTION_FILES``).
 
-    if device != "cpu":  # CUDA-only: the encoder on the GPU at its autocast dtype, on torch
-        from captioning.core.machine import resolve_precision
-
-        precision, runtime = resolve_precision(precision, device), "torch"
-
-    return Captioner.load(model, precision, runtime=runtime)
+    A fine-tuned bundle's block file counts as its decoder does. An ensemble has no weights of
+    its own: its config holds its members' sha256, which loading checks.
+    """
+    h = hashlib.sha256()
+    for name in CAPTION_FILES:
+        if (bundle / name).exists():
+            h.update(f"{name}:{sha256_file(bundle / name)}\n".encode())
+    return h.hexdigest()
 
 
 def gpu_share(resources: dict, actors: int) -> dict:
@@ -126,126 +139,6 @@ def gpu_share(resources: dict, actors: int) -> dict:
     return {"num_gpus": min(1.0, gpus / actors)}
 
 
-def bundle_sha256(bundle: Path) -> str:
-    """One digest of a bundle's config, weights and vocabulary (what decides its captions).
-
-    An ensemble has no weights of its own: its config holds its members' sha256, which loading
-    checks, as a fine-tuned bundle's config holds its block's.
-    """
-    from captioning.core.files import sha256_file
-
-    h = hashlib.sha256()
-    for name in BUNDLE_FILES:
-        if (bundle / name).exists():
-            h.update(f"{name}:{sha256_file(bundle / name)}\n".encode())
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------- inputs and resume
-
-
-def read_inputs(source: str | Path) -> list[str]:
-    """Absolute image paths from a folder (recursive), a text file, or Parquet/CSV ``path``."""
-    src = Path(source)
-    if src.is_dir():
-        paths = [str(p) for p in iter_image_files([src])]
-        if not paths:
-            raise FileNotFoundError(f"{src}: no image files in this folder")
-    elif not src.exists():
-        raise FileNotFoundError(f"{src}: no such file or folder")
-    elif src.suffix.lower() in (".parquet", ".csv"):
-        paths = _path_column(src)
-    else:
-        lines = src.read_text(encoding="utf-8").splitlines()
-        paths = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    out, seen = [], set()
-    for p in paths:  # absolute (Ray workers have another cwd), first occurrence kept
-        ap = os.path.abspath(os.path.expanduser(p))
-        if ap not in seen:
-            seen.add(ap)
-            out.append(ap)
-    if not out:
-        raise ValueError(f"{src}: lists no paths")
-    return out
-
-
-def _path_column(src: Path) -> list[str]:
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(src) if src.suffix.lower() == ".parquet" else pcsv.read_csv(src)
-    except Exception as e:  # pyarrow raises ArrowInvalid and friends
-        raise ValueError(f"{src}: cannot read it ({e})") from None
-    if "path" not in table.column_names:
-        raise ValueError(f"{src}: needs a 'path' column (has {', '.join(table.column_names)})")
-    return [str(p) for p in table.column("path").to_pylist() if p]
-
-
-def existing_rows(out: Path) -> tuple[list[dict], list[str]]:
-    """Rows already in ``out`` (path, model, bundle_sha256, decoding, error), and shards set aside.
-
-    A shard that cannot be read (a run killed while writing it) is renamed ``_partial-NAME`` so
-    that its paths are captioned again and no reader counts it.
-    """
-    import pyarrow.parquet as pq
-
-    rows, aside = [], []
-    if not out.is_dir():
-        return rows, aside
-    cols = ["path", "model", "bundle_sha256", "decoding", "error"]
-    for shard in sorted(out.glob("*.parquet")):
-        if shard.name.startswith(("_", ".")):
-            continue
-        try:
-            rows.extend(pq.read_table(shard, columns=cols).to_pylist())
-        except Exception:  # truncated or foreign file
-            target = shard.with_name(PARTIAL_PREFIX + shard.name)
-            shard.rename(target)
-            aside.append(str(target))
-    return rows, aside
-
-
-def steady_rate(shards: list[tuple[float, int]], actors: int = 1) -> float | None:
-    """Images/s after each actor's first shard: ``shards`` = (mtime, rows).
-
-    The first ``actors`` shards (each actor's first, written about when its start-up and model
-    load end) are not counted, and the clock starts at the last of them (like ``caption``'s loop
-    rate, which starts after its model is loaded). Two actors write their first shards at about
-    the same moment, so timing from the very first shard would divide by almost nothing. None
-    when no shard comes after those.
-    """
-    if len(shards) <= actors:
-        return None
-    shards = sorted(shards)
-    span = shards[-1][0] - shards[actors - 1][0]
-    return round(sum(n for _, n in shards[actors:]) / span, 2) if span > 0 else None
-
-
-def _new_shards(out: Path, before: set[str]) -> list[tuple[float, int]]:
-    import pyarrow.parquet as pq
-
-    return [
-        (p.stat().st_mtime, pq.ParquetFile(p).metadata.num_rows)
-        for p in out.glob("*.parquet")
-        if p.name not in before and not p.name.startswith(("_", "."))
-    ]
-
-
-def _check_compatible(rows: list[dict], model: str, sha: str, decoding: str, out: Path) -> None:
-    """Refuse to mix captions of another bundle or other decoding settings in one ``out``."""
-    for r in rows[:1] + rows[-1:]:
-        if r["bundle_sha256"] != sha or r["decoding"] != decoding:
-            raise ValueError(
-                f"{out} holds captions by {r['model']} (bundle sha256 {r['bundle_sha256'][:12]}…, "
-                f"decoding {r['decoding']}); this run is {model} ({sha[:12]}…, {decoding}): "
-                "use another --out"
-            )
-
-
-# ---------------------------------------------------------------- the pool
-
-
 def plan_pool(
     cluster_cpus: float, workers: int | None = None, cluster_memory: float | None = None
 ) -> PoolPlan:
@@ -253,11 +146,11 @@ def plan_pool(
 
     By default one single-thread actor per CPU, as many as ``ACTOR_MEMORY`` each allows: on 2
     cores two such actors caption 15–20% faster than one actor with two threads (README, Scaling
-    out), since the runtime never pins two processes to one core (``runtime.pin_threads``).
+    out), since the runtime never pins two processes to one core (``core.machine.pin_threads``).
     Actors get ``ACTOR_CPU_SHARE`` of the CPUs in Ray's accounting; the rest stays free for the
-    read and write tasks. (Measured here: with 2 CPUs, 2 actors at 1 CPU each starve the read
-    tasks and the pipeline stalls; at 0.5 CPU each it runs.) Torch threads are the real cores:
-    the cluster's CPUs divided among the actors.
+    read and write tasks: with 2 CPUs, 2 actors at 1 CPU each starve the read tasks and the
+    pipeline stalls, while at 0.5 CPU each it runs. Torch threads are the real cores: the
+    cluster's CPUs divided among the actors.
     """
     cpus = max(float(cluster_cpus), 1.0)
     actors = workers or max(1, int(cpus) // THREADS_PER_WORKER)
@@ -271,18 +164,13 @@ def plan_pool(
     )
 
 
-def row_schema():
-    """The Parquet schema of the output rows (``ROW_FIELDS``)."""
-    import pyarrow as pa
-
-    types = {"logprob": pa.float64()}
-    return pa.schema([(k, types.get(k, pa.string())) for k in ROW_FIELDS])
+# ---------------------------------------------------------------- Ray Data tasks and actors
 
 
-def load_files(batch):
+def load_files(batch: Any) -> Any:
     """Ray Data task: ``path`` -> ``path, rgb, height, width, error`` (a pyarrow Table).
 
-    Reads and decodes each image with the captioning input's loader (``pipeline.load_rgb``:
+    Reads and decodes each image with the captioning input's loader (``runtime.pixels.load_rgb``:
     decode, orient, reduce in uint8), so decoding runs in these tasks while the actors caption.
     ``rgb`` holds the reduced uint8 [height, width, 3] image's bytes (a quarter of the float
     pixels; the actor finishes ``preprocess``), or nothing when ``error`` says why the file is
@@ -307,7 +195,7 @@ def load_files(batch):
     return pa.table(cols, schema=loaded_schema())
 
 
-def loaded_schema():
+def loaded_schema() -> Any:
     """The schema of ``load_files``' output."""
     import pyarrow as pa
 
@@ -353,7 +241,7 @@ class CaptionActor:
             "decoding": json.dumps(asdict(cfg), sort_keys=True),
         }
 
-    def __call__(self, batch):
+    def __call__(self, batch: Any) -> Any:
         """A ``load_files`` Table -> a Table of ``row_schema()``."""
         import numpy as np
         import pyarrow as pa
@@ -418,29 +306,58 @@ def _descendants() -> set[int]:
     return found
 
 
-def run_batch(cfg: BatchConfig) -> BatchReport:
-    """Caption ``cfg.input`` into Parquet shards in ``cfg.out`` on Ray Data; resumable."""
-    import ray
-
+def resolve_job(cfg: BatchConfig) -> BatchJob:
+    """Check the device and the bundle, and fix the decoding, before any Ray starts."""
     from captioning.bundle.catalog import resolve_bundle
     from captioning.bundle.ensemble import check_bundle
     from captioning.bundle.format import bundle_decoding
     from captioning.core.machine import resolve_device
 
-    t0 = time.perf_counter()
     device = resolve_device(cfg.device)  # fails early when cuda is asked for but absent
+    bundle = resolve_bundle(cfg.model).resolve()
+    bcfg = check_bundle(bundle)  # fails early on a broken bundle
+    dec = asdict(bundle_decoding(bcfg, cfg.beam, **cfg.overrides))
+    return BatchJob(bundle, bundle_sha256(bundle), dec, device)
+
+
+def _caption_paths(
+    cfg: BatchConfig, job: BatchJob, plan: PoolPlan, todo: list[str], out: Path
+) -> None:
+    """The Ray Data pipeline: ``todo`` -> ``load_files`` -> ``CaptionActor`` -> ``out``."""
+    import ray
+
+    n_blocks = max(plan.actors, math.ceil(len(todo) / (cfg.batch_size * 8)))
+    ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=n_blocks)
+    ds = ds.map_batches(
+        load_files, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=READ_TASK_CPUS
+    )
+    actor_args = (str(job.bundle), job.sha256, cfg.precision, cfg.runtime, job.decoding,
+                  plan.threads_per_actor, job.device)  # fmt: skip
+    gpus = gpu_share(ray.cluster_resources(), plan.actors) if job.device != "cpu" else {}
+    ds = ds.map_batches(
+        CaptionActor,
+        fn_constructor_args=actor_args,
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        num_cpus=plan.cpus_per_actor,
+        **gpus,
+    )
+    ds.write_parquet(str(out), ray_remote_args={"num_cpus": READ_TASK_CPUS})
+
+
+def run_batch(cfg: BatchConfig) -> BatchReport:
+    """Caption ``cfg.input`` into Parquet shards in ``cfg.out`` on Ray Data; resumable."""
+    import ray
+
+    t0 = time.perf_counter()
     out = Path(cfg.out).resolve()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
-    bundle = resolve_bundle(cfg.model).resolve()
-    bcfg = check_bundle(bundle)  # fails early on a broken bundle
-    sha = bundle_sha256(bundle)
-    dec = asdict(bundle_decoding(bcfg, cfg.beam, **cfg.overrides))
-    decoding = json.dumps(dec, sort_keys=True)
-
+    job = resolve_job(cfg)
     paths = read_inputs(cfg.input)
     rows, aside = existing_rows(out)
-    _check_compatible(rows, bundle.name, sha, decoding, out)
+    check_compatible(rows, job.bundle.name, job.sha256, job.decoding_json, out)
     done = {r["path"] for r in rows}
     todo = [p for p in paths if p not in done]
     report = BatchReport(str(out), len(paths), len(paths) - len(todo), 0, 0, aside)
@@ -448,41 +365,18 @@ def run_batch(cfg: BatchConfig) -> BatchReport:
         report.startup_seconds = round(time.perf_counter() - t0, 2)
         return report
 
-    before = {p.name for p in out.glob("*.parquet")} if out.is_dir() else set()
+    before = shard_names(out)
     started = not ray.is_initialized()
     if started:
         _init_ray(cfg.address)
     try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = cfg.progress
+        ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
         resources = ray.cluster_resources()
         plan = plan_pool(resources.get("CPU", 1.0), cfg.workers, resources.get("memory"))
         report.plan = asdict(plan)
         t1 = time.perf_counter()
         report.startup_seconds = round(t1 - t0, 2)
-        n_blocks = max(plan.actors, math.ceil(len(todo) / (cfg.batch_size * 8)))
-        ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=n_blocks)
-        ds = ds.map_batches(
-            load_files, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=READ_TASK_CPUS
-        )
-        ds = ds.map_batches(
-            CaptionActor,
-            fn_constructor_args=(
-                str(bundle),
-                sha,
-                cfg.precision,
-                cfg.runtime,
-                dec,
-                plan.threads_per_actor,
-                device,
-            ),
-            batch_size=cfg.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=plan.actors),
-            num_cpus=plan.cpus_per_actor,
-            **(gpu_share(ray.cluster_resources(), plan.actors) if device != "cpu" else {}),
-        )
-        ds.write_parquet(str(out), ray_remote_args={"num_cpus": READ_TASK_CPUS})
+        _caption_paths(cfg, job, plan, todo, out)
         report.seconds = round(time.perf_counter() - t1, 2)
     finally:
         if started:
@@ -490,5 +384,5 @@ def run_batch(cfg: BatchConfig) -> BatchReport:
     new = [r for r in existing_rows(out)[0] if r["path"] not in done]
     report.captioned = sum(1 for r in new if r["error"] is None)
     report.errors = len(new) - report.captioned
-    report.steady_images_per_s = steady_rate(_new_shards(out, before), plan.actors)
+    report.steady_images_per_s = steady_rate(new_shards(out, before), plan.actors)
     return report
