@@ -34,6 +34,8 @@ BLOCK_FILE = "encoder_block.safetensors"  # a fine-tuned encoder block (captioni
 BLOCK_KEY = "encoder_block"  # its config.json entry: block, file, sha256 (absent: frozen encoder)
 # the weights themselves and what training wrote with them: `train --force` removes these too
 WEIGHT_FILES = (*REQUIRED_FILES, "history.json", BLOCK_FILE)
+# what decides a single model's captions: a batch job's bundle digest covers exactly these
+CAPTION_FILES = (*REQUIRED_FILES, BLOCK_FILE)
 
 
 class BundleError(ValueError):

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captioning.bundle.format import BLOCK_FILE, REQUIRED_FILES
+from captioning.bundle.format import CAPTION_FILES
 from captioning.core.files import sha256_file
 from captioning.data.images import ImageLoadError
 from captioning.serving.batch_files import (
@@ -45,7 +45,6 @@ THREADS_PER_WORKER = 1  # the default pool: one actor per this many CPUs...
 ACTOR_MEMORY = 1.5 * 2**30  # ...and per this much of the cluster's memory (an actor peaks ~1.2 GB)
 BATCH_SIZE = 16
 # what decides a bundle's captions: config, decoder weights, vocabulary and a fine-tuned block
-CAPTION_FILES = (*REQUIRED_FILES, BLOCK_FILE)
 
 
 @dataclass
