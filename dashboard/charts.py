@@ -7,7 +7,9 @@ from collections.abc import Sequence
 import pandas as pd
 import plotly.graph_objects as go
 
-from dashboard.tables import DECODER_ORDER, MEMBER_SEP, METRIC_LABELS, encoder_family
+from captioning.models.decoders import DECODER_KINDS
+from captioning.models.metrics import METRIC_LABELS
+from dashboard.tables import encoder_family
 
 # ResNet models in blues, VGG models in oranges; darker = richer decoder.
 FAMILY_SHADES = {
@@ -23,8 +25,8 @@ def model_colors(models: Sequence[tuple[str, str, str]]) -> dict[str, str]:
     spare = iter(FALLBACK * 4)
     for name, encoder, decoder in models:
         shades = FAMILY_SHADES.get(encoder_family(encoder))
-        if shades and decoder in DECODER_ORDER[: len(shades)] and not encoder.endswith("-tv"):
-            colors[name] = shades[DECODER_ORDER.index(decoder)]
+        if shades and decoder in DECODER_KINDS[: len(shades)] and not encoder.endswith("-tv"):
+            colors[name] = shades[DECODER_KINDS.index(decoder)]
         else:
             colors[name] = next(spare)
     return colors
@@ -39,16 +41,17 @@ def _tint(color: str, amount: float) -> str:
     return "#" + "".join(f"{round(c + (255 - c) * amount):02X}" for c in rgb)
 
 
-def line_colors(lines: Sequence[str], colors: dict[str, str]) -> dict[str, str]:
-    """``colors`` extended to a soup's member lines (``"soup · member"``, ``tables.read_history``):
-    tints of the soup's colour, one per member in order."""
+def line_colors(history: pd.DataFrame, colors: dict[str, str]) -> dict[str, str]:
+    """``colors`` extended to the lines of ``history`` (``tables.read_history``) that are not a
+    bundle of their own, a soup's members: tints of their bundle's colour, one per line in
+    order."""
     out, seen = dict(colors), {}
-    for line in lines:
-        soup = line.split(MEMBER_SEP, 1)[0]
-        if line in out or MEMBER_SEP not in line or soup not in colors:
+    lines = history[["model", "bundle"]].astype(str).drop_duplicates()
+    for line, bundle in lines.itertuples(index=False):
+        if line in out or bundle not in colors:
             continue
-        k = seen[soup] = seen.get(soup, -1) + 1
-        out[line] = _tint(colors[soup], MEMBER_TINTS[k % len(MEMBER_TINTS)])
+        k = seen[bundle] = seen.get(bundle, -1) + 1
+        out[line] = _tint(colors[bundle], MEMBER_TINTS[k % len(MEMBER_TINTS)])
     return out
 
 
@@ -88,8 +91,9 @@ def metrics_bars(long: pd.DataFrame, colors: dict[str, str], *, title: str) -> g
         )
     # labels shrink to their bar's width; below 8 px (six models on a phone) they are hidden and
     # the hover and the table below give the numbers
-    fig.update_layout(barmode="group", bargap=0.25, bargroupgap=0.05,
-                      uniformtext={"minsize": 8, "mode": "hide"})  # fmt: skip
+    fig.update_layout(
+        barmode="group", bargap=0.25, bargroupgap=0.05, uniformtext={"minsize": 8, "mode": "hide"}
+    )
     fig.update_xaxes(categoryorder="array", categoryarray=labels)
     _layout(fig, title=title, ytitle="score (0–100)", height=420)
     fig.update_layout(hovermode="closest")
@@ -102,8 +106,7 @@ STAGE_SYMBOLS = {"xe": "circle", "finetune": "square", "scst": "diamond"}
 def _stage_symbols(g: pd.DataFrame) -> list[str]:
     """One marker per epoch: circles for cross-entropy epochs, squares for cross-entropy with
     the encoder block fine-tuned (``train --init … --finetune``), diamonds for SCST epochs."""
-    stages = g["stage"] if "stage" in g else pd.Series("xe", index=g.index)
-    return [STAGE_SYMBOLS.get(str(s), "circle") for s in stages]
+    return [STAGE_SYMBOLS.get(str(s), "circle") for s in g["stage"]]
 
 
 def history_chart(
@@ -124,7 +127,7 @@ def history_chart(
     for SCST epochs.
     """
     fig = go.Figure()
-    colors = line_colors([str(m) for m in dict.fromkeys(history["model"])], colors)
+    colors = line_colors(history, colors)
     for model, g in history.groupby("model", sort=False):
         g = g.sort_values("epoch")
         first = True
@@ -139,11 +142,14 @@ def history_chart(
                 legendgroup=str(model),
                 showlegend=first,
                 mode="lines+markers",
-                line={"color": colors.get(str(model)), "dash": "dash" if dev else "solid",
-                      "width": 2},
+                line={
+                    "color": colors.get(str(model)),
+                    "dash": "dash" if dev else "solid",
+                    "width": 2,
+                },
                 marker={"size": 7, "symbol": _stage_symbols(g)},
                 hovertemplate=f"{columns[col]}: %{{y:.4g}}<extra>{model}</extra>",
-            )  # fmt: skip
+            )
             first = False
     _layout(fig, title=title, ytitle=ytitle, height=360)
     fig.update_xaxes(title_text="epoch", dtick=1 if history["epoch"].nunique() <= 15 else None)

@@ -1,9 +1,8 @@
-"""UI pieces shared by the pages: empty states, the image picker, model labels."""
+"""UI pieces shared by the pages: empty states, the image picker, model blurbs, the model grid."""
 
 from __future__ import annotations
 
 import itertools
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,28 +12,29 @@ from PIL import Image
 
 from captioning.bundle import reports
 from captioning.bundle.catalog import BundleInfo
-from captioning.bundle.format import BundleError, is_ensemble, read_config
-from captioning.data import DATA_ENV, FIX_HELP, CaptionDataset
-from captioning.data.images import ACCEPTED_FORMATS, ImageLoadError, load_image
-from captioning.models.decoders import ATTENTION_KINDS
+from captioning.bundle.format import is_ensemble
+from captioning.core.paths import models_dir_default
+from captioning.core.settings import DATA_ENV, MODELS_ENV, setting
+from captioning.data import FIX_HELP, CaptionDataset
+from captioning.data.images import ACCEPTED_FORMATS, IMAGE_EXTENSIONS, ImageLoadError, load_image
 from dashboard import state
-from dashboard.tables import default_beam, metrics_entry, order_bundles, pretty_encoder
+from dashboard.tables import pretty_encoder
 
-UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
+UPLOAD_TYPES = [ext.lstrip(".") for ext in IMAGE_EXTENSIONS]
 SOURCES = {"sample": "Sample photo", "upload": "Upload", "dataset": "Flickr8k image"}
 DISPLAY_BOX = (760, 520)  # photos are shown at most this large (width, height)
-TRAIN_HELP = """\
+TRAIN_HELP = f"""\
 ```bash
-export CAPTIONING_DATA=/path/to/flickr8k
+export {DATA_ENV}=/path/to/flickr8k
 python -m captioning train --encoder resnet50 --decoder attention \\
     --out artifacts/models/resnet50-attention
 python -m captioning evaluate --model resnet50-attention --split test --record
 ```"""
-DATA_HELP = """\
+DATA_HELP = f"""\
 Set it before starting the dashboard:
 
 ```bash
-export CAPTIONING_DATA=/path/to/flickr8k
+export {DATA_ENV}=/path/to/flickr8k
 python -m streamlit run dashboard/app.py
 ```"""
 
@@ -65,7 +65,7 @@ def require_bundles() -> list[BundleInfo]:
     """The bundles, or an empty state with training instructions (and the page stops)."""
     found = state.bundles()
     if not found:
-        empty_state(state.models_dir())
+        empty_state(models_dir_default())
         st.stop()
     return found
 
@@ -75,7 +75,7 @@ def empty_state(root: Path) -> None:
     with st.container(border=True):
         st.markdown("#### No trained models yet")
         st.markdown(
-            f"The dashboard looks for model bundles in `{root}` (set `CAPTIONING_MODELS` to use "
+            f"The dashboard looks for model bundles in `{root}` (set `{MODELS_ENV}` to use "
             "another folder). Train and evaluate one, then reload this page:"
         )
         st.markdown(TRAIN_HELP)
@@ -85,7 +85,7 @@ def empty_state(root: Path) -> None:
 def data_note(message: str | None = None, extra: str = "") -> None:
     """How to point the dashboard at Flickr8k (and why the configured folder is unusable)."""
     reason = ""
-    if message and os.environ.get(DATA_ENV):  # configured but unusable: say why
+    if message and setting(DATA_ENV):  # configured but unusable: say why
         reason = f" ({message.replace(FIX_HELP, '').strip().rstrip('.')})"
     st.info(
         f"Flickr8k images and reference captions need the data folder{reason}. {extra}\n\n"
@@ -94,45 +94,31 @@ def data_note(message: str | None = None, extra: str = "") -> None:
     )
 
 
-def model_label(bundle: BundleInfo) -> str:
-    """``resnet50-attention`` -> ``resnet50-attention (ResNet50 + attention)``; an ensemble
-    -> ``NAME (ensemble of ResNet50 + VGG16)``."""
-    if is_ensemble(bundle.config):
-        return f"{bundle.name} (ensemble of {pretty_encoder(bundle.encoder)})"
-    return f"{bundle.name} ({pretty_encoder(bundle.encoder)} + {bundle.decoder})"
-
-
 def attention_note(bundle: BundleInfo) -> str | None:
-    """Whose attention an ensemble's caption shows: its first member that attends."""
-    if not is_ensemble(bundle.config):
+    """Whose attention an ensemble's caption shows (``reports.attending_member``)."""
+    member = reports.attending_member(bundle)
+    if member is None:
         return None
-    for m in bundle.config["members"]:
-        try:
-            decoder = read_config(bundle.path.parent / m["name"])["decoder"]
-        except BundleError:
-            continue
-        if decoder in ATTENTION_KINDS:
-            return (
-                f"{bundle.name} is an ensemble: the maps show where its member {m['name']} "
-                "looked while the ensemble wrote the caption."
-            )
-    return None
+    return (
+        f"{bundle.name} is an ensemble: the maps show where its member {member} "
+        "looked while the ensemble wrote the caption."
+    )
 
 
 def model_blurb(bundle: BundleInfo) -> str:
     """One line about a model: architecture and its test score, if evaluated."""
-    m = metrics_entry(bundle, "test")
+    m = reports.default_summary(bundle, "test")
     score = (
         f"test corpus BLEU-4 {m['bleu4']:.1f}, CIDEr-D {m['cider']:.1f} (beam {m.get('beam')})"
         if m and m.get("bleu4") is not None and m.get("cider") is not None
         else "not evaluated on test yet"
     )
     if is_ensemble(bundle.config):
-        members = " and ".join(m["name"] for m in bundle.config["members"])
+        members = " and ".join(reports.member_names(bundle))
         what = f"ensemble of {members} (their word probabilities averaged)"
     else:
         what = f"{pretty_encoder(bundle.encoder)} encoder, {bundle.decoder} LSTM decoder"
-    return f"{what} · {score} · default beam {default_beam(bundle)}"
+    return f"{what} · {score} · default beam {reports.default_decoding(bundle).beam_size}"
 
 
 def image_picker(key: str, *, allow_dataset: bool = False) -> PickedImage | None:
@@ -142,9 +128,13 @@ def image_picker(key: str, *, allow_dataset: bool = False) -> PickedImage | None
     """
     options = [k for k in SOURCES if allow_dataset or k != "dataset"]
     source = st.segmented_control(
-        "Image", options, format_func=SOURCES.__getitem__, default="sample", required=True,
+        "Image",
+        options,
+        format_func=SOURCES.__getitem__,
+        default="sample",
+        required=True,
         key=f"{key}-source",
-    )  # fmt: skip
+    )
     if source == "upload":
         return _pick_upload(key)
     if source == "dataset":
@@ -182,9 +172,11 @@ def _pick_sample(key: str) -> PickedImage | None:
         st.warning("No sample photos in artifacts/samples; upload one instead.")
         return None
     path = st.selectbox(
-        "Sample photo", files, format_func=lambda p: p.stem.replace("_", " ").title(),
+        "Sample photo",
+        files,
+        format_func=lambda p: p.stem.replace("_", " ").title(),
         key=f"{key}-sample",
-    )  # fmt: skip
+    )
     return _decode(path.read_bytes(), path.name)
 
 
@@ -203,9 +195,12 @@ def _pick_dataset(key: str) -> PickedImage | None:
     names = ds.splits[split]
     name_key = f"{key}-image-{split}"
     c2.button(
-        "Random image", icon=":material/casino:", key=f"{key}-random",
-        on_click=_random_choice, args=(name_key, names),
-    )  # fmt: skip
+        "Random image",
+        icon=":material/casino:",
+        key=f"{key}-random",
+        on_click=_random_choice,
+        args=(name_key, names),
+    )
     name = st.selectbox(f"{split} image ({len(names)})", names, key=name_key)
     return _read_dataset_image(ds, name, split)
 
@@ -233,10 +228,12 @@ def timing_metrics(timings: dict[str, float], runtime: str) -> None:
     st.metric("Decode", f"{timings.get('decode_ms', 0.0):.0f} ms", width="content")
     queue = timings.get("queue_ms", 0.0)
     st.metric(
-        "Runtime", runtime.split(" · ")[0], width="content",
+        "Runtime",
+        runtime.split(" · ")[0],
+        width="content",
         help=f"Encoder and decoder ran on {runtime}."
         + (f" Waited {queue / 1000:.1f} s for a free CPU slot." if queue >= QUEUE_NOTE_MS else ""),
-    )  # fmt: skip
+    )
 
 
 def model_grid(
@@ -250,7 +247,7 @@ def model_grid(
     up across encoders; a missing one is a None cell). Otherwise an encoder's models fill rows
     of ``max_columns`` in order. Ensembles (of several encoders) always fill their own row.
     """
-    ordered = order_bundles(bundles)
+    ordered = reports.order_bundles(bundles)
     groups = [(enc, list(g)) for enc, g in itertools.groupby(ordered, key=reports.encoder_group)]
     single = [(enc, g) for enc, g in groups if not any(is_ensemble(b.config) for b in g)]
     kinds = list(dict.fromkeys(b.decoder for _, g in single for b in g))

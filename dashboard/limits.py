@@ -2,30 +2,29 @@
 
 Every session of a Streamlit server runs in a thread of one process. Without a limit, eight
 sessions captioning at once would each drive torch's thread pool over every core and slow each
-other down. :func:`inference_slot` lets at most ``SLOTS`` inferences run at a time: the cores
-divided by the threads one inference uses, and at least one.
+other down. :func:`inference_slot` lets at most ``SLOTS`` inferences run at a time: the CPUs this
+process may use (``captioning.core.machine.usable_cpus``) divided by the threads one inference
+uses, and at least one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Iterator
 
 import torch
 
-
-def cpu_cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
+from captioning.core.machine import usable_cpus
 
 
-SLOTS = max(1, cpu_cores() // max(1, torch.get_num_threads()))
+def inference_slots(cpus: int, threads_per_inference: int) -> int:
+    """How many inferences of ``threads_per_inference`` threads fit on ``cpus`` CPUs (>= 1)."""
+    return max(1, cpus // max(1, threads_per_inference))
+
+
+SLOTS = inference_slots(usable_cpus(), torch.get_num_threads())
 _SEMAPHORE = threading.BoundedSemaphore(SLOTS)
 
 

@@ -15,16 +15,13 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from captioning.bundle import reports
 from captioning.bundle.catalog import BundleInfo, list_bundles
-from captioning.bundle.format import BLOCK_FILE
-from captioning.core.paths import models_dir_default
+from captioning.core.paths import SAMPLES_DIR, models_dir_default
 from captioning.data import CaptionDataset, DataError, load_flickr8k, resolve_data_dir
+from captioning.data.images import IMAGE_EXTENSIONS
 from captioning.inference.captioner import Captioner, CaptionResult
 from dashboard import limits, tables
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SAMPLES_DIR = REPO_ROOT / "artifacts" / "samples"
-SAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 @dataclass(frozen=True)
@@ -33,11 +30,6 @@ class DataStatus:
 
     dataset: CaptionDataset | None
     message: str | None = None
-
-
-def models_dir() -> Path:
-    """``$CAPTIONING_MODELS`` or ``artifacts/models`` (read on every run)."""
-    return models_dir_default()
 
 
 def folder_stamp(root: Path) -> tuple:
@@ -55,20 +47,17 @@ def folder_stamp(root: Path) -> tuple:
 
 def _bundle_stamp(bundle: BundleInfo) -> int:
     """Changes when the bundle's weights do (an ensemble's: when any member's do)."""
-    members = bundle.config.get("members", [])
-    dirs = [bundle.path, *(bundle.path.parent / m["name"] for m in members)]
-    names = ("config.json", "decoder.safetensors", "vocab.json", BLOCK_FILE)
-    return sum(f.stat().st_mtime_ns for d in dirs for f in (d / n for n in names) if f.exists())
+    return sum(f.stat().st_mtime_ns for f in reports.weight_files(bundle))
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _bundles(root: str, stamp: tuple) -> list[BundleInfo]:
-    return tables.order_bundles(list_bundles(Path(root)))
+    return reports.order_bundles(list_bundles(Path(root)))
 
 
 def bundles() -> list[BundleInfo]:
     """Every complete bundle, ordered by encoder then decoder (inject before attention)."""
-    root = models_dir()
+    root = models_dir_default()
     return _bundles(str(root), folder_stamp(root))
 
 
@@ -86,9 +75,7 @@ def captioner(bundle: BundleInfo) -> Captioner:
 def runtime_label(bundle: BundleInfo) -> str:
     """What runs the bundle's models here, e.g. ``torch · fp32`` or ``openvino · bf16``."""
     cap = captioner(bundle)
-    precision = getattr(cap, "precision_label", None)
-    runtime = str(getattr(cap, "runtime", "torch"))
-    return f"{runtime} · {precision}" if precision else runtime
+    return f"{cap.runtime} · {cap.precision_label}"
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -133,7 +120,7 @@ def samples() -> list[Path]:
     """The sample photos shipped in ``artifacts/samples``."""
     if not SAMPLES_DIR.is_dir():
         return []
-    return sorted(p for p in SAMPLES_DIR.iterdir() if p.suffix.lower() in SAMPLE_SUFFIXES)
+    return sorted(p for p in SAMPLES_DIR.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -143,7 +130,7 @@ def _predictions(root: str, stamp: tuple) -> pd.DataFrame:
 
 def predictions() -> pd.DataFrame:
     """All predictions CSVs of all bundles in one table (see ``tables.read_predictions``)."""
-    root = models_dir()
+    root = models_dir_default()
     return _predictions(str(root), folder_stamp(root))
 
 
@@ -154,5 +141,27 @@ def _history(root: str, stamp: tuple) -> pd.DataFrame:
 
 def history() -> pd.DataFrame:
     """All bundles' training histories (see ``tables.read_history``)."""
-    root = models_dir()
+    root = models_dir_default()
     return _history(str(root), folder_stamp(root))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _scores(root: str, stamp: tuple, split: str) -> pd.DataFrame:
+    return tables.score_summary(_bundles(root, stamp), split)
+
+
+def scores(split: str) -> pd.DataFrame:
+    """Every bundle's scores and diversity on ``split`` (see ``tables.score_summary``)."""
+    root = models_dir_default()
+    return _scores(str(root), folder_stamp(root), split)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _training_summary(root: str, stamp: tuple) -> pd.DataFrame:
+    return tables.training_summary(_bundles(root, stamp))
+
+
+def training_summary() -> pd.DataFrame:
+    """Every history line's summary (see ``tables.training_summary``)."""
+    root = models_dir_default()
+    return _training_summary(str(root), folder_stamp(root))

@@ -1,36 +1,56 @@
 """Pandas views of the bundles: predictions, corpus metrics, training history, latency.
 
 Pure functions (no Streamlit) so they are easy to test; the pages cache them via
-``dashboard.state``. Nothing here parses a bundle file: ``captioning.reports`` reads them.
+``dashboard.state``. Every fact comes from ``captioning.bundle``: ``reports`` (records,
+predictions, display order), ``history`` (epochs, stages, best epochs) and ``latency``
+(``bench.json``); this module only arranges them as tables.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
 
-from captioning.bundle import reports
+from captioning.bundle import history, latency, reports
 from captioning.bundle.catalog import BundleInfo
-from captioning.bundle.format import is_ensemble
 from captioning.models.bleu import BLEU_KEYS
-from captioning.models.decoders import ATTENTION_KINDS, DECODER_KINDS
 from captioning.models.metrics import METRIC_LABELS
 
-DECODER_ORDER = DECODER_KINDS  # simplest first
 BLEU_COLUMNS = BLEU_KEYS
-PREDICTION_COLUMNS = ("model", "encoder", "decoder", "split", "beam", "default", "image",
-                      "caption", "logprob", *BLEU_COLUMNS)  # fmt: skip
+PREDICTION_COLUMNS = (
+    "model",
+    "encoder",
+    "decoder",
+    "split",
+    "beam",
+    "default",
+    "image",
+    "caption",
+    "logprob",
+    *BLEU_COLUMNS,
+)
 CHART_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "meteor")
-HISTORY_COLUMNS = ("epoch", "stage", "train_loss", "dev_loss", "dev_bleu1", "dev_bleu2",
-                   "dev_bleu3", "dev_bleu4", "dev_cider", "reward", "lr", "epoch_seconds",
-                   "samples_per_s")  # fmt: skip
-"""``stage`` is "xe" (cross-entropy), "finetune" (cross-entropy with the encoder's last block
-tuned) or "scst"; ``reward`` (SCST only) is the mean CIDEr-D (×100)
-of the sampled train captions."""
-MEMBER_SEP = " · "  # a soup member's line on the Training page: "soup · member"
+HISTORY_COLUMNS = (
+    "epoch",
+    "stage",
+    "train_loss",
+    "dev_loss",
+    "dev_bleu1",
+    "dev_bleu2",
+    "dev_bleu3",
+    "dev_bleu4",
+    "dev_cider",
+    "reward",
+    "lr",
+    "epoch_seconds",
+    "samples_per_s",
+)
+"""``stage`` is one of ``history.STAGES``; ``reward`` (SCST only) is the mean CIDEr-D (×100) of
+the sampled train captions."""
+SUMMARY_METRICS = ("bleu4", "cider", "distinct", "repeat_trigram")  # the Explore score table
 SORTS = {
     "score, high to low": ("score", False),
     "score, low to high": ("score", True),
@@ -64,44 +84,6 @@ def pretty_encoder_group(group: str) -> str:
     return f"{pretty_encoder(encoder)} encoder" + (f", {block} fine-tuned" if block else "")
 
 
-def model_sort_key(encoder: str, decoder: str, name: str = "") -> tuple:
-    """Order models by encoder, then decoder (inject, merge, attention, others), then name."""
-    rank = DECODER_ORDER.index(decoder) if decoder in DECODER_ORDER else len(DECODER_ORDER)
-    return (encoder, rank, decoder, name)
-
-
-def order_bundles(bundles: Iterable[BundleInfo]) -> list[BundleInfo]:
-    """Bundles sorted for side-by-side display: ResNet50 before VGG16, inject before attention,
-    ensembles last."""
-    return sorted(
-        bundles,
-        key=lambda b: (
-            is_ensemble(b.config),
-            *model_sort_key(reports.encoder_group(b), b.decoder, b.name),
-        ),
-    )
-
-
-def default_model(bundles: Sequence[BundleInfo]) -> BundleInfo:
-    """The model the pages open with: the best dev CIDEr-D at its default decoding.
-
-    Dev, never test, chooses (the evaluation protocol). Bundles without a dev record come last,
-    attention decoders before the others, then the display order.
-    """
-
-    def rank(b: BundleInfo) -> tuple:
-        cider = (reports.default_summary(b, "dev") or {}).get("cider")
-        attends = b.decoder in ATTENTION_KINDS
-        return (cider is not None, cider if cider is not None else 0.0, attends)
-
-    return max(order_bundles(bundles), key=rank)  # max keeps the first of equal ranks
-
-
-def default_beam(bundle: BundleInfo) -> int:
-    """The bundle's default beam size."""
-    return reports.default_decoding(bundle).beam_size
-
-
 # ---------------------------------------------------------------- predictions
 
 
@@ -111,13 +93,18 @@ def read_predictions(bundles: Sequence[BundleInfo]) -> pd.DataFrame:
     ``default`` is True on the rows made with the bundle's own default decoding.
     """
     frames = []
-    for b in order_bundles(bundles):
+    for b in reports.order_bundles(bundles):
         for result, rows in reports.prediction_sets(b):
             if not rows:
                 continue
-            df = pd.DataFrame(rows).assign(model=b.name, encoder=b.encoder, decoder=b.decoder,
-                                           split=result.setting.split, beam=result.beam,
-                                           default=result.default)  # fmt: skip
+            df = pd.DataFrame(rows).assign(
+                model=b.name,
+                encoder=b.encoder,
+                decoder=b.decoder,
+                split=result.setting.split,
+                beam=result.beam,
+                default=result.default,
+            )
             frames.append(df[list(PREDICTION_COLUMNS)])
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype=_dtype(c)) for c in PREDICTION_COLUMNS})
@@ -156,22 +143,24 @@ def filter_predictions(df: pd.DataFrame, f: PredictionFilter) -> pd.DataFrame:
     out = df[keep]
     key, ascending = SORTS.get(f.sort, SORTS["score, high to low"])
     key = col if key == "score" else key
-    out = out.sort_values([key, "image", "model"], ascending=[ascending, True, True],
-                          kind="stable", na_position="last")  # fmt: skip
+    out = out.sort_values(
+        [key, "image", "model"],
+        ascending=[ascending, True, True],
+        kind="stable",
+        na_position="last",
+    )
     return out.reset_index(drop=True)
 
 
 def captions_for_image(df: pd.DataFrame, image: str, split: str | None = None) -> pd.DataFrame:
-    """Every model's caption of ``image`` (one row per model and beam), in model order."""
+    """Every model's caption of ``image`` (one row per model and beam), the models in the order
+    they first appear in ``df`` (``read_predictions``: display order), then by beam."""
+    order = {m: i for i, m in enumerate(dict.fromkeys(df["model"]))}
     rows = df[df["image"] == image]
     if split is not None:
         rows = rows[rows["split"] == split]
-    keys = rows.apply(lambda r: model_sort_key(r["encoder"], r["decoder"], r["model"]), axis=1)
-    if rows.empty:
-        return rows.reset_index(drop=True)
-    return (
-        rows.assign(_k=keys).sort_values(["_k", "beam"]).drop(columns="_k").reset_index(drop=True)
-    )
+    rows = rows.assign(_k=rows["model"].map(order)).sort_values(["_k", "beam"], kind="stable")
+    return rows.drop(columns="_k").reset_index(drop=True)
 
 
 def disagreements(df: pd.DataFrame, order: int = 4, top: int = 25) -> pd.DataFrame:
@@ -189,17 +178,19 @@ def disagreements(df: pd.DataFrame, order: int = 4, top: int = 25) -> pd.DataFra
     cols = [*keys, "model", "beam", "caption", col]
     res, vgg = df.loc[fam == "resnet", cols], df.loc[fam == "vgg", cols]
     pairs = res.merge(vgg, on=keys, suffixes=("_r", "_v"))
-    out = pd.DataFrame({
-        **{k: pairs[k] for k in keys},
-        "resnet_model": pairs["model_r"],
-        "resnet_beam": pairs["beam_r"],
-        "resnet_caption": pairs["caption_r"],
-        "resnet_bleu": pairs[f"{col}_r"],
-        "vgg_model": pairs["model_v"],
-        "vgg_beam": pairs["beam_v"],
-        "vgg_caption": pairs["caption_v"],
-        "vgg_bleu": pairs[f"{col}_v"],
-    })  # fmt: skip
+    out = pd.DataFrame(
+        {
+            **{k: pairs[k] for k in keys},
+            "resnet_model": pairs["model_r"],
+            "resnet_beam": pairs["beam_r"],
+            "resnet_caption": pairs["caption_r"],
+            "resnet_bleu": pairs[f"{col}_r"],
+            "vgg_model": pairs["model_v"],
+            "vgg_beam": pairs["beam_v"],
+            "vgg_caption": pairs["caption_v"],
+            "vgg_bleu": pairs[f"{col}_v"],
+        }
+    )
     out["gap"] = out["resnet_bleu"] - out["vgg_bleu"]
     out = out.assign(_abs=out["gap"].abs()).sort_values(["_abs", "image"], ascending=[False, True])
     return out.drop(columns="_abs").head(top).reset_index(drop=True)
@@ -208,26 +199,38 @@ def disagreements(df: pd.DataFrame, order: int = 4, top: int = 25) -> pd.DataFra
 # ---------------------------------------------------------------- metrics, history, latency
 
 
-def metrics_entry(bundle: BundleInfo, split: str = "test") -> dict | None:
-    """The bundle's corpus metrics on ``split`` at its default decoding (None if not recorded).
-
-    Keys: every ``METRIC_LABELS`` metric present, ``n_images``, ``beam``, ``length_alpha``,
-    ``precision`` and ``runtime``.
-    """
-    return reports.default_summary(bundle, split)
-
-
 def corpus_metrics(bundles: Sequence[BundleInfo], split: str = "test") -> pd.DataFrame:
-    """One row per model: ``model, beam, n_images`` and every metric (None when not computed)."""
+    """One row per model: ``model, beam, n_images`` and every metric (None when not computed),
+    at the model's default decoding (``reports.default_summary``)."""
     rows = []
-    for b in order_bundles(bundles):
-        m = metrics_entry(b, split)
+    for b in reports.order_bundles(bundles):
+        m = reports.default_summary(b, split)
         if m is None:
             continue
-        rows.append({"model": b.name, "beam": m.get("beam"), "n_images": m.get("n_images"),
-                     **{k: m.get(k) for k in METRIC_LABELS}})  # fmt: skip
+        rows.append(
+            {
+                "model": b.name,
+                "beam": m.get("beam"),
+                "n_images": m.get("n_images"),
+                **{k: m.get(k) for k in METRIC_LABELS},
+            }
+        )
     cols = ["model", "beam", "n_images", *METRIC_LABELS]
     return pd.DataFrame(rows, columns=cols).astype({k: "float64" for k in METRIC_LABELS})
+
+
+def score_summary(bundles: Sequence[BundleInfo], split: str) -> pd.DataFrame:
+    """Per model on ``split`` at its default decoding: corpus BLEU-4 and CIDEr-D and the
+    distinct-caption and repeated-trigram shares (%) (``reports.default_scores``)."""
+    rows = []
+    for b in reports.order_bundles(bundles):
+        m = reports.default_scores(b, split)
+        if m is not None:
+            rows.append(
+                {"model": b.name, "beam": m.get("beam"), **{k: m.get(k) for k in SUMMARY_METRICS}}
+            )
+    cols = ["model", "beam", *SUMMARY_METRICS]
+    return pd.DataFrame(rows, columns=cols).astype({k: "float64" for k in SUMMARY_METRICS})
 
 
 def metrics_long(wide: pd.DataFrame, metrics: Sequence[str] = CHART_METRICS) -> pd.DataFrame:
@@ -238,95 +241,76 @@ def metrics_long(wide: pd.DataFrame, metrics: Sequence[str] = CHART_METRICS) -> 
 
 
 def read_history(bundles: Sequence[BundleInfo]) -> pd.DataFrame:
-    """Every bundle's ``history.json`` as one long table with a ``model`` column (a soup's
-    epochs are labelled ``"soup · member"``, one line per member it averaged)."""
-    frames = []
-    for b in order_bundles(bundles):
-        records = reports.read_history(b.path)
-        if records:
-            frame = pd.DataFrame(records).assign(model=b.name)
-            if "member" in frame:  # a soup: one line per member it averaged
-                tagged = frame["member"].notna()
-                frame.loc[tagged, "model"] = b.name + MEMBER_SEP + frame.loc[tagged, "member"]
-            # rows without a stage (single-stage runs): fine-tuning if the run tuned a block
-            tuned = b.config.get("train_config", {}).get("finetune")
-            unmarked = "finetune" if tuned else "xe"
-            stage = frame["stage"] if "stage" in frame else pd.Series(None, index=frame.index)
-            frames.append(frame.assign(stage=stage.where(stage.notna(), unmarked)))
-    cols = ["model", *HISTORY_COLUMNS]
-    if not frames:
+    """Every bundle's epochs (``history.history_lines``) in one long table: ``model`` names the
+    line (a soup has one per member it averaged, ``"soup · member"``), ``bundle`` the bundle it
+    belongs to, then HISTORY_COLUMNS."""
+    rows = [e for b in reports.order_bundles(bundles) for e in history.history_lines(b)]
+    cols = ["model", "bundle", *HISTORY_COLUMNS]
+    if not rows:
         return pd.DataFrame(columns=cols)
-    out = pd.concat(frames, ignore_index=True)
+    out = pd.DataFrame(rows).rename(columns={"line": "model"})
     for c in cols:
         if c not in out:
             out[c] = float("nan")
-    out["reward"] = out["reward"] * 100  # history.json keeps the raw CIDEr-D; ×100 like dev
     return out[cols]
 
 
-def training_summary(history: pd.DataFrame, bundles: Sequence[BundleInfo]) -> pd.DataFrame:
-    """Per model: epochs run, best epoch, its dev BLEU-4 and CIDEr-D, seconds per epoch.
+SUMMARY_COLUMNS = (
+    "model",
+    "epochs",
+    "stages",
+    "best epoch",
+    "dev BLEU-4",
+    "dev CIDEr-D",
+    "s / epoch",
+    "samples / s",
+)
 
-    The best epoch is the bundle's recorded one; a line without one (a soup's member) gets the
-    epoch its training would have kept: the best dev CIDEr-D (else BLEU-4, for old histories).
-    """
-    best = {b.name: b.config.get("best_epoch") for b in bundles}
-    rows = []
-    for model, g in history.groupby("model", sort=False):
-        pick = g[g["epoch"] == best.get(model)]
-        scored = [c for c in ("dev_cider", "dev_bleu4") if g[c].notna().any()]
-        if len(pick):
-            row = pick.iloc[-1]
-        elif scored:
-            row = g.loc[g[scored[0]].idxmax()]
-        else:
-            row = g.iloc[-1]
-        stages = g["stage"].value_counts(sort=False)
-        rows.append({
-            "model": model,
-            "epochs": int(g["epoch"].max()),
-            "stages": " + ".join(f"{n} {st}" for st, n in stages.items()),
-            "best epoch": int(row["epoch"]),
-            "dev BLEU-4": row["dev_bleu4"],
-            "dev CIDEr-D": row["dev_cider"],
-            "s / epoch": g["epoch_seconds"].mean(),
-            "samples / s": g["samples_per_s"].mean(),
-        })  # fmt: skip
-    return pd.DataFrame(rows)
+
+def training_summary(bundles: Sequence[BundleInfo]) -> pd.DataFrame:
+    """Per line (``history.training_summary``): epochs and stages run, the epoch the weights
+    come from, its dev BLEU-4 and CIDEr-D, mean seconds per epoch and samples per second."""
+    rows = [
+        [s.line, s.epochs, s.stages_label, s.best_epoch]
+        + [s.dev_bleu4, s.dev_cider, s.epoch_seconds, s.samples_per_s]
+        for b in reports.order_bundles(bundles)
+        for s in history.training_summary(b)
+    ]
+    numbers = {c: "float64" for c in SUMMARY_COLUMNS[4:]}
+    return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS)).astype(numbers)
+
+
+def dev_decoding(bundles: Sequence[BundleInfo]) -> str:
+    """How training decoded dev for ``bundles``: ``greedy`` or e.g. ``beam 1/3``."""
+    beams = sorted({history.dev_beam(b.config) for b in bundles})
+    return "greedy" if beams in ([], [1]) else "beam " + "/".join(map(str, beams))
+
+
+LATENCY_COLUMNS = (
+    "model",
+    "status",
+    *(f"beam {k} {q} ms" for k in latency.BENCH_BEAMS for q in ("p50", "p90")),
+    "encode p50 ms",
+    "decode p50 ms",
+    "images / s",
+)
+NOT_BENCHMARKED = "not benchmarked"
 
 
 def latency_table(bundles: Sequence[BundleInfo]) -> pd.DataFrame:
-    """Per model: precision, p50/p90 total ms at beams 1/3/5, encode/decode p50, images/s.
-
-    Models without ``bench.json`` get ``status = "not benchmarked"`` and empty numbers.
-    """
+    """Per model (``latency.bench_summary``): precision, p50/p90 total ms at beams 1/3/5,
+    encode/decode p50 and images/s. Models without ``bench.json`` get
+    ``status = NOT_BENCHMARKED`` and empty numbers."""
     rows = []
-    for b in order_bundles(bundles):
-        bench = reports.read_bench(b.path)
-        row: dict = {"model": b.name}
-        if bench is None:
-            row["status"] = "not benchmarked"
-            rows.append(row)
+    for b in reports.order_bundles(bundles):
+        s = latency.bench_summary(b)
+        if s is None:
+            rows.append([b.name, NOT_BENCHMARKED, *[None] * (len(LATENCY_COLUMNS) - 2)])
             continue
-        row["status"] = f"{bench.get('precision', '?')}"
-        beams = bench.get("beams") or {}
-        for beam in ("1", "3", "5"):
-            r = beams.get(beam) or {}
-            tot = r.get("total_ms") or {}
-            row[f"beam {beam} p50 ms"] = tot.get("p50")
-            row[f"beam {beam} p90 ms"] = tot.get("p90")
-        mid = beams.get("3") or next(iter(beams.values()), {})
-        row["encode p50 ms"] = (mid.get("encode_ms") or {}).get("p50")
-        row["decode p50 ms"] = (mid.get("decode_ms") or {}).get("p50")
-        row["images / s"] = bench.get("throughput_img_s")
-        rows.append(row)
-    cols = ["model", "status", *(f"beam {k} {q} ms" for k in "135" for q in ("p50", "p90")),
-            "encode p50 ms", "decode p50 ms", "images / s"]  # fmt: skip
-    df = pd.DataFrame(rows)
-    for c in cols:
-        if c not in df:
-            df[c] = None
-    return df[cols].astype({c: "float64" for c in cols[2:]})
+        totals = [ms for beam in latency.BENCH_BEAMS for ms in s.total_ms.get(beam, (None, None))]
+        rows.append([b.name, s.precision, *totals, s.encode_p50, s.decode_p50, s.images_per_s])
+    df = pd.DataFrame(rows, columns=list(LATENCY_COLUMNS))
+    return df.astype({c: "float64" for c in LATENCY_COLUMNS[2:]})
 
 
 def nbest_table(nbest: Sequence[tuple[str, float]]) -> pd.DataFrame:
@@ -334,6 +318,7 @@ def nbest_table(nbest: Sequence[tuple[str, float]]) -> pd.DataFrame:
     rows = []
     for rank, (text, logprob) in enumerate(nbest, start=1):
         tokens = len(text.split()) + 1  # the log-prob includes the end token
-        rows.append({"rank": rank, "caption": text, "log-prob": logprob,
-                     "per token": logprob / tokens})  # fmt: skip
+        rows.append(
+            {"rank": rank, "caption": text, "log-prob": logprob, "per token": logprob / tokens}
+        )
     return pd.DataFrame(rows, columns=["rank", "caption", "log-prob", "per token"])

@@ -24,8 +24,14 @@ from tests import hostile
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 SAMPLE = REPO / "artifacts" / "samples" / "chelsea.jpg"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SIZES = {"wide": (1400, 1000), "narrow": (420, 900)}
 PAGES = {"caption": "", "compare": "compare", "training": "training", "explore": "explore"}
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
@@ -36,6 +42,8 @@ SESSIONS = 8
 SERVER_START_S = 120
 WAIT_MS = 90_000
 MAX_FULL_HEIGHT = 6000
+
+pytestmark = pytest.mark.slow  # a real server and browser on the tiny world
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)", allow_module_level=True)
@@ -80,9 +88,19 @@ def server(tiny_world, tmp_path_factory):
         "OMP_NUM_THREADS": "1",
     }
     log = tmp_path_factory.mktemp("streamlit") / "server.log"
-    cmd = [sys.executable, "-m", "streamlit", "run", "dashboard/app.py",
-           "--server.port", str(port), "--server.headless", "true",
-           "--browser.gatherUsageStats", "false"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        "dashboard/app.py",
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
     with log.open("w") as out:  # the address comes from .streamlit/config.toml: loopback only
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -1,7 +1,9 @@
-"""Records say exactly what made each number; ``reports`` reads them for the CLI and dashboard.
+"""Records say exactly what made each number; ``captioning.bundle.reports``, ``history`` and
+``latency`` read them back for the CLI and the dashboard.
 
 Small real bundles are exported here (a tiny untrained decoder), so every test runs the code that
-writes and reads ``config.json``, ``metrics.json``, predictions and the card.
+writes and reads ``config.json``, ``metrics.json``, ``history.json``, ``bench.json``, predictions
+and the card. ``make_bundle`` and ``record`` also build the dashboard's fast test bundles.
 """
 
 from __future__ import annotations
@@ -9,12 +11,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
+from captioning.bundle import history, latency, reports
 from captioning.bundle.card import card_markdown, write_card
 from captioning.bundle.catalog import list_bundles
+from captioning.bundle.ensemble import make_ensemble
 from captioning.bundle.export import export_bundle
+from captioning.bundle.format import BundleError
 from captioning.bundle.records import Setting, add_record, read_records, set_decode_defaults
 from captioning.bundle.reports import (
     comparison_markdown,
@@ -31,10 +35,10 @@ from captioning.data import CaptionDataset
 from captioning.data.flickr8k import KAGGLE_NOTE, OFFICIAL_NOTE
 from captioning.data.vocab import Vocabulary
 from captioning.inference.evaluate import PREDICTION_FIELDS, write_predictions
+from captioning.models.bleu import BLEU_KEYS
 from captioning.models.decoders import DecoderConfig, build_decoder
 from captioning.models.decoding import DecodeConfig
 from captioning.training.train import TrainConfig
-from dashboard import tables
 
 SCORES = {"bleu1": 60.0, "bleu2": 40.0, "bleu3": 30.0, "bleu4": 20.0, "meteor": None,
           "rougeL": 45.0, "cider": 50.0}  # fmt: skip
@@ -55,19 +59,36 @@ def dataset(root: Path, layout: str = "flickr8k-official") -> CaptionDataset:
     )
 
 
-def make_bundle(root: Path, name: str, *, encoder="resnet50", decoder="inject",
-                layout="flickr8k-official",
-                precision="auto", beam=3) -> Path:  # fmt: skip
+def make_bundle(
+    root: Path,
+    name: str,
+    *,
+    encoder="resnet50",
+    decoder="inject",
+    layout="flickr8k-official",
+    precision="auto",
+    beam=3,
+) -> Path:
     """A real (untrained, tiny) bundle written by ``export_bundle``."""
     ds = dataset(root, layout)
     vocab = Vocabulary.build((c for cs in ds.captions.values() for c in cs), min_freq=1)
-    dcfg = DecoderConfig(kind=decoder, vocab_size=len(vocab), feat_dim=8, embed_dim=8,
-                         hidden_dim=8, attn_dim=8, merge_dim=8)  # fmt: skip
+    dims = dict.fromkeys(("feat_dim", "embed_dim", "hidden_dim", "attn_dim", "merge_dim"), 8)
+    dcfg = DecoderConfig(kind=decoder, vocab_size=len(vocab), **dims)
     cfg = TrainConfig(encoder=encoder, decoder=decoder, precision=precision)
     out = root / name
-    export_bundle(out, build_decoder(dcfg), vocab, cfg=cfg, dcfg=dcfg, history=[{"epoch": 1}],
-                  best_epoch=1, commit=None, dataset=ds, encoder_sha256="0" * 64,
-                  select_metric="dev_cider")  # fmt: skip
+    export_bundle(
+        out,
+        build_decoder(dcfg),
+        vocab,
+        cfg=cfg,
+        dcfg=dcfg,
+        history=[{"epoch": 1}],
+        best_epoch=1,
+        commit=None,
+        dataset=ds,
+        encoder_sha256="0" * 64,
+        select_metric="dev_cider",
+    )
     if beam != 3:
         set_decode_defaults(out, beam_size=beam)
     write_card(out)
@@ -75,14 +96,15 @@ def make_bundle(root: Path, name: str, *, encoder="resnet50", decoder="inject",
 
 
 def setting(split="test", beam=3, alpha=0.0, precision="fp32", runtime="torch", limit=0, **kw):
-    return Setting(split, DecodeConfig(beam_size=beam, length_alpha=alpha, **kw), precision,
-                   runtime, limit)  # fmt: skip
+    return Setting(
+        split, DecodeConfig(beam_size=beam, length_alpha=alpha, **kw), precision, runtime, limit
+    )
 
 
 def record(bundle: Path, s: Setting, scores=SCORES, images=("e.jpg", "f.jpg"), bleu=50.0):
     name = s.predictions_name()
-    rows = [{"image": i, "caption": "a dog", "logprob": -1.0, "bleu1": bleu, "bleu2": bleu,
-             "bleu3": bleu, "bleu4": bleu} for i in images]  # fmt: skip
+    scored = dict.fromkeys(BLEU_KEYS, bleu)
+    rows = [{"image": i, "caption": "a dog", "logprob": -1.0, **scored} for i in images]
     write_predictions(bundle / name, rows)
     return add_record(bundle, s, len(images), dict(scores), name)
 
@@ -92,7 +114,7 @@ def info(bundle: Path):
     return b
 
 
-# ---------------------------------------------------------------- §3: config and card
+# ---------------------------------------------------------------- config and card
 
 
 def test_config_stores_resolved_precision_runtime_and_data(tmp_path):
@@ -101,14 +123,18 @@ def test_config_stores_resolved_precision_runtime_and_data(tmp_path):
     assert cfg["precision"] == resolve_precision("auto").label != "auto"
     assert cfg["train_config"]["precision"] == resolve_precision("auto").dtype
     assert cfg["runtime"] == "torch"
-    assert cfg["data"] == {"name": "Flickr8k", "layout": "flickr8k-official",
-                           "split_source": "official", "split": OFFICIAL_NOTE,
-                           "images": {"train": 3, "dev": 1, "test": 2}}  # fmt: skip
+    assert cfg["data"] == {
+        "name": "Flickr8k",
+        "layout": "flickr8k-official",
+        "split_source": "official",
+        "split": OFFICIAL_NOTE,
+        "images": {"train": 3, "dev": 1, "test": 2},
+    }
     assert "auto" not in json.dumps({k: v for k, v in cfg.items() if k != "train_config"})
 
 
 def test_card_states_the_real_layout_and_split(tmp_path):
-    """Old code wrote "Flickr8k, official split" for any data."""
+    """The card names the layout and split the data really had, not "official" for any data."""
     card = (make_bundle(tmp_path, "k", layout="flickr8k-kaggle") / "card.md").read_text()
     assert "flickr8k-kaggle layout" in card and "NOT the official Flickr8k split" in card
     assert "Data: Flickr8k," in card and "3 train, 1 dev, 2 test images" in card
@@ -127,11 +153,11 @@ def test_export_removes_the_records_of_old_weights(tmp_path):
     assert "No evaluation recorded yet" in (b2 / "card.md").read_text()
 
 
-# ---------------------------------------------------------------- §3: metrics keyed by setting
+# ---------------------------------------------------------------- metrics keyed by setting
 
 
 def test_other_alpha_precision_or_runtime_never_overwrites_the_default_row(tmp_path):
-    """Old code keyed metrics.json by split and beam only: --length-alpha overwrote the row."""
+    """A record is keyed by its whole setting, so each of these gets a row of its own."""
     b = make_bundle(tmp_path, "m", precision="fp32")  # its own precision: fp32
     record(b, setting(), scores={**SCORES, "bleu4": 20.0})
     _, replaced = record(b, setting(alpha=1.0), scores={**SCORES, "bleu4": 21.0})
@@ -188,22 +214,12 @@ def test_default_prefers_the_bundles_own_precision(tmp_path):
     assert default_result(info(b)).setting.precision == "fp32"
 
 
-def test_version1_metrics_are_read_with_their_numbers_kept(tmp_path):
+def test_a_metrics_file_in_another_format_is_a_bundle_error(tmp_path):
     b = make_bundle(tmp_path, "m")
-    set_decode_defaults(b, beam_size=5, length_alpha=0.5)
-    m = {**SCORES, "n_images": 2, "split": "test", "precision": "bf16+cl", "length_alpha": 0.5}
-    old = {"test": {"beam5": {**m, "beam": 5}, "beam1": {**m, "beam": 1, "bleu4": 3.25}},
-           "dev_first50": {"beam5": {**m, "beam": 5, "split": "dev", "n_images": 50,
-                                     "meteor_error": "METEOR not requested"}}}  # fmt: skip
-    (b / "metrics.json").write_text(json.dumps(old))
-    write_predictions(b / "predictions_test_beam5.csv", [])
-    rs = {(r.setting.split, r.setting.limit, r.beam): r for r in results(info(b))}
-    assert set(rs) == {("test", 0, 5), ("test", 0, 1), ("dev", 50, 5)}
-    assert rs[("test", 0, 1)].metrics["bleu4"] == 3.25 and rs[("test", 0, 5)].default
-    assert rs[("test", 0, 5)].predictions == b / "predictions_test_beam5.csv"
-    assert rs[("dev", 50, 5)].metrics["meteor_error"] == "METEOR not requested"
-    assert rs[("dev", 50, 5)].setting.decoding == DecodeConfig(beam_size=5, length_alpha=0.5)
-    assert rs[("dev", 50, 5)].n_images == 50 and rs[("dev", 50, 5)].default
+    (b / "metrics.json").write_text(json.dumps({"test": {"beam5": {**SCORES, "beam": 5}}}))
+    with pytest.raises(BundleError, match="is not a captioning-metrics file"):
+        read_records(b)
+    assert info(b).records == []  # listed all the same: the model itself is fine
 
 
 # ---------------------------------------------------------------- reading and rendering
@@ -234,8 +250,10 @@ def test_comparison_markdown_has_one_row_per_bundle_at_its_default(tmp_path):
     md = comparison_markdown([info(a), info(b)], "test").splitlines()
     assert len(md) == 4 and md[0].startswith("| model | encoder | decoder | decoding | BLEU-1")
     size = sum(f.stat().st_size for f in a.rglob("*") if f.is_file()) / 1e6
-    assert md[2] == (f"| a | resnet50 | inject | beam 5 α 0 | 60.0 | 20.0 | 50.0 | 87.5 | 0.2 "
-                     f"| 7.2 (openvino) | {size:.1f} |")  # fmt: skip
+    assert md[2] == (
+        f"| a | resnet50 | inject | beam 5 α 0 | 60.0 | 20.0 | 50.0 | 87.5 | 0.2 "
+        f"| 7.2 (openvino) | {size:.1f} |"
+    )
     assert md[3].startswith("| b | resnet50 | merge | beam 3 α 0 | — | — | — | — | — | — |")
 
 
@@ -247,7 +265,7 @@ def test_latency_markdown_has_a_row_per_bundle_and_runtime_with_its_machine(tmp_
         return {str(k): {"encode_ms": {"p50": enc}, "decode_ms": {"p50": 10.0 * k},
                          "total_ms": {"p50": enc + 10.0 * k + 1}} for k in (1, 3)}  # fmt: skip
 
-    (a / "bench.json").write_text(json.dumps({
+    bench = {
         "created": "2026-12-03T08:50:43+00:00", "threads": 2, "throughput_beam": 3,
         "cpu_model": {"model": "Xeon", "bf16_flags": ["amx_bf16"]}, "folder": "/x/test1000",
         "runtimes": {
@@ -255,7 +273,8 @@ def test_latency_markdown_has_a_row_per_bundle_and_runtime_with_its_machine(tmp_
                       "folder": {"images": 1000, "images_per_s": 26.16}},
             "openvino": {"precision": "bf16-openvino", "beams": beams(9.0)},
         },
-    }))  # fmt: skip
+    }  # fmt: skip
+    (a / "bench.json").write_text(json.dumps(bench))
     md = latency_markdown([info(a), info(tmp_path / "b")]).splitlines()
     assert len(md) == 4 and md[0].startswith("| model | runtime | encode p50 ms")
     assert md[2] == (
@@ -264,9 +283,9 @@ def test_latency_markdown_has_a_row_per_bundle_and_runtime_with_its_machine(tmp_
     )
     assert md[3].startswith("| a | openvino bf16-openvino | 9.0 | 10.0 / 30.0 / — | 20.0 / 40.0")
     assert md[3].endswith("| — | Xeon (amx_bf16), 2 threads, 2026-12-03 |")
-    old = {"created": "2026-12-02T08:00:00+00:00", "threads": 2, "cpu": "x86_64",
-           "runtime": "torch", "precision": "fp32", "beams": beams(50.0)}  # fmt: skip
-    (a / "bench.json").write_text(json.dumps(old))  # a record from before cpu_model
+    bare = {"created": "2026-12-02T08:00:00+00:00", "threads": 2, "cpu": "x86_64",
+            "runtime": "torch", "precision": "fp32", "beams": beams(50.0)}  # fmt: skip
+    (a / "bench.json").write_text(json.dumps(bare))  # a record without cpu_model
     assert (
         latency_markdown([info(a)])
         .splitlines()[2]
@@ -284,57 +303,185 @@ def test_unreadable_outputs_read_as_absent(tmp_path):
     assert info(b).records == []  # still listed: the model itself is fine
 
 
-def test_prediction_sets_and_dashboard_table(tmp_path):
+def test_prediction_sets_are_the_whole_split_records_with_their_rows(tmp_path):
     b = make_bundle(tmp_path, "m")
     record(b, setting(), bleu=40.0)
     record(b, setting(beam=5), bleu=45.0)
-    record(b, setting(split="dev", limit=1), images=("d.jpg",))  # a subset: not a table row
+    record(b, setting(split="dev", limit=1), images=("d.jpg",))  # a subset: not a set
     sets = prediction_sets(info(b))
     assert [(r.beam, r.default, len(rows)) for r, rows in sets] == [(3, True, 2), (5, False, 2)]
     assert set(sets[0][1][0]) == set(PREDICTION_FIELDS)
-    df = tables.read_predictions([info(b)])
-    assert set(df.columns) == set(tables.PREDICTION_COLUMNS)
-    assert df.groupby("beam")["default"].all().to_dict() == {3: True, 5: False}
-    assert tables.metrics_entry(info(b))["beam"] == 3
-
-
-# ---------------------------------------------------------------- where the models disagree
-
-
-def test_disagreements_pair_each_model_on_its_own_default(tmp_path):
-    """The shipped inject pair: resnet50-inject defaults to beam 5, vgg16-inject to beam 3.
-
-    Old code paired equal beams, so the pair never appeared (or paired non-default rows).
-    """
-    r = make_bundle(tmp_path, "resnet50-inject", encoder="resnet50", beam=5)
-    v = make_bundle(tmp_path, "vgg16-inject", encoder="vgg16", beam=3)
-    record(r, setting(beam=5), bleu=70.0)
-    record(r, setting(beam=3), bleu=10.0)  # not resnet's default: must not be used
-    record(v, setting(beam=3), bleu=30.0)
-    df = tables.read_predictions(list_bundles(tmp_path))
-    gaps = tables.disagreements(df)
-    assert len(gaps) == 2 and set(gaps["decoder"]) == {"inject"}
-    assert set(gaps["resnet_beam"]) == {5} and set(gaps["vgg_beam"]) == {3}
-    assert list(gaps["gap"]) == [40.0, 40.0]
-
-
-def test_disagreements_without_default_rows_is_empty():
-    row = {"model": "resnet50-inject", "encoder": "resnet50", "decoder": "inject", "split": "dev",
-           "beam": 3, "default": False, "image": "a.jpg", "caption": "x", "logprob": -1.0,
-           "bleu1": 1.0, "bleu2": 1.0, "bleu3": 1.0, "bleu4": 1.0}  # fmt: skip
-    vgg = {**row, "model": "vgg16-inject", "encoder": "vgg16"}
-    assert tables.disagreements(pd.DataFrame([row, vgg])).empty
+    assert sets[1][1][0]["bleu4"] == 45.0 and sets[1][1][0]["image"] == "e.jpg"
 
 
 @pytest.mark.parametrize("bad", [{"decoding": {"beam": 3}}, {"split": "test"}])
 def test_malformed_records_are_a_bundle_error(tmp_path, bad):
-    from captioning.bundle.format import BundleError
-
     b = make_bundle(tmp_path, "m")
-    doc = {"format": "captioning-metrics", "version": 2,
-           "records": [{**setting().to_dict(), "n_images": 1, "metrics": {}, **bad}]}  # fmt: skip
+    doc = {
+        "format": "captioning-metrics",
+        "version": 2,
+        "records": [{**setting().to_dict(), "n_images": 1, "metrics": {}, **bad}],
+    }
     if "decoding" not in bad:
         del doc["records"][0]["decoding"]
     (b / "metrics.json").write_text(json.dumps(doc))
     with pytest.raises(BundleError, match="malformed metrics record"):
         read_records(b)
+
+
+# ---------------------------------------------------------------- history: stages and best epochs
+
+
+def write_history(bundle: Path, rows: list[dict], **config) -> None:
+    """Replace the bundle's ``history.json`` (and set ``config.json`` keys, None = remove)."""
+    (bundle / "history.json").write_text(json.dumps(rows))
+    cfg = json.loads((bundle / "config.json").read_text())
+    cfg.update(config)
+    (bundle / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+
+
+def test_select_metric_is_the_one_training_keeps_its_checkpoint_by():
+    from captioning.training.objective import SELECT_METRIC
+
+    assert history.SELECT_METRIC == SELECT_METRIC
+
+
+def test_best_epoch_is_the_first_with_the_highest_dev_cider_d():
+    epochs = [{"epoch": 1, "dev_cider": 40.0, "dev_bleu4": 30.0}, {"epoch": 2, "dev_cider": 45.0},
+              {"epoch": 3, "dev_cider": 45.0}, {"epoch": 4, "dev_cider": None}]  # fmt: skip
+    assert history.best_epoch(epochs) == 2
+    assert history.best_epoch(epochs, "dev_bleu4") == 1
+    assert history.best_epoch([{"epoch": 1}]) is None
+
+
+def test_history_lines_fill_stages_and_scale_the_reward(tmp_path):
+    b = make_bundle(tmp_path, "m")
+    xe = [{"epoch": e, "dev_cider": 40.0 + e} for e in (1, 2)]
+    scst = [{"stage": "scst", "epoch": 3, "stage_epoch": 1, "reward": 0.61, "dev_cider": 47.5}]
+    write_history(b, [*xe, scst[0], ["not an epoch"], {"no": "epoch"}])
+    rows = history.history_lines(info(b))
+    stages = [(r["line"], r["bundle"], r["stage"]) for r in rows]
+    assert stages == [("m", "m", "xe"), ("m", "m", "xe"), ("m", "m", "scst")]
+    assert rows[2]["reward"] == pytest.approx(61.0) and "reward" not in rows[0]
+    write_history(b, [{"epoch": 1}], train_config={"finetune": "layer4"})
+    assert [r["stage"] for r in history.history_lines(info(b))] == ["finetune"]
+    assert history.unmarked_stage({}) == "xe" and history.dev_beam({}) == 1
+    assert history.dev_beam({"train_config": {"dev_beam": 3}}) == 3
+
+
+def test_training_summary_takes_the_recorded_best_epoch(tmp_path):
+    """``--export-last`` keeps the last epoch: the record, not the best score, says which."""
+    b = make_bundle(tmp_path, "m")
+    rows = [{"epoch": 1, "dev_cider": 50.0, "dev_bleu4": 20.0, "epoch_seconds": 10.0},
+            {"epoch": 2, "dev_cider": 40.0, "dev_bleu4": 21.0, "epoch_seconds": 20.0}]  # fmt: skip
+    write_history(b, rows, best_epoch=2)
+    (s,) = history.training_summary(info(b))
+    assert (s.line, s.epochs, s.best_epoch, s.dev_cider, s.dev_bleu4) == ("m", 2, 2, 40.0, 21.0)
+    assert s.epoch_seconds == 15.0 and s.samples_per_s is None and s.stages_label == "2 xe"
+    write_history(b, rows, best_epoch=None, select_metric="dev_bleu4")  # no epoch recorded
+    assert history.training_summary(info(b))[0].best_epoch == 2
+    write_history(b, rows, select_metric=None)
+    assert history.training_summary(info(b))[0].best_epoch == 1  # SELECT_METRIC: dev CIDEr-D
+
+
+def test_a_soups_member_lines_take_their_runs_records(tmp_path):
+    b = make_bundle(tmp_path, "soup")
+    run = make_bundle(tmp_path, "run-a")  # a member whose bundle lies beside the soup
+    write_history(run, [], best_epoch=3)
+    rows = [
+        {"epoch": e, "dev_cider": 40.0 + (e == 1), "member": m}
+        for m in ("run-a", "run-b")
+        for e in (1, 2, 3)
+    ]
+    rows.append({"epoch": 4, "stage": "scst", "dev_cider": 60.0, "member": "run-b"})
+    write_history(b, rows, best_epoch=None, select_metric=None)
+    summary = {s.line: s for s in history.training_summary(info(b))}
+    assert list(summary) == ["soup · run-a", "soup · run-b"]
+    assert summary["soup · run-a"].best_epoch == 3  # run-a's record
+    assert summary["soup · run-b"].best_epoch == 4  # no record: its best dev CIDEr-D
+    assert summary["soup · run-b"].stages == {"xe": 3, "scst": 1}
+    assert {r["bundle"] for r in history.history_lines(info(b))} == {"soup"}
+
+
+# ---------------------------------------------------------------- bench.json
+
+
+def test_bench_summary_reads_the_headline_runtime(tmp_path):
+    a = make_bundle(tmp_path, "a")
+    keys = ("encode_ms", "decode_ms", "total_ms")
+    beams = {b: {k: {"p50": 10.0 * int(b), "p90": 12.0 * int(b)} for k in keys} for b in "135"}
+    (a / "bench.json").write_text(
+        json.dumps(
+            {"runtime": "openvino", "precision": "bf16", "beams": beams, "throughput_img_s": 7.5}
+        )
+    )
+    s = latency.bench_summary(info(a))
+    assert (s.runtime, s.precision, s.images_per_s) == ("openvino", "bf16", 7.5)
+    assert s.total_ms == {1: (10.0, 12.0), 3: (30.0, 36.0), 5: (50.0, 60.0)}
+    assert (s.encode_p50, s.decode_p50) == (30.0, 30.0)  # at beam 3
+    assert latency.default_latency(info(a)) == (30.0, "openvino")  # the default beam: 3
+    (a / "bench.json").write_text(json.dumps({"beams": {"5": beams["5"]}}))
+    s = latency.bench_summary(info(a))
+    assert s.total_ms[1] == (None, None) and s.encode_p50 == 50.0 and s.precision == "?"
+    assert latency.default_latency(info(a)) is None
+    (a / "bench.json").unlink()
+    assert latency.bench_summary(info(a)) is None
+
+
+# ---------------------------------------------------------------- order, best bundle, members
+
+
+def test_order_puts_encoders_then_decoders_then_ensembles(tmp_path):
+    for name, enc, dec in [
+        ("v-att", "vgg16", "attention"),
+        ("r-att", "resnet50", "attention"),
+        ("r-inj", "resnet50", "inject"),
+        ("v-inj", "vgg16", "inject"),
+    ]:
+        make_bundle(tmp_path, name, encoder=enc, decoder=dec)
+    make_ensemble(tmp_path / "ens", ("r-att", "v-att"))
+    names = [b.name for b in reports.order_bundles(list_bundles(tmp_path))]
+    assert names == ["r-inj", "r-att", "v-inj", "v-att", "ens"]
+
+
+def test_best_bundle_is_the_best_dev_cider_d_then_attention(tmp_path):
+    for name, dec in [("a-inj", "inject"), ("b-att", "attention"), ("c-inj", "inject")]:
+        make_bundle(tmp_path, name, decoder=dec)
+    bundles = list_bundles(tmp_path)
+    assert reports.best_bundle(bundles).name == "b-att"  # unscored: attention first
+    record(tmp_path / "c-inj", setting(split="dev"), scores={**SCORES, "cider": 55.0})
+    record(tmp_path / "b-att", setting(split="dev"), scores={**SCORES, "cider": 54.0})
+    record(tmp_path / "a-inj", setting(split="test"), scores={**SCORES, "cider": 90.0})
+    assert reports.best_bundle(list_bundles(tmp_path)).name == "c-inj"  # dev, never test
+    with pytest.raises(ValueError, match="no bundles"):
+        reports.best_bundle([])
+
+
+def test_members_of_an_ensemble_are_found_beside_it(tmp_path):
+    make_bundle(tmp_path, "r-inj")
+    make_bundle(tmp_path, "v-att", encoder="vgg16", decoder="attention")
+    make_ensemble(tmp_path / "ens", ("r-inj", "v-att"))
+    by_name = {b.name: b for b in list_bundles(tmp_path)}
+    ens = by_name["ens"]
+    assert reports.member_paths(ens) == [tmp_path / "r-inj", tmp_path / "v-att"]
+    assert reports.member_names(ens) == ["r-inj", "v-att"]
+    assert reports.attending_member(ens) == "v-att"
+    assert reports.attending_member(by_name["v-att"]) is None  # a single model
+    files = {f.relative_to(tmp_path).as_posix() for f in reports.weight_files(ens)}
+    assert {"ens/config.json", "ens/vocab.json", "r-inj/decoder.safetensors"} <= files
+    assert "v-att/decoder.safetensors" in files and "ens/decoder.safetensors" not in files
+    assert reports.member_paths(by_name["r-inj"]) == []
+
+
+# ---------------------------------------------------------------- scores with diversity
+
+
+def test_default_scores_fill_diversity_from_the_predictions_scored(tmp_path):
+    b = make_bundle(tmp_path, "m")
+    record(b, setting(), images=("e.jpg", "f.jpg", "g.jpg"))  # one caption, three times
+    scores = reports.default_scores(info(b), "test")
+    assert scores["bleu4"] == 20.0 and scores["beam"] == 3
+    assert scores["distinct"] == pytest.approx(100 / 3) and scores["repeat_trigram"] == 0.0
+    record(b, setting(), scores={**SCORES, "distinct": 90.0})  # recorded: kept as it is
+    assert reports.default_scores(info(b), "test")["distinct"] == 90.0
+    assert reports.default_scores(info(b), "dev") is None

@@ -1,26 +1,47 @@
 """Read everything a bundle holds, for the CLI and the dashboard, and render it as markdown.
 
 A bundle's files are written by ``captioning.bundle`` (weights, config, metrics records) and
-``captioning.evaluate`` / ``captioning.bench`` (predictions, bench.json); this module is the one
-place that reads them back: ``config``, ``history.json``, ``metrics.json`` records (with the
-default decoding marked), ``predictions_*.csv``, ``bench.json`` and ``card.md``. It also renders
-``card.md`` and the results table of ``python -m captioning models --markdown``. No pandas here:
-the dashboard turns these plain rows into tables.
+``captioning.inference`` (predictions, ``bench.json``); this module reads them back: the
+``metrics.json`` records (with the default decoding marked), ``predictions_*.csv``, and the
+order, best bundle and ensemble members the dashboard shows. ``captioning.bundle.history``
+reads ``history.json`` and ``captioning.bundle.latency`` reads ``bench.json`` (both re-exported
+here). It renders the tables of ``python -m captioning models --markdown / --compare /
+--latency``; ``captioning.bundle.card`` renders ``card.md``. No pandas here: the dashboard turns
+these plain rows into tables.
 """
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from captioning.bundle.catalog import BundleInfo
-from captioning.bundle.format import BundleError, bundle_decoding, read_config, tuned_block
+from captioning.bundle.catalog import BundleInfo, resolve_bundle
+from captioning.bundle.format import (
+    BLOCK_FILE,
+    REQUIRED_FILES,
+    BundleError,
+    bundle_decoding,
+    is_ensemble,
+    read_config,
+    tuned_block,
+)
+from captioning.bundle.history import read_history as read_history
+from captioning.bundle.latency import default_latency
+from captioning.bundle.latency import latency_markdown as latency_markdown
+from captioning.bundle.latency import read_bench as read_bench
 from captioning.bundle.records import Setting, decoding_label, read_records
-from captioning.core.files import read_json
 from captioning.models.bleu import BLEU_KEYS
+from captioning.models.decoders import ATTENTION_KINDS, DECODER_KINDS
 from captioning.models.decoding import DecodeConfig
-from captioning.models.metrics import HEADLINE_KEYS, METRIC_LABELS, MISSING
+from captioning.models.metrics import (
+    DIVERSITY_KEYS,
+    HEADLINE_KEYS,
+    METRIC_LABELS,
+    MISSING,
+    diversity_stats,
+)
 
 PREDICTION_FLOATS = ("logprob", *BLEU_KEYS)
 
@@ -89,8 +110,14 @@ def default_summary(bundle: BundleInfo, split: str = "test") -> dict | None:
     r = default_result(bundle, split)
     if r is None:
         return None
-    return {**r.metrics, "n_images": r.n_images, "beam": r.beam, "length_alpha": r.length_alpha,
-            "precision": r.setting.precision, "runtime": r.setting.runtime}  # fmt: skip
+    return {
+        **r.metrics,
+        "n_images": r.n_images,
+        "beam": r.beam,
+        "length_alpha": r.length_alpha,
+        "precision": r.setting.precision,
+        "runtime": r.setting.runtime,
+    }
 
 
 def bundle_info(path: Path) -> BundleInfo:
@@ -108,7 +135,7 @@ def default_decoding(bundle: BundleInfo) -> DecodeConfig:
     return bundle_decoding(bundle.config)
 
 
-# ---------------------------------------------------------------- predictions, history, bench
+# ---------------------------------------------------------------- predictions
 
 
 def read_prediction_rows(path: Path) -> list[dict]:
@@ -144,31 +171,21 @@ def prediction_sets(bundle: BundleInfo) -> list[tuple[Result, list[dict]]]:
     ]
 
 
-def read_history(path: Path) -> list[dict]:
-    """``history.json`` of a bundle: one dict per epoch (empty when absent or unreadable)."""
-    try:
-        data = read_json(path / "history.json")
-    except (OSError, ValueError):
-        return []
-    if not isinstance(data, list):
-        return []
-    return [r for r in data if isinstance(r, dict) and "epoch" in r]
+def default_scores(bundle: BundleInfo, split: str = "test") -> dict | None:
+    """``default_summary`` with every diversity share (``DIVERSITY_KEYS``, 0-100) filled in.
 
-
-def read_bench(path: Path) -> dict | None:
-    """A bundle's ``bench.json``, or None when absent or unreadable."""
-    try:
-        data = read_json(path / "bench.json")
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def read_card(path: Path) -> str | None:
-    try:
-        return (path / "card.md").read_text(encoding="utf-8")
-    except OSError:
-        return None
+    A share the record lacks is computed from its predictions file: the captions it scored.
+    """
+    summary = default_summary(bundle, split)
+    result = default_result(bundle, split)
+    if summary is None or result is None or result.predictions is None:
+        return summary
+    missing = [k for k in DIVERSITY_KEYS if summary.get(k) is None]
+    captions = [r["caption"] for r in read_prediction_rows(result.predictions)] if missing else []
+    if captions:
+        stats = diversity_stats(captions)
+        summary |= {k: stats[k] for k in missing}
+    return summary
 
 
 # ---------------------------------------------------------------- markdown
@@ -208,20 +225,17 @@ def bundle_megabytes(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
 
 
-def default_latency(bundle: BundleInfo) -> tuple[float, str] | None:
-    """(decode p50 ms at the default beam, runtime) from ``bench.json``, when it has that beam."""
-    bench = read_bench(bundle.path)
-    beam = str(default_decoding(bundle).beam_size)
-    try:
-        return float(bench["beams"][beam]["decode_ms"]["p50"]), str(bench.get("runtime", "torch"))
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 def comparison_markdown(bundles: list[BundleInfo], split: str = "test") -> str:
     """One row per bundle at its default decoding: the headline metrics, latency and size."""
-    head = ["model", "encoder", "decoder", "decoding", *(METRIC_LABELS[k] for k in HEADLINE_KEYS),
-            "decode p50 (ms)", "size (MB)"]  # fmt: skip
+    head = [
+        "model",
+        "encoder",
+        "decoder",
+        "decoding",
+        *(METRIC_LABELS[k] for k in HEADLINE_KEYS),
+        "decode p50 (ms)",
+        "size (MB)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for b in bundles:
         r = default_result(b, split)
@@ -240,56 +254,6 @@ def comparison_markdown(bundles: list[BundleInfo], split: str = "test") -> str:
     return "\n".join(lines)
 
 
-def _p50(runtime: dict, beam: str, key: str) -> str:
-    try:
-        return f"{float(runtime['beams'][beam][key]['p50']):.1f}"
-    except (KeyError, TypeError, ValueError):
-        return MISSING
-
-
-def _folder_cell(bench: dict, runtime: dict) -> str:
-    folder = runtime.get("folder") or {}
-    if folder.get("images_per_s") is None:
-        return MISSING
-    where = "samples" if "samples" in str(bench.get("folder", "")) else "images"
-    beam = bench.get("throughput_beam", "?")
-    return f"{float(folder['images_per_s']):.1f} ({folder.get('images', '?')} {where}, beam {beam})"
-
-
-def _machine(bench: dict) -> str:
-    """ "Intel(R) Xeon(R) Processor (amx_bf16, avx512_bf16)" from a bench record's CPU fields."""
-    cpu = bench.get("cpu_model") if isinstance(bench.get("cpu_model"), dict) else {}
-    if not cpu:  # records before cpu_model had only the architecture ("x86_64")
-        return f"{bench.get('cpu') or '?'} (CPU model not recorded)"
-    model = cpu.get("model") or "?"
-    flags = cpu.get("bf16_flags")
-    return f"{model} ({', '.join(flags) or 'no native bf16'})" if flags is not None else model
-
-
-def latency_markdown(bundles: list[BundleInfo]) -> str:
-    """One row per bundle and runtime from each ``bench.json`` (`bench --save`): batch-1 p50s of
-    encode, decode and JPEG bytes -> caption at beams 1/3/5, the folder rate, and the machine."""
-    head = ["model", "runtime", "encode p50 ms", "decode p50 ms, beam 1 / 3 / 5",
-            "total p50 ms, beam 1 / 3 / 5", "folder images/s", "measured on"]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for b in bundles:
-        bench = read_bench(b.path)
-        if not bench:
-            continue
-        where = _machine(bench) + f", {bench.get('threads', '?')} threads, "
-        where += str(bench.get("created", "?"))[:10]
-        runtimes = bench.get("runtimes") or {bench.get("runtime", "torch"): bench}
-        for name, rt in runtimes.items():
-            per_beam = [str(k) for k in (1, 3, 5)]
-            decode = " / ".join(_p50(rt, k, "decode_ms") for k in per_beam)
-            total = " / ".join(_p50(rt, k, "total_ms") for k in per_beam)
-            lines.append(
-                f"| {b.name} | {name} {rt.get('precision', '')} | {_p50(rt, '3', 'encode_ms')} "
-                f"| {decode} | {total} | {_folder_cell(bench, rt)} | {where} |"
-            )
-    return "\n".join(lines)
-
-
 def encoder_group(bundle: BundleInfo) -> str:
     """What a bundle's captions come from: its encoder, plus the block it fine-tuned if any.
 
@@ -297,3 +261,78 @@ def encoder_group(bundle: BundleInfo) -> str:
     """
     block = tuned_block(bundle.config)
     return f"{bundle.encoder}+{block}" if block else bundle.encoder
+
+
+# ---------------------------------------------------------------- order, best bundle, members
+
+
+def display_key(bundle: BundleInfo) -> tuple:
+    """Where a bundle goes when bundles are shown side by side: single models before ensembles,
+    then by ``encoder_group`` (``resnet50``, ``resnet50+layer4``, ``vgg16``), then by decoder
+    (``DECODER_KINDS`` order: inject, merge, attention, updown; any other after), then name."""
+    kinds = DECODER_KINDS
+    rank = kinds.index(bundle.decoder) if bundle.decoder in kinds else len(kinds)
+    return (is_ensemble(bundle.config), encoder_group(bundle), rank, bundle.decoder, bundle.name)
+
+
+def order_bundles(bundles: Iterable[BundleInfo]) -> list[BundleInfo]:
+    """``bundles`` sorted by ``display_key``."""
+    return sorted(bundles, key=display_key)
+
+
+def best_bundle(bundles: Sequence[BundleInfo], split: str = "dev") -> BundleInfo:
+    """The bundle with the best CIDEr-D on ``split`` at its default decoding.
+
+    Dev, never test, chooses (the evaluation protocol). Bundles without that record come last;
+    among equals an attention decoder goes first, then ``display_key`` order. ValueError when
+    ``bundles`` is empty.
+    """
+    if not bundles:
+        raise ValueError("no bundles to choose from")
+
+    def rank(b: BundleInfo) -> tuple:
+        cider = (default_summary(b, split) or {}).get("cider")
+        return (
+            cider is not None,
+            cider if cider is not None else 0.0,
+            b.decoder in ATTENTION_KINDS,
+        )
+
+    return max(order_bundles(bundles), key=rank)  # max keeps the first of equal ranks
+
+
+def member_paths(bundle: BundleInfo) -> list[Path]:
+    """The bundles an ensemble averages, in its order, as found beside it (none for a single
+    model); a member that is not there is left out (loading the ensemble names it)."""
+    out = []
+    for member in bundle.config.get("members", []) if is_ensemble(bundle.config) else []:
+        try:
+            out.append(resolve_bundle(member["name"], bundle.path.parent))
+        except BundleError:
+            continue
+    return out
+
+
+def weight_files(bundle: BundleInfo) -> list[Path]:
+    """The files that change when the bundle's weights do: config, decoder, vocabulary and
+    fine-tuned block (those that exist) of the bundle and, for an ensemble, of each member."""
+    names = (*REQUIRED_FILES, BLOCK_FILE)
+    return [d / n for d in (bundle.path, *member_paths(bundle)) for n in names if (d / n).is_file()]
+
+
+def attending_member(bundle: BundleInfo) -> str | None:
+    """The ensemble member whose attention the ensemble's captions carry: its first member with
+    an attention decoder (None for a single model, or when no member attends)."""
+    for path in member_paths(bundle):
+        try:
+            decoder = read_config(path)["decoder"]
+        except BundleError:
+            continue
+        if decoder in ATTENTION_KINDS:
+            return path.name
+    return None
+
+
+def member_names(bundle: BundleInfo) -> list[str]:
+    """The names of the bundles an ensemble averages (empty for a single model)."""
+    return [m["name"] for m in bundle.config["members"]] if is_ensemble(bundle.config) else []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from captioning.bundle import reports
 from captioning.bundle.format import BundleError
 from captioning.data.images import ImageLoadError
 from captioning.models.decoding import MAX_BEAM
@@ -31,12 +32,13 @@ with left:
 
 with right:
     c_model, c_beam = st.columns([3, 2])
-    best = tables.default_model(bundles).name
+    best = reports.best_bundle(bundles).name  # the best dev CIDEr-D
     name = c_model.selectbox(
         "Model", list(by_name), index=list(by_name).index(best), key="caption-model"
     )
     bundle = by_name[name]
-    beam = c_beam.slider("Beam size", 1, MAX_BEAM, tables.default_beam(bundle), key="caption-beam")
+    default_beam = reports.default_decoding(bundle).beam_size
+    beam = c_beam.slider("Beam size", 1, MAX_BEAM, default_beam, key="caption-beam")
     st.caption(components.model_blurb(bundle))
 
     if picked is None:
@@ -59,9 +61,14 @@ with right:
         st.subheader(f"“{result.text}”" if result.text else "(empty caption)", anchor=False)
         with st.container(horizontal=True, gap="medium"):
             components.timing_metrics(result.timings, runtime)
-            st.metric("Log-prob", f"{result.score:.2f}", width="content", help="Sum of the "
-                      "log-probabilities of the words and the end token; closer to 0 = more "
-                      "confident.")  # fmt: skip
+            st.metric(
+                "Log-prob",
+                f"{result.score:.2f}",
+                width="content",
+                help="Sum of the "
+                "log-probabilities of the words and the end token; closer to 0 = more "
+                "confident.",
+            )
 
     st.markdown(f"**Beam search n-best** ({len(result.nbest)} of beam {beam})")
     st.dataframe(

@@ -9,6 +9,7 @@ from captioning.bundle.format import BundleError
 from captioning.data.images import ImageLoadError
 from captioning.models.bleu import sentence_bleu_smoothed
 from captioning.models.decoding import MAX_BEAM
+from captioning.models.metrics import METRIC_LABELS
 from dashboard import charts, components, state, tables
 
 MAX_COLUMNS = 3  # caption cards per row: one per decoder kind
@@ -99,12 +100,12 @@ else:
         key="compare-metrics-chart",
     )
     st.dataframe(
-        wide.rename(columns={**tables.METRIC_LABELS, "n_images": "images"}),
+        wide.rename(columns={**METRIC_LABELS, "n_images": "images"}),
         hide_index=True,
         placeholder="n/a",
         column_config={
             label: st.column_config.NumberColumn(label, format="%.1f")
-            for label in tables.METRIC_LABELS.values()
+            for label in METRIC_LABELS.values()
         },
     )
     notes = [
@@ -122,7 +123,7 @@ else:
 
 st.subheader("Latency", anchor=False)
 latency = tables.latency_table(bundles)
-benchmarked = latency["status"] != "not benchmarked"
+benchmarked = latency["status"] != tables.NOT_BENCHMARKED
 shown = latency if benchmarked.any() else latency[["model", "status"]]
 st.dataframe(
     shown.rename(columns={"status": "precision"}),

@@ -8,12 +8,10 @@ import pandas as pd
 import streamlit as st
 
 from captioning.data import CaptionDataset
-from captioning.models.metrics import METRIC_LABELS, diversity_stats
+from captioning.models.metrics import METRIC_LABELS
 from dashboard import components, state, tables
 
 SPLITS = ("dev", "test")
-DIVERSITY = ("distinct", "repeat_trigram")
-SUMMARY_METRICS = ("bleu4", "cider", *DIVERSITY)
 
 st.title("Explore predictions", anchor=False)
 st.markdown(
@@ -35,25 +33,6 @@ status = state.dataset()
 ds = status.dataset
 if ds is None:
     components.data_note(status.message, "Without it the tables below still work.")
-
-
-def score_summary(frame: pd.DataFrame, split: str) -> pd.DataFrame:
-    """Per model on ``split``, at the model's default decoding: corpus BLEU-4 and CIDEr-D from
-    its metrics records, and the distinct-caption and repeated-trigram shares (%).
-
-    Shares missing from a record (evaluated before they were recorded) are computed from the
-    predictions file, the same captions the record scored.
-    """
-    rows = []
-    for _, rec in tables.corpus_metrics(bundles, split).iterrows():
-        row = {"model": rec["model"], "beam": rec["beam"], **{k: rec[k] for k in SUMMARY_METRICS}}
-        mine = (frame["model"] == rec["model"]) & (frame["split"] == split) & frame["default"]
-        caps = frame.loc[mine, "caption"]
-        if len(caps) and any(pd.isna(row[k]) for k in DIVERSITY):
-            stats = diversity_stats(list(caps))
-            row |= {k: stats[k] for k in DIVERSITY if pd.isna(row[k])}
-        rows.append(row)
-    return pd.DataFrame(rows, columns=["model", "beam", *SUMMARY_METRICS])
 
 
 def bleu_label(order: int) -> str:
@@ -80,13 +59,17 @@ def detail(frame: pd.DataFrame, image: str, split: str, dataset: CaptionDataset 
         st.markdown("**Model captions**")
         rows = tables.captions_for_image(frame, image, split)
         many_beams = rows["beam"].nunique() > 1
-        shown = pd.DataFrame({
-            "model": [f"{m} (beam {b})" if many_beams else m
-                      for m, b in zip(rows["model"], rows["beam"], strict=True)],
-            "caption": rows["caption"],
-            bleu_label(4): rows["bleu4"].map("{:.1f}".format),
-            "log-prob": rows["logprob"].map("{:.2f}".format),
-        })  # fmt: skip
+        shown = pd.DataFrame(
+            {
+                "model": [
+                    f"{m} (beam {b})" if many_beams else m
+                    for m, b in zip(rows["model"], rows["beam"], strict=True)
+                ],
+                "caption": rows["caption"],
+                bleu_label(4): rows["bleu4"].map("{:.1f}".format),
+                "log-prob": rows["logprob"].map("{:.2f}".format),
+            }
+        )
         st.table(shown.set_index("model"))
 
 
@@ -100,18 +83,22 @@ if scored:
     st.subheader("Scores and diversity", anchor=False)
     table_col, note_col = st.columns([3, 2], gap="large")
     summary_split = table_col.segmented_control(
-        "Split", scored, default=scored[-1], required=True, key="explore-summary-split",
+        "Split",
+        scored,
+        default=scored[-1],
+        required=True,
+        key="explore-summary-split",
         label_visibility="collapsed",
-    )  # fmt: skip
+    )
     table_col.dataframe(
-        score_summary(preds, summary_split),
+        state.scores(summary_split),
         hide_index=True,
         placeholder="n/a",
         column_config={
             "beam": st.column_config.NumberColumn("beam", format="%d"),
             **{
                 k: st.column_config.NumberColumn(METRIC_LABELS[k], format="%.1f")
-                for k in SUMMARY_METRICS
+                for k in tables.SUMMARY_METRICS
             },
         },
     )
@@ -139,13 +126,21 @@ with tab_all:
     ).strip()
     g1, g2, g3 = st.columns([3, 4, 3], vertical_alignment="bottom")
     order = g1.segmented_control(
-        "BLEU order", [1, 2, 3, 4], format_func=lambda n: f"BLEU-{n}", default=4, required=True,
+        "BLEU order",
+        [1, 2, 3, 4],
+        format_func=lambda n: f"BLEU-{n}",
+        default=4,
+        required=True,
         key="explore-order",
-    )  # fmt: skip
+    )
     lo, hi = g2.slider(
-        f"Smoothed sentence BLEU-{order} range", 0.0, 100.0, (0.0, 100.0), step=0.5,
+        f"Smoothed sentence BLEU-{order} range",
+        0.0,
+        100.0,
+        (0.0, 100.0),
+        step=0.5,
         key="explore-range",
-    )  # fmt: skip
+    )
     sort = g3.selectbox("Sort by", list(tables.SORTS), key="explore-sort")
     filt = tables.PredictionFilter(chosen_splits, chosen_models, order, (lo, hi), words, sort)
     rows = tables.filter_predictions(preds, filt)
@@ -175,7 +170,7 @@ with tab_all:
                 )
                 for c in others
             },
-        },  # fmt: skip
+        },
         on_select="rerun",
         selection_mode="single-row",
         key=table_key("explore-table", filt),
@@ -216,7 +211,7 @@ with tab_gap:
                 "vgg_caption",
                 "vgg_bleu",
                 "gap",
-            ],  # fmt: skip
+            ],
             column_config={
                 "resnet_caption": st.column_config.TextColumn("ResNet caption", width="medium"),
                 "vgg_caption": st.column_config.TextColumn("VGG caption", width="medium"),
@@ -229,7 +224,7 @@ with tab_gap:
                 "gap": st.column_config.NumberColumn(
                     "gap", format="%+.1f", help="ResNet minus VGG, smoothed sentence BLEU-4"
                 ),
-            },  # fmt: skip
+            },
             on_select="rerun",
             selection_mode="single-row",
             key=table_key("gap-table", gap_split, gap_decoders, top),

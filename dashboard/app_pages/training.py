@@ -31,10 +31,7 @@ if not chosen:
     st.info("Select at least one model.")
     st.stop()
 shown = history[history["model"].isin(chosen)]
-dev_beams = sorted(
-    {int(b.config.get("train_config", {}).get("dev_beam", 1)) for b in bundles if b.name in chosen}
-)
-decoding = "greedy" if dev_beams == [1] else "beam " + "/".join(map(str, dev_beams))
+decoding = tables.dev_decoding([b for b in bundles if b.name in set(shown["bundle"])])
 
 specs = [
     ({"train_loss": "train loss", "dev_loss": "dev loss"}, "Loss (solid: train, dashed: dev)",
@@ -44,8 +41,9 @@ specs = [
     ({"lr": "lr"}, "Learning rate (end of epoch)", "learning rate", True),
 ]  # fmt: skip
 if shown["reward"].notna().any():  # an SCST stage: its reward curve
-    specs.append(({"reward": "SCST reward"}, "SCST reward (train samples' CIDEr-D)",
-                  "CIDEr-D (×100)", False))  # fmt: skip
+    specs.append(
+        ({"reward": "SCST reward"}, "SCST reward (train samples' CIDEr-D)", "CIDEr-D (×100)", False)
+    )
 for row in (specs[i : i + 2] for i in range(0, len(specs), 2)):
     for col, (columns, title, ytitle, exponent) in zip(st.columns(2), row, strict=False):
         fig = charts.history_chart(
@@ -54,10 +52,12 @@ for row in (specs[i : i + 2] for i in range(0, len(specs), 2)):
         col.plotly_chart(fig, key=f"training-{next(iter(columns))}")
 
 st.subheader("Summary", anchor=False)
+summary = state.training_summary()
 st.dataframe(
-    tables.training_summary(shown, bundles),
+    summary[summary["model"].isin(chosen)],
     hide_index=True,
     column_config={
+        "best epoch": st.column_config.NumberColumn(format="%d"),
         "dev BLEU-4": st.column_config.NumberColumn(format="%.1f"),
         "dev CIDEr-D": st.column_config.NumberColumn(format="%.1f"),
         "s / epoch": st.column_config.NumberColumn(format="%.1f"),
@@ -65,6 +65,7 @@ st.dataframe(
     },
 )
 st.caption(
-    "Best epoch = the checkpoint exported in the bundle (for a soup's member, its best dev "
-    "CIDEr-D epoch). Test-split scores are on Compare."
+    "Best epoch = the epoch the bundle's weights come from, as its config records it; a soup's "
+    "member line shows the epoch its run kept (the best dev CIDEr-D). Test-split scores are on "
+    "Compare."
 )
