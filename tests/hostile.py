@@ -99,7 +99,7 @@ def solid_png(width: int, height: int) -> bytes:
 
 
 def hostile_uploads() -> list[tuple[str, bytes, str]]:
-    """Every awkward upload of issue 10 section 5, with what it must produce."""
+    """Every awkward upload the image loader must handle, with what it must produce."""
     jpeg = encode(photo("chelsea"), "JPEG", quality=90)
     return [
         ("empty.jpg", b"", "empty file"),

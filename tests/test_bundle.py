@@ -209,7 +209,8 @@ def _snapshot(d: Path) -> dict[str, bytes]:
 
 
 def test_plain_evaluate_leaves_the_bundle_alone(world_env, tmp_path, monkeypatch, capsys):
-    """Old code rewrote the bundle's metrics.json and card.md on any `evaluate`."""
+    """A plain `evaluate` writes under runs/eval and leaves the bundle's metrics.json and card.md
+    as they were."""
     from captioning.cli import main
 
     bundle = tmp_path / "m"

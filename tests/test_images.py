@@ -29,7 +29,7 @@ from tests import hostile
 from tests.hostile import encode, png_header
 
 REPO = Path(__file__).resolve().parents[1]
-RSS_BUDGET_MB = 250  # issue 10: an 8000x6000 PNG adds at most this much peak RSS
+RSS_BUDGET_MB = 250  # an 8000x6000 PNG adds at most this much peak RSS
 
 
 def save(tmp_path: Path, name: str, img: Image.Image, **kwargs) -> Path:

@@ -5,7 +5,7 @@ the input on the pipelined path (``Captioner.caption_stream``); the chunks go to
 worker is free, and the results come back in input order. Why processes and not threads: the
 compiled decoder step barely speeds up from one thread to two, while two processes overlap it;
 on 2 cores two one-thread workers caption resnet50-attention about 10% faster than one
-two-thread process once started (README, Latency; Ray's ``batch`` uses the same plan).
+two-thread process once started (docs/performance.md; Ray's ``batch`` uses the same plan).
 """
 
 from __future__ import annotations
