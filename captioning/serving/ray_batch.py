@@ -144,7 +144,8 @@ def plan_pool(
     """Size the actor pool from the cluster's CPUs (and memory, when given in bytes).
 
     By default one single-thread actor per CPU, as many as ``ACTOR_MEMORY`` each allows: on 2
-    cores two such actors caption 15–20% faster than one actor with two threads (docs/scaling.md), since the runtime never pins two processes to one core (``core.machine.pin_threads``).
+    cores two such actors caption 15–20% faster than one actor with two threads (docs/scaling.md),
+    since the runtime never pins two processes to one core (``core.machine.pin_threads``).
     Actors get ``ACTOR_CPU_SHARE`` of the CPUs in Ray's accounting; the rest stays free for the
     read and write tasks: with 2 CPUs, 2 actors at 1 CPU each starve the read tasks and the
     pipeline stalls, while at 0.5 CPU each it runs. Torch threads are the real cores: the
