@@ -148,8 +148,9 @@ def _sort_key(r: dict) -> tuple:
     return (d["beam_size"], d["length_alpha"], r["precision"], r["runtime"], str(d))
 
 
-def add_record(directory: Path, setting: Setting, n_images: int, metrics: dict,
-               predictions: str | None) -> tuple[dict, bool]:  # fmt: skip
+def add_record(
+    directory: Path, setting: Setting, n_images: int, metrics: dict, predictions: str | None
+) -> tuple[dict, bool]:
     """Add or replace the record of ``setting`` in ``directory/metrics.json``.
 
     Returns the record and whether it replaced an older one of the same setting. Only a record

@@ -186,8 +186,8 @@ def greedy_soup(
     alone = [score(p) for p in paths]
     order = sorted(range(len(paths)), key=lambda i: -alone[i])  # stable: ties keep the order
     kept, best = [order[0]], alone[order[0]]
-    trials = [{"member": paths[order[0]].name, "alone": alone[order[0]], "soup": best,
-               "kept": True}]  # fmt: skip
+    first = paths[order[0]].name
+    trials = [{"member": first, "alone": alone[order[0]], "soup": best, "kept": True}]
     trial = out.parent / f".{out.name}.greedy"
     try:
         for i in order[1:]:
@@ -207,8 +207,6 @@ def greedy_soup(
     if len(kept) == 1:
         return None, trials
     record = {"score": label, "trials": trials}
-    cfg = make_soup(
-        out, [str(paths[j]) for j in kept], [weights[j] for j in kept],
-        commit=commit, force=force, greedy=record,
-    )  # fmt: skip
+    members, shares = [str(paths[j]) for j in kept], [weights[j] for j in kept]
+    cfg = make_soup(out, members, shares, commit=commit, force=force, greedy=record)
     return cfg, trials

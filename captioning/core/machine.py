@@ -46,8 +46,8 @@ def cpu_has_fast_bf16() -> bool:
 def cpu_description() -> dict:
     """The CPU's model name and which native bf16 flags it has (for benchmark records)."""
     info = _cpuinfo()
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
-                  if ln.startswith("model name")), "")  # fmt: skip
+    names = [ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")]
+    model = names[0] if names else ""
     return {"model": model, "bf16_flags": _bf16_flags(info)}
 
 

@@ -33,10 +33,8 @@ def tune_decoding(
     for beam in beams:
         for alpha in alphas if beam > 1 else (0.0,):
             for ngram in ngrams:
-                ev = evaluate(
-                    cap, ds, "dev", beam, cache_root=cache_root, meteor=False,
-                    length_alpha=alpha, no_repeat_ngram=ngram,
-                )  # fmt: skip
+                decoding = {"length_alpha": alpha, "no_repeat_ngram": ngram}
+                ev = evaluate(cap, ds, "dev", beam, cache_root=cache_root, meteor=False, **decoding)
                 rows.append(
                     {
                         "beam": beam,
