@@ -1,5 +1,8 @@
+"""``python -m captioning``: the command line (see ``captioning.cli``)."""
+
 import sys
 
 from captioning.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""``--device auto|cpu|cuda``: resolution, clear errors without CUDA, and unchanged CPU paths.
+"""``--device auto|cpu|cuda``: resolution, clear errors without CUDA, and the CPU paths.
 
 This machine has no GPU, so the CUDA paths are exercised only where a device can be faked: the
 ``meta`` device stands in for the GPU to show that models, inputs and tensor factories follow
@@ -71,7 +71,7 @@ def test_every_command_gives_one_line_for_cuda_without_a_gpu(args, tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
-def test_cpu_precisions_and_labels_are_unchanged():
+def test_precisions_resolve_on_the_cpu_and_label_the_device():
     for name in ("auto", "fp32", "bf16"):
         p = resolve_precision(name)
         assert p == resolve_precision(name, "cpu") and p.device == "cpu"
@@ -104,9 +104,8 @@ def test_models_inputs_and_new_tensors_follow_the_device():
 
 def test_extract_with_auto_runs_on_the_cpu_into_the_cpu_cache(tmp_path, capsys):
     data = make_tiny_flickr(tmp_path / "flickr", sizes={"train": 2, "dev": 1, "test": 1})
-    base = ["extract", "--encoder", "resnet50", "--data", str(data), "--cache",
-            str(tmp_path / "cache"), "--limit", "1", "--precision", "fp32",
-            "--runtime", "torch"]  # fmt: skip
+    base = ["extract", "--encoder", "resnet50", "--data", str(data), "--limit", "1"]
+    base += ["--cache", str(tmp_path / "cache"), "--precision", "fp32", "--runtime", "torch"]
     assert cli.main([*base, "--device", "auto"]) == 0
     auto = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert auto["device"] == "cpu" and auto["new_images"] == 1
