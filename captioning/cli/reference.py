@@ -1,4 +1,4 @@
-"""``help-markdown``: the CLI reference table of the README, generated from the parser."""
+"""``help-markdown``: the CLI reference table (docs/cli.md), generated from the parser."""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ COMMANDS: dict[str, Command] = {  # in the order of `--help`
     "bench-serve": Command(
         "serve", "load test of the HTTP API on loopback: p50/p99 latency, requests/s, errors"
     ),
-    "help-markdown": Command("reference", "print this CLI reference as markdown (for the README)"),
+    "help-markdown": Command("reference", "print this CLI reference as markdown (docs/cli.md)"),
 }
 
 
