@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from captioning.training import distributed
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"embed_dim": 32, "hidden_dim": 64, "attn_dim": 32, "dropout": 0.0}
 STEP_RTOL = 1e-5
@@ -59,7 +61,7 @@ def free_port() -> int:
 def _rank(rank: int, world: int, port: int, argv: list[str]) -> None:
     """One rank, forked from this test (torch already imported): torchrun's environment, then
     ``python -m captioning ARGV``. Ranks other than 0 may not write: every atomic write of the
-    project ends in ``os.replace`` (captioning/fileio.py), so such a write fails the run.
+    project ends in ``os.replace`` (``captioning.core.files``), so such a write fails the run.
     """
     from captioning import cli
     from captioning.core import files as fileio
@@ -97,15 +99,75 @@ def run_ranks(argv: list[str], world: int = 2, timeout: float = 600) -> None:
     assert codes == [0] * world, f"exit codes {codes}"
 
 
+def _collectives(rank: int, world: int, port: int, results) -> None:
+    """One rank joins the group torchrun's environment describes and runs every collective."""
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    d = distributed.from_env()
+    torch.manual_seed(100 + rank)
+    rngs = distributed.gather_rng(d)
+    results.put(
+        (
+            rank,
+            d.owns_group,
+            distributed.all_sum(d, rank + 0.5),
+            distributed.broadcast(d, [rank + 1.0, 7.0 * rank]),
+            [torch.equal(r, rngs[rank]) for r in rngs],
+        )
+    )
+    distributed.barrier(d)
+    distributed.close(d)
+
+
+def test_one_process_needs_no_group_and_shards_cover_the_batch_in_order(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    one = distributed.from_env()
+    assert one == distributed.ONE and one.is_main and not one.enabled
+    assert distributed.all_sum(one, 2.5) == 2.5 and distributed.broadcast(one, [1.5]) == [1.5]
+    (rng,) = distributed.gather_rng(one)
+    assert torch.equal(rng, torch.get_rng_state())
+    distributed.barrier(one)
+    distributed.close(one)
+    items = list(range(7))
+    for world in (1, 2, 3, 8):
+        parts = [distributed.shard(items, r, world) for r in range(world)]
+        assert sum(parts, []) == items and max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert distributed.shard([0], 1, 2) == []  # fewer images than ranks: an empty share
+    seeds = {distributed.rank_seed(0, r, e) for r in (1, 2, 3) for e in (0, 1)}
+    assert len(seeds) == 6
+
+
+def test_two_ranks_share_sums_rank_zeros_decisions_and_every_rng():
+    ctx = multiprocessing.get_context("fork")
+    results, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_collectives, args=(r, 2, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    for rank, owns, total, decided, same in got:
+        assert owns and total == 2.0 and decided == [1.0, 0.0]  # rank 0's values everywhere
+        assert same[rank] and not same[1 - rank]  # each rank's own RNG state, in rank order
+
+
 def train_flags(data: Path, cache: Path, decoder: str = "attention") -> list[str]:
     flags = ["train", "--encoder", "resnet50", "--decoder", decoder, "--data", str(data)]
     flags += ["--cache", str(cache), "--epochs", "2", "--batch-images", "7", "--lr", "0.1"]
     return flags + ["--precision", "fp32"] + [f"--set={k}={v}" for k, v in SMALL.items()]
 
 
+@pytest.mark.slow
 def test_two_processes_follow_the_one_process_run_and_resume(world, tmp_path):
     from captioning.cli import main as cli
-    from captioning.training.train import read_state
+    from captioning.training.checkpoint import read_state
 
     flags = train_flags(*world)
     one, two = tmp_path / "one", tmp_path / "two"
@@ -134,10 +196,11 @@ def test_two_processes_follow_the_one_process_run_and_resume(world, tmp_path):
     assert (two / "decoder.safetensors").is_file() and (two / "card.md").is_file()
 
 
+@pytest.mark.slow
 def test_torchrun_runs_the_cli(world, tmp_path):
     """The real launcher: ``torchrun --standalone --nproc_per_node 2 -m captioning train``."""
     from captioning import Captioner
-    from captioning.training.train import read_state
+    from captioning.training.checkpoint import read_state
 
     out = tmp_path / "tr"
     flags = train_flags(*world, decoder="inject")

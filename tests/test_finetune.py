@@ -33,12 +33,13 @@ from captioning.models.blocks import (
 )
 from captioning.models.decoders import DecoderConfig, build_decoder, caption_loss
 from captioning.models.encoders import Encoder, get_spec, weights_path
+from captioning.runtime import encoders as rt_enc
 from captioning.runtime import openvino as runtime
 from captioning.runtime.encoders import shared_encoder
 from captioning.runtime.features import FeatureCache
-from captioning.training import finetune
 from captioning.training.finetune import FinetuneModel, block_input_features, block_lr, param_groups
-from captioning.training.train import TeacherForcing, TrainConfig, main
+from captioning.training.train import TrainConfig, main
+from captioning.training.xe import TeacherForcing
 from tests.synthetic import make_tiny_flickr
 
 TINY = BlockSpec("tiny", "tiny", start=3, input_name="mid", input_channels=8, input_side=8)
@@ -221,6 +222,7 @@ def shared_fp32():
     return shared_encoder("resnet50", "fp32", "torch")  # the instance Captioner.load shares
 
 
+@pytest.mark.slow
 def test_the_layer3_cache_holds_the_block_input(tuned):
     shared = shared_fp32()
     key = f"resnet50-{shared.sha256[:12]}-fp32-layer3"
@@ -242,6 +244,7 @@ def test_the_layer3_cache_holds_the_block_input(tuned):
     torch.testing.assert_close(got, want, atol=0.05, rtol=0.01)
 
 
+@pytest.mark.slow
 def test_the_bundle_ships_the_tuned_block(tuned):
     out = tuned["out"]
     config = json.loads((out / "config.json").read_text())
@@ -269,6 +272,7 @@ def test_the_bundle_ships_the_tuned_block(tuned):
     assert f"| {info.name} | resnet50+layer4 | " in reports.comparison_markdown([info])
 
 
+@pytest.mark.slow
 def test_captioner_uses_the_tuned_block_and_leaves_the_shared_encoder_alone(tuned):
     out = tuned["out"]
     shared = shared_fp32()
@@ -293,6 +297,7 @@ def test_captioner_uses_the_tuned_block_and_leaves_the_shared_encoder_alone(tune
     assert Captioner.load(out, precision="fp32").encoder is cap.encoder  # built once
 
 
+@pytest.mark.slow
 def test_evaluation_caches_the_tuned_features_under_their_own_key(tuned):
     cap = Captioner.load(tuned["out"], precision="fp32")
     ev = evaluate(cap, tuned["ds"], "test", 1, cache_root=tuned["cache"], meteor=False)
@@ -312,6 +317,7 @@ def copy_with_changed_block(bundle, bad):
     return bad
 
 
+@pytest.mark.slow
 def test_a_changed_or_missing_block_is_refused(tuned, tmp_path, capsys):
     bad = copy_with_changed_block(tuned["out"], tmp_path / "bad")
     with pytest.raises(BundleError, match="sha256"):
@@ -327,10 +333,24 @@ def test_a_changed_or_missing_block_is_refused(tuned, tmp_path, capsys):
         Captioner.load(bad, precision="fp32")
 
 
+@pytest.mark.slow
 def test_extract_finetune_fills_the_cache_training_reads(tuned, capsys):
     data, cache = str(tuned["data"]), str(tuned["cache"])
-    args = ["extract", "--encoder", "resnet50", "--finetune", "layer4", "--precision", "fp32",
-            "--data", data, "--cache", cache, "--limit", "3"]  # fmt: skip
+    args = [
+        "extract",
+        "--encoder",
+        "resnet50",
+        "--finetune",
+        "layer4",
+        "--precision",
+        "fp32",
+        "--data",
+        data,
+        "--cache",
+        cache,
+        "--limit",
+        "3",
+    ]
     assert cli.main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["cache"].endswith("-fp32-layer3")
@@ -338,6 +358,7 @@ def test_extract_finetune_fills_the_cache_training_reads(tuned, capsys):
     assert (summary["new_images"], summary["total_images"]) == (0, 6)
 
 
+@pytest.mark.slow
 def test_init_from_a_finetuned_bundle_continues_its_block_and_decoder(tuned, tmp_path):
     """``train --init`` of a fine-tuned bundle with ``--finetune`` of the same block starts from
     its block and its decoder (a run at a vanishing rate exports them unchanged) and continues
@@ -362,6 +383,7 @@ def test_init_from_a_finetuned_bundle_continues_its_block_and_decoder(tuned, tmp
 
 
 @pytest.mark.skipif(runtime.openvino_module() is None, reason="needs openvino")
+@pytest.mark.slow
 def test_a_cached_compile_loads_without_building_the_trunk(tuned, tmp_path, monkeypatch):
     """On OpenVINO, a fine-tuned bundle whose tuned encoder is in the compile cache loads it
     without building the torch trunk (start-up), with the same captions; its block file is
@@ -370,7 +392,7 @@ def test_a_cached_compile_loads_without_building_the_trunk(tuned, tmp_path, monk
     first = Captioner.load(tuned["out"], precision="fp32", runtime="openvino")  # compiles
     assert first.encoder.runtime == "openvino" and first.encoder.model is not None
     want = first.caption(sample, beam_size=2)
-    monkeypatch.setattr(finetune, "_TUNED", {})
+    monkeypatch.setattr(rt_enc, "_TUNED", {})
     monkeypatch.setattr(Encoder, "__init__", trunk_must_not_run)  # no torch trunk from here on
     fast = Captioner.load(tuned["out"], precision="fp32", runtime="openvino")
     assert fast.encoder.model is None and fast.encoder.runtime == "openvino"
@@ -382,12 +404,14 @@ def test_a_cached_compile_loads_without_building_the_trunk(tuned, tmp_path, monk
         Captioner.load(bad, precision="fp32", runtime="openvino")
 
 
+@pytest.mark.slow
 def test_scst_over_a_finetuned_bundle_keeps_its_block_frozen(tuned, tmp_path):
     from captioning.training.scst import ScstConfig, main_scst
 
     out = tmp_path / "scst"
-    cfg = ScstConfig(init=str(tuned["out"]), epochs=1, batch_images=2, samples=2, lr=1e-2,
-                     patience=1, max_len=6)  # fmt: skip
+    cfg = ScstConfig(
+        init=str(tuned["out"]), epochs=1, batch_images=2, samples=2, lr=1e-2, patience=1, max_len=6
+    )
     with pytest.MonkeyPatch.context() as mp:  # the cached layer3 inputs only: no trunk runs
         for cls, name in ((StemModel, "forward"), (Encoder, "forward"), (Encoder, "feature_map")):
             mp.setattr(cls, name, trunk_must_not_run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -17,7 +18,9 @@ from captioning.models.bleu import normalize
 from captioning.models.cider import CiderD
 from captioning.models.decoders import DecoderConfig, build_decoder, caption_loss
 from captioning.models.decoding import DecodeConfig, NextWordRules, greedy_decode
+from captioning.training.run import check_settings
 from captioning.training.scst import (
+    SCST_RESUME_FREE,
     CiderReward,
     ScstConfig,
     _dev_decoding,
@@ -142,8 +145,11 @@ def test_greedy_baseline_is_the_greedy_captions_reward(task):
     assert stats["greedy_reward"] == pytest.approx(float(exact.mean()), abs=1e-6)
     assert torch.isfinite(loss) and loss.requires_grad
     # and the greedy baseline also teaches the decoder to stop
-    trained, _ = run_scst(task, ScstConfig(batch_images=16, samples=3, baseline="greedy", lr=1e-3,
-                                           max_len=20), steps=10)  # fmt: skip
+    trained, _ = run_scst(
+        task,
+        ScstConfig(batch_images=16, samples=3, baseline="greedy", lr=1e-3, max_len=20),
+        steps=10,
+    )
     assert held_out(trained, task)[0] > held_out(task["model"], task)[0] + 1.0
 
 
@@ -228,15 +234,32 @@ def test_dev_decoding_is_greedy_or_the_bundles_beam_settings():
     assert _dev_decoding(2, {}) == DecodeConfig(beam_size=2)  # a bundle without defaults
 
 
+def test_a_resumed_scst_run_may_take_more_epochs_but_keeps_its_recipe(tmp_path):
+    saved = asdict(ScstConfig(init="bundle"))
+    more = ScstConfig(init="bundle", epochs=20, max_minutes=3.0, checkpoint_minutes=1.0)
+    check_settings(tmp_path, saved, more, SCST_RESUME_FREE)  # a constant rate: nothing re-spread
+    for changed in ({"patience": 9}, {"lr": 1e-4}, {"baseline": "greedy"}, {"samples": 3}):
+        with pytest.raises(ValueError, match="other settings"):
+            check_settings(tmp_path, saved, ScstConfig(init="bundle", **changed), SCST_RESUME_FREE)
+
+
 # ---------------------------------------------------------------- the stage, end to end
 
 
 def scst_config(bundle, **kw) -> ScstConfig:
-    base = dict(init=str(bundle), epochs=2, batch_images=8, samples=3, lr=1e-3, max_len=12,
-                checkpoint_minutes=100.0)  # fmt: skip
+    base = dict(
+        init=str(bundle),
+        epochs=2,
+        batch_images=8,
+        samples=3,
+        lr=1e-3,
+        max_len=12,
+        checkpoint_minutes=100.0,
+    )
     return ScstConfig(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_main_scst_writes_both_stages_and_resumes(tiny_world, tmp_path):
     from captioning.inference.captioner import Captioner
 

@@ -15,8 +15,15 @@ from safetensors.torch import load_file
 
 from captioning import Captioner
 from captioning.bundle.catalog import list_bundles
+from captioning.models.decoders import DecoderConfig, build_decoder, caption_loss
+from captioning.runtime.features import Features
 from captioning.runtime.openvino import openvino_module
-from captioning.training.train import SELECT_METRIC, TrainConfig, main, read_state
+from captioning.training.checkpoint import read_state
+from captioning.training.data import TrainData, batch_counts, make_batch
+from captioning.training.distributed import shard
+from captioning.training.objective import SELECT_METRIC
+from captioning.training.train import TrainConfig, main
+from captioning.training.xe import TeacherForcing, lr_factor, shard_loss
 from tests.synthetic import make_tiny_flickr
 
 
@@ -48,6 +55,58 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_shard_losses_average_to_the_whole_batch_step(smoothing):
+    """Each rank's loss is weighted by its share of next-word targets and captions, so the
+    gradients DDP averages over 2 ranks are one process's gradients on the whole batch."""
+    torch.manual_seed(0)
+    dcfg = DecoderConfig(
+        kind="attention",
+        vocab_size=12,
+        feat_dim=8,
+        embed_dim=8,
+        hidden_dim=8,
+        attn_dim=8,
+        dropout=0.0,
+        alpha_c=1.0,
+    )
+    net = TeacherForcing(build_decoder(dcfg))
+    names, grid = ["a", "b", "c"], torch.randn(3, 4, 8)  # [N, L, C]
+    caps = {"a": [[1, 5, 6, 2], [1, 7, 2]], "b": [[1, 8, 9, 10, 2]], "c": [[1, 4, 2], [1, 3, 2]]}
+    data = TrainData(None, Features(names, grid.mean(1), grid), names, [], caps, {})
+
+    def step(mine: list[str], tok_share: float = 1.0, cap_share: float = 1.0):
+        net.zero_grad()
+        logits, alphas = net(*make_batch(data, mine, True))  # [B, T-1, V]
+        tokens = make_batch(data, mine, True)[2]
+        loss, _ = shard_loss(logits, tokens, alphas, 1.0, tok_share, cap_share, smoothing)
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in net.parameters()]
+
+    whole, want = step(names)
+    n_tok, n_cap = batch_counts(data, names)
+    terms = []
+    for rank in range(2):
+        m_tok, m_cap = batch_counts(data, shard(names, rank, 2))
+        terms.append(step(shard(names, rank, 2), 2 * m_tok / n_tok, 2 * m_cap / n_cap))
+    assert (terms[0][0] + terms[1][0]) / 2 == pytest.approx(whole, rel=1e-6)
+    for w, g0, g1 in zip(want, terms[0][1], terms[1][1], strict=True):
+        torch.testing.assert_close((g0 + g1) / 2, w, atol=1e-6, rtol=1e-5)
+    logits, alphas = net(*make_batch(data, names, True))
+    plain, _ = caption_loss(
+        logits, make_batch(data, names, True)[2], alphas, 1.0, label_smoothing=smoothing
+    )
+    assert float(plain) == pytest.approx(whole, rel=1e-6)  # one process: the plain loss
+
+
+def test_the_learning_rate_warms_up_then_follows_a_cosine_to_two_percent():
+    factors = [lr_factor(s, total=12, warmup=2) for s in range(13)]
+    assert factors[:3] == [0.5, 1.0, 1.0]  # warmup, then the cosine starts at its peak
+    assert all(a > b for a, b in zip(factors[2:12], factors[3:13], strict=False))
+    assert factors[12] == pytest.approx(0.02)
+
+
+@pytest.mark.slow
 def test_train_writes_history_checkpoint_and_bundle(tiny_flickr, cache_dir, tmp_path):
     out = tmp_path / "tiny-attention"
     result = main(config(), str(tiny_flickr), out, cache_dir, resume=False)
@@ -80,6 +139,7 @@ def test_train_writes_history_checkpoint_and_bundle(tiny_flickr, cache_dir, tmp_
         main(config(), str(tiny_flickr), out, cache_dir, resume=False)
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_identically(tiny_flickr, cache_dir, tmp_path):
     cfg = config(decoder="inject", epochs=2)
     straight = tmp_path / "straight"
@@ -102,6 +162,7 @@ def test_interrupted_training_resumes_identically(tiny_flickr, cache_dir, tmp_pa
     assert [h["train_loss"] for h in ha] == pytest.approx([h["train_loss"] for h in hb], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_settings(tiny_flickr, cache_dir, tmp_path):
     out = tmp_path / "run"
     main(config(decoder="merge", epochs=1), str(tiny_flickr), out, cache_dir, resume=False)
@@ -111,6 +172,7 @@ def test_resume_refuses_other_settings(tiny_flickr, cache_dir, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_resume_with_more_patience_continues_a_run_patience_stopped(
     tiny_flickr, cache_dir, tmp_path
 ):
@@ -139,7 +201,7 @@ BUNDLE_FILES = {
 
 
 def old_bundle(path):
-    """A directory shaped like a shipped bundle of some other, older model (no train_state)."""
+    """A directory shaped like a shipped bundle of some other model (no train_state)."""
     path.mkdir(parents=True)
     for name, data in BUNDLE_FILES.items():
         (path / name).write_bytes(data)
@@ -159,6 +221,7 @@ def test_non_empty_out_is_refused_without_resume_or_force(tiny_flickr, cache_dir
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
 
 
+@pytest.mark.slow
 def test_force_replaces_everything_of_the_old_weights(tiny_flickr, cache_dir, tmp_path):
     out = old_bundle(tmp_path / "shipped")
     main(config(decoder="inject", epochs=1), str(tiny_flickr), out, cache_dir, False, force=True)
@@ -173,6 +236,7 @@ def test_force_replaces_everything_of_the_old_weights(tiny_flickr, cache_dir, tm
     assert cap.caption(tiny_flickr / "Images" / "0000_synthetic.png").text
 
 
+@pytest.mark.slow
 def test_resumed_export_keeps_nothing_of_the_earlier_weights(tiny_flickr, cache_dir, tmp_path):
     out = tmp_path / "run"
     main(config(decoder="merge", epochs=1), str(tiny_flickr), out, cache_dir, resume=False)
@@ -187,13 +251,15 @@ def test_resumed_export_keeps_nothing_of_the_earlier_weights(tiny_flickr, cache_
     assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [1]
 
 
+@pytest.mark.slow
 def test_a_crash_between_checkpoint_writes_cannot_tear_the_state(
     tiny_flickr, cache_dir, tmp_path, monkeypatch
 ):
-    """Kill the run right after the second checkpoint's first file lands; resume must agree.
+    """Kill the run while the second checkpoint is being published; resume must agree.
 
-    The old two-file checkpoint (state.safetensors, then state.json) resumed epoch 2's weights
-    with epoch 1's bookkeeping and trained epoch 2 twice.
+    Weights, optimizer state, bookkeeping and best weights live in one file, so the resumed run
+    never pairs one epoch's weights with another epoch's bookkeeping (which would train an
+    epoch twice).
     """
     from captioning.core import files as fileio
 
@@ -265,8 +331,10 @@ def offline_torchvision(tmp_path, monkeypatch):
     rt_enc.shared_encoder.cache_clear()
 
 
+@pytest.mark.slow
 def test_torchvision_encoder_trains_and_exports(offline_torchvision, cache_dir, tmp_path):
-    """``train --encoder resnet50-tv`` used to crash in export_bundle after the whole run."""
+    """``train --encoder resnet50-tv`` trains, exports a bundle that records the torchvision
+    weights' sha256, and captions with it."""
     from captioning.core.files import sha256_file
     from captioning.models.encoders import weights_sha256
 
@@ -281,13 +349,18 @@ def test_torchvision_encoder_trains_and_exports(offline_torchvision, cache_dir, 
 
 
 @pytest.mark.skipif(openvino_module() is None, reason="needs openvino")
+@pytest.mark.slow
 def test_train_reads_the_openvino_feature_cache_and_records_it(tiny_flickr, tmp_path):
     """``--runtime openvino``: missing features are extracted by OpenVINO into its own cache
     (``…-fp32-openvino``), the torch cache is never made, and the bundle records the runtime."""
     cache = tmp_path / "cache"
     out = tmp_path / "tiny-par-inject"
-    cfg = config(decoder="inject", epochs=1, runtime="openvino",
-                 decoder_cfg={"embed_dim": 16, "hidden_dim": 32, "inject_mode": "par"})  # fmt: skip
+    cfg = config(
+        decoder="inject",
+        epochs=1,
+        runtime="openvino",
+        decoder_cfg={"embed_dim": 16, "hidden_dim": 32, "inject_mode": "par"},
+    )
     assert not main(cfg, str(tiny_flickr), out, cache, resume=False)["stopped"]
     feature_dirs = sorted(p.name for p in cache.iterdir() if p.name.startswith("resnet50-"))
     assert len(feature_dirs) == 1 and feature_dirs[0].endswith("-fp32-openvino"), feature_dirs
@@ -299,6 +372,7 @@ def test_train_reads_the_openvino_feature_cache_and_records_it(tiny_flickr, tmp_
     assert cap.caption(tiny_flickr / "Images" / "0000_synthetic.png", beam_size=2).text
 
 
+@pytest.mark.slow
 def test_init_warm_starts_the_decoder_and_checks_it_fits(tiny_flickr, cache_dir, tmp_path):
     """``train --init BUNDLE`` (cross-entropy) starts from the bundle's decoder weights: its first
     dev loss is the bundle's level, not a fresh decoder's; a bundle that does not fit is refused
@@ -320,14 +394,25 @@ def test_init_warm_starts_the_decoder_and_checks_it_fits(tiny_flickr, cache_dir,
     assert history[:2] == [{"stage": "xe", **h} for h in fresh]
     wide = {"embed_dim": 32, "hidden_dim": 96, "attn_dim": 32, "dropout": 0.1}
     with pytest.raises(ValueError, match="hidden_dim=64"):
-        main(config(init=str(first), decoder_cfg=wide), str(tiny_flickr), tmp_path / "w", cache_dir,
-             False)  # fmt: skip
+        main(
+            config(init=str(first), decoder_cfg=wide),
+            str(tiny_flickr),
+            tmp_path / "w",
+            cache_dir,
+            False,
+        )
     with pytest.raises(ValueError, match="attention bundle; this run trains resnet50 \\+ merge"):
-        main(config(init=str(first), decoder="merge"), str(tiny_flickr), tmp_path / "m",
-             cache_dir, False)  # fmt: skip
+        main(
+            config(init=str(first), decoder="merge"),
+            str(tiny_flickr),
+            tmp_path / "m",
+            cache_dir,
+            False,
+        )
     assert not (tmp_path / "w").exists() and not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow
 def test_an_updown_bundle_trains_and_captions_on_either_runtime(tiny_flickr, cache_dir, tmp_path):
     """The two-LSTM decoder goes through training, export and captioning like any other; its
     compiled step (four state tensors) gives torch's captions."""
@@ -349,6 +434,7 @@ def test_an_updown_bundle_trains_and_captions_on_either_runtime(tiny_flickr, cac
     assert fast.caption(photo, beam_size=3).tokens == ref.tokens
 
 
+@pytest.mark.slow
 def test_export_best_exports_an_unfinished_runs_best_epoch_and_leaves_it_resumable(
     tiny_flickr, cache_dir, tmp_path
 ):
@@ -377,8 +463,15 @@ def test_export_best_exports_an_unfinished_runs_best_epoch_and_leaves_it_resumab
     with pytest.raises(ValueError, match="stopped inside epoch 2"):  # --export-last: not mid-epoch
         main(config(**kw), str(tiny_flickr), run, cache_dir, resume=True, export_last=True)
     with pytest.raises(ValueError, match="choose one"):
-        main(config(**kw), str(tiny_flickr), run, cache_dir, resume=True, export_best=True,
-             export_last=True)  # fmt: skip
+        main(
+            config(**kw),
+            str(tiny_flickr),
+            run,
+            cache_dir,
+            resume=True,
+            export_best=True,
+            export_last=True,
+        )
     main(config(**kw), str(tiny_flickr), run, cache_dir, resume=True)  # the run goes on
     a = load_file(straight / "train_state" / "state.safetensors")
     b = load_file(run / "train_state" / "state.safetensors")

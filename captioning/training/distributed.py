@@ -3,7 +3,7 @@
 ``torchrun --nproc_per_node N -m captioning train ...`` starts N copies of ``train``; each calls
 :func:`from_env`, which joins the process group torchrun describes in the environment (gloo for
 CPU training, nccl for CUDA). Without torchrun (``WORLD_SIZE`` unset or 1) everything here is a
-no-op, so one process runs exactly the code it ran before.
+no-op: one process trains alone, with no process group.
 
 The data order does not depend on the number of processes: every rank computes the same global
 batch of ``batch_images`` images, and :func:`shard` gives rank r its contiguous part of it.
@@ -40,6 +40,11 @@ class Dist:
 
 
 ONE = Dist()  # a single process, no process group
+
+
+def rank_seed(seed: int, rank: int, epoch: int) -> int:
+    """Rank r > 0's RNG seed (dropout masks differ between ranks); rank 0 keeps ``seed``'s."""
+    return seed * 100_003 + 7919 * rank + epoch
 
 
 def backend_for(device: torch.device) -> str:

@@ -140,8 +140,9 @@ def fresh_block(encoder: str, spec: BlockSpec) -> nn.Module:
     )
 
 
-def frozen_block_model(encoder: str, block: str, decoder: Decoder, bundle: Path,
-                       config: dict) -> FinetuneModel:  # fmt: skip
+def frozen_block_model(
+    encoder: str, block: str, decoder: Decoder, bundle: Path, config: dict
+) -> FinetuneModel:
     """``decoder`` behind bundle ``bundle``'s tuned ``block``, the block frozen (no gradients):
     a model that reads the cached block inputs, e.g. for SCST over a fine-tuned bundle."""
     spec = block_spec(encoder, block)
@@ -180,11 +181,12 @@ def param_groups(model: nn.Module, cfg) -> list[dict]:
     if isinstance(model, FinetuneModel):
         params = [p for p in model.block.parameters() if p.requires_grad]
         lr = block_lr(cfg)
+        matrices = [p for p in params if p.ndim > 1]
+        vectors = [p for p in params if p.ndim <= 1]
         groups += [
-            {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay,
-             "lr": lr},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": lr},
-        ]  # fmt: skip
+            {"params": matrices, "weight_decay": cfg.weight_decay, "lr": lr},
+            {"params": vectors, "weight_decay": 0.0, "lr": lr},
+        ]
     return groups
 
 

@@ -1,10 +1,9 @@
 """Self-critical sequence training (Rennie et al. 2017): the CIDEr-D stage after cross-entropy.
 
-Shaped like ``captioning.train``: ``scst_step``, ``train_one_epoch_scst`` and ``main_scst``.
 Each batch of images is sampled ``samples`` times per image (multinomial over the decoder's
 step distribution, all rows in one loop of ``max_len`` steps); the reward of a sampled caption is
 its CIDEr-D against the image's train references, with document frequencies from all train
-references (:class:`captioning.metrics.CiderD`, coco scale); the baseline is the mean reward of
+references (:class:`captioning.models.cider.CiderD`, coco scale); the baseline is the mean reward of
 the image's other samples (default) or the reward of its greedy caption. The loss is
 ``-(r - b) * log p(word)`` summed over the words of each sample up to and including ``<end>``,
 averaged over those words. Training starts from a bundle's decoder, keeps its vocabulary, and
@@ -13,14 +12,15 @@ epochs (``stage: "scst"``); the epoch with the best dev CIDEr-D is exported, and
 starting model itself when no SCST epoch beats it. A bundle that fine-tuned its encoder's last
 block (``train --finetune``) keeps that block frozen: it runs on the cached block inputs, only the
 decoder learns, and the exported bundle ships the same block.
+
+``scst_step`` is one batch's loss; :class:`SelfCritical` is the objective that a
+:class:`captioning.training.run.Run` drives; ``main_scst`` is the ``train --objective scst`` run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -29,32 +29,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from captioning.core.files import atomic_write_json
-from captioning.core.machine import git_commit, resolve_precision
+from captioning.bundle.catalog import resolve_bundle
+from captioning.bundle.format import load_decoder, tuned_block
+from captioning.core.machine import resolve_precision
 from captioning.data import load_dataset
 from captioning.data.vocab import END_ID, PAD_ID, START_ID, Vocabulary
 from captioning.models.cider import CiderD
 from captioning.models.decoders import Decoder
 from captioning.models.decoding import DecodeConfig, NextWordRules
 from captioning.training import finetune
-from captioning.training.train import (
-    SELECT_METRIC,
-    STATE_DIR,
-    TrainConfig,
-    TrainData,
-    check_export,
-    check_out,
-    clear_out,
-    epoch_order,
-    epoch_timing,
-    evaluate_dev,
-    image_feats,
-    init_history,
-    last_epoch,
-    load_state,
-    prepare_data,
-    save_state,
-)
+from captioning.training.config import TrainConfig
+from captioning.training.data import image_feats, prepare_data
+from captioning.training.objective import Objective, evaluate_dev
+from captioning.training.run import Run, check_export, check_out, snapshot
+from captioning.training.warmstart import init_history
 
 BASELINES = ("mean", "greedy")
 # may change on --resume; the learning rate is constant, so nothing is re-spread
@@ -227,60 +215,11 @@ def scst_step(
     return loss, stats
 
 
-# ---------------------------------------------------------------- loop
-
-
-def train_one_epoch_scst(
-    model: Decoder, opt, sched, data: TrainData, reward: CiderReward, cfg: ScstConfig,
-    epoch: int, start_step: int, acc: dict, on_step,
-) -> dict:  # fmt: skip
-    """One SCST pass over the train images in this epoch's fixed order, from batch ``start_step``.
-
-    ``acc`` carries a resumed epoch's running sums (loss, reward, greedy reward, samples,
-    seconds); ``on_step(step)`` returns True to stop (time budget), as in ``train``.
-    """
-    model.train()
-    uses_grid = model.cfg.uses_grid
-    order = epoch_order(data.train_images, cfg.seed, epoch)
-    n_batches = math.ceil(len(order) / cfg.batch_images)
-    autocast = resolve_precision(cfg.train_precision).autocast()
-    bar = tqdm(range(start_step, n_batches), desc=f"scst {epoch}", unit="batch", leave=False)
-    t0 = time.perf_counter() - acc["seconds"]
-    for step in bar:
-        names = order[step * cfg.batch_images : (step + 1) * cfg.batch_images]
-        loss, stats = scst_step(
-            model, image_feats(data, names, uses_grid), names, reward, cfg, autocast
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        rows = len(names) * cfg.samples
-        acc["loss_sum"] += float(loss.detach()) * rows
-        acc["reward_sum"] += stats["reward"] * rows
-        acc["greedy_sum"] += stats.get("greedy_reward", 0.0) * len(names)
-        acc["images"] += len(names)
-        acc["n"] += rows
-        acc["seconds"] = time.perf_counter() - t0
-        bar.set_postfix(reward=f"{acc['reward_sum'] / acc['n']:.3f}")
-        if on_step(step + 1):
-            bar.close()
-            return {"stopped": True}
-    out = {
-        "reward": acc["reward_sum"] / max(acc["n"], 1),
-        "scst_loss": acc["loss_sum"] / max(acc["n"], 1),
-        "samples": acc["n"],
-        "seconds": acc["seconds"],
-        "stopped": False,
-    }
-    if cfg.baseline == "greedy":
-        out["greedy_reward"] = acc["greedy_sum"] / max(acc["images"], 1)
-    return out
+# ---------------------------------------------------------------- the objective
 
 
 def _bundle_precision(bundle_cfg: dict) -> str:
-    """The feature precision a bundle was trained on: "bf16+cl" -> "bf16"; old bundles: auto."""
+    """The feature precision a bundle was trained on: "bf16+cl" -> "bf16"; none recorded: auto."""
     label = bundle_cfg.get("precision") or bundle_cfg.get("train_config", {}).get("precision")
     return str(label or "auto").split("+")[0]
 
@@ -293,6 +232,136 @@ def _dev_decoding(beam: int, bundle_cfg: dict) -> DecodeConfig:
     base = bundle_cfg.get("decode_defaults", {})
     keep = ("length_alpha", "no_repeat_ngram", "block_unk", "max_len", "min_len")
     return DecodeConfig(beam_size=beam, **{k: base[k] for k in keep if k in base})
+
+
+def _xe_settings(cfg: ScstConfig, block: str) -> TrainConfig:
+    """The cross-entropy settings the starting bundle was trained with, for its data."""
+    known = {f.name for f in fields(TrainConfig)}
+    same = {
+        "encoder": cfg.encoder,
+        "decoder": cfg.decoder,
+        "precision": cfg.precision,
+        "device": cfg.device,
+        "finetune": block or "",
+    }
+    return TrainConfig(**{**{k: v for k, v in cfg.xe_train_config.items() if k in known}, **same})
+
+
+class SelfCritical(Objective):
+    """SCST from the bundle ``init``: sampled captions, CIDEr-D reward, a baseline per sample.
+
+    The starting model's dev scores are measured first: an SCST epoch is kept only if its dev
+    CIDEr-D beats them. Epochs are numbered after the bundle's cross-entropy epochs.
+    """
+
+    label, prefix, score_key = "scst", "SCST ", "best_cider"
+    resume_free = SCST_RESUME_FREE
+
+    def __init__(self, cfg: ScstConfig, init: Path, data_dir: str | None, cache: Path | None):
+        model, vocab, bundle_cfg = load_decoder(init)
+        block = tuned_block(bundle_cfg)
+        if block:  # its tuned block, frozen, runs on the cached block inputs (training.finetune)
+            model = finetune.frozen_block_model(
+                bundle_cfg["encoder"], block, model, init, bundle_cfg
+            )
+        self.init, self.bundle_cfg, self.xe_history = init, bundle_cfg, init_history(init)
+        xe_config = bundle_cfg.get("train_config", {})
+        if xe_config.get("objective") == "scst":  # SCST again from an SCST bundle
+            xe_config = xe_config.get("xe_train_config", {})
+        self.cfg = cfg = replace(
+            cfg,
+            precision=cfg.precision or _bundle_precision(bundle_cfg),
+            encoder=bundle_cfg["encoder"],
+            decoder=bundle_cfg["decoder"],
+            xe_train_config=xe_config,
+        )
+        tcfg = _xe_settings(cfg, block)
+        self.dataset = ds = load_dataset(data_dir)
+        self.data = data = prepare_data(ds, tcfg, cache)
+        if data.vocab.itos != vocab.itos:
+            raise ValueError(
+                f"{init}'s vocabulary ({len(vocab)} words) is not the one this data's train split "
+                f"gives with min_freq={tcfg.min_freq} ({len(data.vocab)} words): SCST must use the "
+                "data the bundle was trained on"
+            )
+        if data.encoder_sha256 and data.encoder_sha256 != bundle_cfg["encoder_sha256"]:
+            raise ValueError(f"{init} was trained on features of other {cfg.encoder} weights")
+        self.model, self.vocab, self.dcfg = model, vocab, model.cfg
+        train_refs = {n: ds.captions[n] for n in data.train_images}
+        self.reward = CiderReward(train_refs, vocab, end_word=cfg.reward_end)
+        self.dev_decoding = _dev_decoding(cfg.dev_beam, bundle_cfg)
+        self.autocast = resolve_precision(cfg.train_precision).autocast()
+        trained = [q for q in model.parameters() if q.requires_grad]  # the decoder's
+        self.opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0)
+
+    def fresh_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The starting model's dev scores and weights: the best so far."""
+        t_eval = time.perf_counter()
+        start = self.dev_score()
+        xe_epochs = max((int(r.get("epoch", 0)) for r in self.xe_history), default=0)
+        meta = {
+            "epoch": 1,
+            "step": 0,
+            "history": self.xe_history,
+            "xe_epochs": xe_epochs,
+            "init": str(self.init),
+            "init_dev": {k: round(v, 4) for k, v in start.items()},
+            "init_eval_seconds": round(time.perf_counter() - t_eval, 1),
+            "best_cider": start["dev_cider"],
+            "best_epoch": int(self.bundle_cfg.get("best_epoch") or xe_epochs),
+            "bad_epochs": 0,
+            "train_config": asdict(self.cfg),
+        }
+        tqdm.write(json.dumps({"stage": "scst", "start_dev": meta["init_dev"]}))
+        return meta, snapshot(self.model)
+
+    def new_acc(self) -> dict:
+        sums = ("loss_sum", "reward_sum", "greedy_sum")
+        return {**dict.fromkeys(sums, 0.0), "images": 0, "n": 0, "seconds": 0.0}
+
+    def step(self, names: list[str]) -> tuple[torch.Tensor, dict]:
+        feats = image_feats(self.data, names, self.model.cfg.uses_grid)
+        return scst_step(self.model, feats, names, self.reward, self.cfg, self.autocast)
+
+    def account(self, acc: dict, names: list[str], loss: torch.Tensor, stats: dict) -> None:
+        rows = len(names) * self.cfg.samples
+        acc["loss_sum"] += float(loss.detach()) * rows
+        acc["reward_sum"] += stats["reward"] * rows
+        acc["greedy_sum"] += stats.get("greedy_reward", 0.0) * len(names)
+        acc["images"] += len(names)
+        acc["n"] += rows
+
+    def postfix(self, acc: dict) -> dict[str, str]:
+        return {"reward": f"{acc['reward_sum'] / acc['n']:.3f}"}
+
+    def epoch_stats(self, acc: dict) -> dict:
+        out = {
+            "reward": acc["reward_sum"] / max(acc["n"], 1),
+            "scst_loss": acc["loss_sum"] / max(acc["n"], 1),
+        }
+        if self.cfg.baseline == "greedy":
+            out["greedy_reward"] = acc["greedy_sum"] / max(acc["images"], 1)
+        return out
+
+    def dev_score(self) -> dict[str, float]:
+        return evaluate_dev(
+            self.model, self.data, self.dev_decoding, precision=self.cfg.train_precision
+        )
+
+    def history_epoch(self, meta: dict, epoch: int) -> int:
+        return meta["xe_epochs"] + epoch
+
+    def record(self, meta: dict, epoch: int, stats: dict) -> dict:
+        greedy = stats.get("greedy_reward")
+        return {
+            "stage": "scst",
+            "epoch": self.history_epoch(meta, epoch),
+            "stage_epoch": epoch,
+            "reward": round(stats["reward"], 4),
+            **({"greedy_reward": round(greedy, 4)} if greedy is not None else {}),
+            "scst_loss": round(stats["scst_loss"], 4),
+        }
 
 
 def main_scst(
@@ -309,14 +378,8 @@ def main_scst(
 
     ``out`` follows ``train.main``'s rules (empty, ``resume`` or ``force``; ``export_best``
     exports an unfinished run's best epoch without training, ``export_last`` its latest
-    finished epoch) and must not be the starting bundle. The starting model's dev scores are
-    measured first: an SCST epoch is kept only if its dev CIDEr-D beats them.
+    finished epoch) and must not be the starting bundle.
     """
-    from captioning.bundle.card import write_card
-    from captioning.bundle.catalog import resolve_bundle
-    from captioning.bundle.export import export_bundle
-    from captioning.bundle.format import load_decoder, tuned_block
-
     check_export(export_best, export_last, resume)
     if not cfg.init:
         raise ValueError("SCST starts from a trained bundle: pass --init BUNDLE")
@@ -326,151 +389,5 @@ def main_scst(
         raise ValueError(f"--out {out} is the --init bundle; write the SCST model elsewhere")
     resuming = check_out(out, resume, force)
     torch.manual_seed(cfg.seed)
-    model, vocab, bundle_cfg = load_decoder(init)
-    block = tuned_block(bundle_cfg)
-    if block:  # its tuned block, frozen, runs on the cached block inputs (captioning.finetune)
-        model = finetune.frozen_block_model(bundle_cfg["encoder"], block, model, init, bundle_cfg)
-    xe_history = init_history(init)
-    xe_config = bundle_cfg.get("train_config", {})
-    if xe_config.get("objective") == "scst":  # SCST again from an SCST bundle
-        xe_config = xe_config.get("xe_train_config", {})
-    cfg = replace(
-        cfg,
-        precision=cfg.precision or _bundle_precision(bundle_cfg),
-        encoder=bundle_cfg["encoder"],
-        decoder=bundle_cfg["decoder"],
-        xe_train_config=xe_config,
-    )
-    known = {f.name for f in fields(TrainConfig)}
-    same = {"encoder": cfg.encoder, "decoder": cfg.decoder, "precision": cfg.precision,
-            "device": cfg.device, "finetune": block or ""}  # fmt: skip
-    tcfg = TrainConfig(**{**{k: v for k, v in cfg.xe_train_config.items() if k in known}, **same})
-    ds = load_dataset(data_dir)
-    data = prepare_data(ds, tcfg, cache)
-    if data.vocab.itos != vocab.itos:
-        raise ValueError(
-            f"{init}'s vocabulary ({len(vocab)} words) is not the one this data's train split "
-            f"gives with min_freq={tcfg.min_freq} ({len(data.vocab)} words): SCST must use the "
-            "data the bundle was trained on"
-        )
-    if data.encoder_sha256 and data.encoder_sha256 != bundle_cfg["encoder_sha256"]:
-        raise ValueError(f"{init} was trained on features of other {cfg.encoder} weights")
-    reward = CiderReward(
-        {n: ds.captions[n] for n in data.train_images}, vocab, end_word=cfg.reward_end
-    )
-    dev_decoding = _dev_decoding(cfg.dev_beam, bundle_cfg)
-    trained = [q for q in model.parameters() if q.requires_grad]  # the decoder's
-    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    xe_epochs = max((int(r.get("epoch", 0)) for r in xe_history), default=0)
-    best: dict[str, torch.Tensor] | None
-    if resuming:
-        meta, best = load_state(out, model, opt, sched)
-        free = SCST_RESUME_FREE
-        saved = {k: v for k, v in meta["train_config"].items() if k not in free}
-        if saved != {k: v for k, v in asdict(cfg).items() if k not in free}:
-            raise ValueError(
-                f"{out} was trained with other settings: {meta['train_config']}; "
-                "resume with the same flags"
-            )
-        meta["train_config"] = asdict(cfg)
-        print(f"resumed SCST at epoch {meta['epoch']}, batch {meta['step']}", file=sys.stderr)
-    else:
-        if force:
-            clear_out(out)
-        t_eval = time.perf_counter()
-        # the starting model's dev scores: an SCST epoch must beat them
-        start = evaluate_dev(model, data, dev_decoding, precision=cfg.train_precision)
-        meta = {
-            "epoch": 1,
-            "step": 0,
-            "history": xe_history,
-            "xe_epochs": xe_epochs,
-            "init": str(init),
-            "init_dev": {k: round(v, 4) for k, v in start.items()},
-            "init_eval_seconds": round(time.perf_counter() - t_eval, 1),
-            "best_cider": start["dev_cider"],
-            "best_epoch": int(bundle_cfg.get("best_epoch") or xe_epochs),
-            "bad_epochs": 0,
-            "train_config": asdict(cfg),
-        }
-        best = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        tqdm.write(json.dumps({"stage": "scst", "start_dev": meta["init_dev"]}))
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    last_ckpt = [time.monotonic()]
-
-    def on_step(step: int) -> bool:
-        """Periodic checkpoints mid-epoch; True when the time budget is spent."""
-        over = cfg.max_minutes and (time.monotonic() - started) / 60 > cfg.max_minutes
-        if over or (time.monotonic() - last_ckpt[0]) / 60 > cfg.checkpoint_minutes:
-            save_state(out, model, opt, sched, {**meta, "step": step}, best)
-            last_ckpt[0] = time.monotonic()
-        return bool(over)
-
-    exporting = export_best or export_last  # no training: export from the state as it is
-    while not exporting and meta["epoch"] <= cfg.epochs and meta["bad_epochs"] < cfg.patience:
-        epoch = meta["epoch"]
-        acc = meta.setdefault(
-            "partial",
-            {"loss_sum": 0.0, "reward_sum": 0.0, "greedy_sum": 0.0, "images": 0, "n": 0,
-             "seconds": 0.0},
-        )  # fmt: skip
-        stats = train_one_epoch_scst(
-            model, opt, sched, data, reward, cfg, epoch, meta["step"], acc, on_step
-        )
-        if stats["stopped"]:
-            print(f"time budget spent; resume with --resume (SCST epoch {epoch})", file=sys.stderr)
-            return {"stopped": True, **meta}
-        t_eval = time.perf_counter()
-        dev = evaluate_dev(model, data, dev_decoding, precision=cfg.train_precision)
-        record = {
-            "stage": "scst",
-            "epoch": meta["xe_epochs"] + epoch,
-            "stage_epoch": epoch,
-            "reward": round(stats["reward"], 4),
-            **(
-                {"greedy_reward": round(stats["greedy_reward"], 4)}
-                if "greedy_reward" in stats
-                else {}
-            ),
-            "scst_loss": round(stats["scst_loss"], 4),
-            **{k: round(v, 4) for k, v in dev.items()},
-            **epoch_timing(stats, sched, t_eval),
-        }
-        meta["history"].append(record)
-        tqdm.write(json.dumps(record))
-        if dev["dev_cider"] > meta["best_cider"]:
-            meta.update(best_cider=dev["dev_cider"], best_epoch=record["epoch"], bad_epochs=0)
-            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            meta["bad_epochs"] += 1
-        meta.update(epoch=epoch + 1, step=0)
-        meta.pop("partial")
-        save_state(out, model, opt, sched, meta, best)  # the commit point of this epoch
-        atomic_write_json(out / STATE_DIR / "history.json", meta["history"])  # to watch a run
-        last_ckpt[0] = time.monotonic()
-    if export_last:  # the weights as the latest finished SCST epoch left them
-        meta = {**meta, "best_epoch": meta["xe_epochs"] + last_epoch(meta, out)}
-        best = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if best is None:  # a resumed v1 state without best weights
-        raise ValueError(f"{out}'s training state holds no best weights; nothing to export")
-    model.load_state_dict(best)
-    export_bundle(
-        out,
-        finetune.decoder_of(model),
-        vocab,
-        cfg=cfg,
-        dcfg=model.cfg,
-        history=meta["history"],
-        best_epoch=meta["best_epoch"],
-        commit=git_commit(),
-        dataset=ds,
-        encoder_sha256=data.encoder_sha256,
-        encoder_runtime=data.encoder_runtime,
-        encoder_precision=data.encoder_precision,
-        select_metric=SELECT_METRIC,
-        encoder_block=finetune.export_block(out, model, cfg.encoder),  # None when frozen
-    )
-    write_card(out)
-    return {"stopped": False, **meta}
+    objective = SelfCritical(cfg, init, data_dir, cache)
+    return Run(out, objective).execute(resuming, force, export_best, export_last)
