@@ -27,6 +27,7 @@ from captioning.training.run import (
     snapshot,
 )
 from captioning.training.train import TrainConfig
+from captioning.training.warmstart import staged_history
 from captioning.training.xe import RESUME_FREE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -104,6 +105,19 @@ def test_the_run_directory_and_the_export_flags(tmp_path, capsys):
         last_epoch({"epoch": 3, "step": 2}, out)
     with pytest.raises(ValueError, match="has finished yet"):
         last_epoch({"epoch": 1, "step": 0}, out)
+
+
+def test_a_warm_started_run_continues_its_bundles_history():
+    mine = {"history": [{"epoch": 1, "dev_cider": 5.0}, {"epoch": 2, "dev_cider": 6.0}]}
+    assert staged_history(TrainConfig(), {**mine, "best_epoch": 2}) == (mine["history"], 2)
+    earlier = [{"stage": "xe", "epoch": 1}, {"stage": "xe", "epoch": 3}]
+    meta = {**mine, "best_epoch": 2, "init_history": earlier}
+    history, best = staged_history(TrainConfig(finetune="layer4"), meta)
+    assert best == 5 and history[:2] == earlier
+    assert [(h["stage"], h["epoch"], h["stage_epoch"]) for h in history[2:]] == [
+        ("finetune", 4, 1),
+        ("finetune", 5, 2),
+    ]
 
 
 # ---------------------------------------------------------------- a whole run
