@@ -267,6 +267,7 @@ def test_every_page_renders(server, page, size, shots):
         assert_no_exception(page)
         if name == "caption":
             page.locator(CAPTION).wait_for()
+            page.get_by_text("Where the model looks").wait_for()
         if name == "training":
             page.locator(".js-plotly-plot").first.wait_for()
             assert page.locator(".js-plotly-plot").count() == 4
@@ -277,5 +278,7 @@ def test_every_page_renders(server, page, size, shots):
             assert width <= w  # cards fit the window, at 420 px too
         if name == "explore":
             page.locator("[data-testid='stDataFrame']").first.wait_for()
+        wait_idle(page)  # the run has drawn everything below the first element waited for
+        assert_no_exception(page)
         page.wait_for_timeout(800)  # let charts and images settle before the screenshot
         screenshot(page, shots, name, size)

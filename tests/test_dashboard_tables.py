@@ -219,6 +219,9 @@ def test_a_soups_history_is_a_line_per_member_in_tints_of_its_colour(tmp_path):
     first, second = (t.line.color for t in fig.data)
     assert first == "#1F5A96" and second != first  # the soup's colour, then a lighter tint
     assert all(int(second[i : i + 2], 16) > int(first[i : i + 2], 16) for i in (1, 3, 5))
+    key = charts.color_key(hist, colors)
+    assert key.index("soup · a") < key.index("soup · b") and f"color:{second}" in key
+    assert fig.layout.showlegend is False  # the key stands for a legend
 
 
 def test_history_of_no_bundle_is_an_empty_table():

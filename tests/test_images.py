@@ -453,8 +453,8 @@ def test_real_decompression_bomb_is_refused_before_decoding():
 RSS_SCRIPT = textwrap.dedent(
     """
     import resource, sys
-    from captioning.encoders import INPUT_SIZE, preprocess
-    from captioning.images import load_image
+    from captioning.data.images import load_image
+    from captioning.models.encoders import INPUT_SIZE, preprocess
     x = preprocess(load_image(sys.argv[1], reduce_to=INPUT_SIZE))
     assert x.shape == (3, INPUT_SIZE, INPUT_SIZE)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

@@ -54,10 +54,10 @@ def export_bundle(
     label, the precision ``cfg`` resolves to on this machine.
 
     ``encoder_block``: the ``config.json`` entry of a fine-tuned block already written into
-    ``out`` (``captioning.finetune.export_block``); None for a frozen encoder.
+    ``out`` (``captioning.training.finetune.export_block``); None for a frozen encoder.
 
     New weights make every earlier record wrong, so metrics, predictions, bench and card of a
-    previous model are removed; ``captioning.reports.write_card`` renders the new card.
+    previous model are removed; ``captioning.bundle.card.write_card`` renders the new card.
     """
     from captioning.models.encoders import weights_sha256
 

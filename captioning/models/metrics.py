@@ -7,7 +7,7 @@ Conventions shared by every function here:
   55.0). CIDEr-D is *not* bounded by 100: its maximum is 1000 (coco's 10.0).
 * **Tokens.** Hypotheses and references both go through :func:`normalize`: the special tokens
   ``<start>``, ``<end>`` and ``<pad>`` are removed textually, then the text goes through
-  :func:`captioning.text.tokenize`, the project's only tokenizer. Pre-tokenized token lists
+  :func:`captioning.data.text.tokenize`, the project's only tokenizer. Pre-tokenized token lists
   are accepted too and are joined and re-tokenized, so both forms give the same tokens.
 * **Unknown words.** ``<unk>`` in a hypothesis is kept as the literal token ``"<unk>"``.
   ``tokenize`` never emits ``<`` or ``>``, and references are normalized with

@@ -192,7 +192,7 @@ def extract(
         pooled.clear()
         grid.clear()
 
-    # threads decode the next batches while this one is encoded (captioning.pipeline)
+    # threads decode the next batches while this one is encoded (captioning.runtime.pixels)
     for batch in prefetch(todo, batch_size, load=lambda item: load_pixels(item[1])):
         for i, err in batch.errors.items():
             failed[batch.sources[i][0]] = str(err)
