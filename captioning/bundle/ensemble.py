@@ -10,8 +10,8 @@ decoder on its own encoder's features and the ensemble scores a word by
     log p(w) = log sum_i weight_i * p_i(w)        (the members' probabilities averaged)
 
 so the beam search, n-gram blocking and length normalisation work unchanged
-(``captioning.models.decoding``). ``make_ensemble`` writes a bundle; ``Captioner.load`` of it returns an
-``EnsembleCaptioner``.
+(``captioning.models.decoding``). ``make_ensemble`` writes a bundle; ``Captioner.load`` of it
+returns an ``EnsembleCaptioner``.
 """
 
 from __future__ import annotations

@@ -220,7 +220,7 @@ def bench(
 
 
 def save_bench(bundle: Path, result: dict) -> Path:
-    """Write ``bench.json`` into the bundle (read back by ``captioning.bundle.latency.read_bench``)."""
+    """Write ``bench.json`` into the bundle (``captioning.bundle.latency.read_bench`` reads it)."""
     path = Path(bundle) / "bench.json"
     atomic_write_json(path, result)
     return path

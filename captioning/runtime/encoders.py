@@ -46,8 +46,8 @@ from captioning.runtime.openvino import (
 def shared_encoder(name: str, precision: str = "auto", runtime: str = "torch") -> LoadedEncoder:
     """One encoder per (name, precision, runtime) in this process, shared by all its users.
 
-    ``runtime`` "auto"/"openvino" compiles the forward pass (``captioning.runtime.openvino``); a failed
-    compile falls back to torch with a notice, so check ``.runtime`` for what runs.
+    ``runtime`` "auto"/"openvino" compiles the forward pass (``captioning.runtime.openvino``);
+    a failed compile falls back to torch with a notice, so check ``.runtime`` for what runs.
     """
     if runtime == "torch":
         return build_encoder(name, precision)
