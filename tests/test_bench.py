@@ -15,6 +15,7 @@ from captioning.runtime.openvino import openvino_module
 BUNDLE = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "resnet50-inject"
 
 
+@pytest.mark.slow
 def test_bf16_features_stay_close_to_fp32():
     imgs = [Image.fromarray(getattr(skimage.data, n)()) for n in ("chelsea", "coffee")]
     rep = B.precision_report("resnet50", imgs, batch=2)
@@ -43,6 +44,7 @@ def test_ratios_are_openvino_speedups():
     assert r["3"] == {s: 3.0 for s in B.STAGES} and r["throughput"] == 4.0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not BUNDLE.is_dir(), reason="needs the shipped resnet50-inject bundle")
 def test_bench_runs_each_runtime_and_saves(tmp_path):
     from captioning.bundle.reports import read_bench

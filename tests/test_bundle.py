@@ -41,6 +41,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_list_bundles(world_env):
     names = [b.name for b in list_bundles()]
     assert names == sorted(
@@ -53,6 +54,7 @@ def test_list_bundles(world_env):
     assert default_result(info, "test").n_images == 8
 
 
+@pytest.mark.slow
 def test_captioner_result_fields(world_env):
     cap = Captioner.load("resnet50-attention", precision="fp32")
     res = cap.caption(Image.fromarray(skimage.data.astronaut()), beam_size=3)
@@ -65,6 +67,7 @@ def test_captioner_result_fields(world_env):
     assert again.text == res.text
 
 
+@pytest.mark.slow
 def test_vgg_attention_grid_and_inject_has_none(world_env):
     vgg = Captioner.load("vgg16-attention", precision="fp32")
     res = vgg.caption(Image.fromarray(skimage.data.coffee()), beam_size=2)
@@ -74,6 +77,7 @@ def test_vgg_attention_grid_and_inject_has_none(world_env):
     assert inj.encoder is vgg.encoder, "bundles share one encoder instance"
 
 
+@pytest.mark.slow
 def test_batch_equals_single(world_env):
     cap = Captioner.load("resnet50-inject", precision="fp32")
     imgs = [Image.fromarray(getattr(skimage.data, n)()) for n in ("chelsea", "rocket")]
@@ -81,6 +85,7 @@ def test_batch_equals_single(world_env):
     assert [r.text for r in batch] == [cap.caption(i, beam_size=3).text for i in imgs]
 
 
+@pytest.mark.slow
 def test_bad_bundles_are_refused(world_env, tmp_path):
     bad = tmp_path / "copy"
     shutil.copytree(world_env.models / "resnet50-inject", bad)
@@ -97,6 +102,7 @@ def test_bad_bundles_are_refused(world_env, tmp_path):
     assert shared_encoder.cache_info().currsize >= 1
 
 
+@pytest.mark.slow
 def test_cli_caption_json_and_skips(world_env, tmp_path):
     good = tmp_path / "cat.png"
     Image.fromarray(skimage.data.chelsea()).save(good)
@@ -110,6 +116,7 @@ def test_cli_caption_json_and_skips(world_env, tmp_path):
     assert ok.returncode == 0 and ok.stdout.splitlines()[0] == "image,caption,logprob"
 
 
+@pytest.mark.slow
 def test_cli_models_evaluate_bench(world_env, tmp_path):
     models = cli("models")
     assert models.returncode == 0 and "vgg16-attention" in models.stdout
@@ -153,12 +160,14 @@ def test_cli_models_evaluate_bench(world_env, tmp_path):
     assert res["beams"]["3"]["total_ms"]["p50"] >= res["beams"]["3"]["encode_ms"]["p50"]
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(world_env):
     out = cli("caption", "--model", "nope", "x.jpg")
     assert out.returncode == 2 and out.stderr.startswith("error: no model bundle")
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_tune_decoding_picks_on_dev_and_applies(world_env, tmp_path):
     from captioning.bundle.card import write_card
     from captioning.bundle.records import set_decode_defaults
@@ -187,6 +196,7 @@ def test_tune_decoding_picks_on_dev_and_applies(world_env, tmp_path):
         set_decode_defaults(bundle, beam=3)
 
 
+@pytest.mark.slow
 def test_evaluation_matches_direct_captioning_in_any_split_order(world_env):
     """Features come from the cache in cache order; predictions must follow the split's order."""
     from captioning.data import load_flickr8k
@@ -208,6 +218,7 @@ def _snapshot(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_plain_evaluate_leaves_the_bundle_alone(world_env, tmp_path, monkeypatch, capsys):
     """A plain `evaluate` writes under runs/eval and leaves the bundle's metrics.json and card.md
     as they were."""
@@ -229,6 +240,7 @@ def test_plain_evaluate_leaves_the_bundle_alone(world_env, tmp_path, monkeypatch
     assert f"wrote {pred.relative_to(tmp_path)}" in out and "the bundle m is unchanged" in out
 
 
+@pytest.mark.slow
 def test_evaluate_record_adds_this_settings_row_and_says_so(world_env, tmp_path, capsys):
     from captioning.bundle.reports import default_result, results
     from captioning.cli import main

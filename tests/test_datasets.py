@@ -296,6 +296,7 @@ def test_several_karpathy_files_need_a_choice(karpathy8k):
         load_karpathy(karpathy8k)
 
 
+@pytest.mark.slow
 def test_karpathy_flickr8k_gives_the_official_split(flickr8k_dir, tmp_path):
     """A Karpathy-style JSON made from the official files reads as the same 6000/1000/1000."""
     official = load_flickr8k(flickr8k_dir)

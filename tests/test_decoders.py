@@ -85,6 +85,7 @@ def trained(request, task):
     return request.param, train_decoder(request.param, task)
 
 
+@pytest.mark.slow
 def test_decoder_learns_the_task_on_held_out_pictures(trained, task):
     name, model = trained
     kind, _ = kind_and_mode(name)

@@ -68,6 +68,7 @@ def test_resnet50_bf16_fast_path_keeps_the_labels():
     assert result[0][0] == "Egyptian cat" and result[0][1] == pytest.approx(0.78, abs=0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SHIPPED)
 def test_outputs_pooled_and_grid(name):
     enc = build_encoder(name, "fp32")
@@ -79,6 +80,7 @@ def test_outputs_pooled_and_grid(name):
     torch.testing.assert_close(out.pooled, out.grid.mean(1))
 
 
+@pytest.mark.slow
 def test_vgg16_conv_features_separate_cat_and_coffee(vgg):
     x = torch.stack([preprocess(photo("chelsea")), preprocess(photo("coffee"))])
     grid = vgg.encode(x).grid  # [2, 196, 512]

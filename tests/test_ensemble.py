@@ -41,6 +41,7 @@ def models(tiny_world, tmp_path, monkeypatch):
     return root
 
 
+@pytest.mark.slow
 def test_score_is_the_log_of_the_members_mean_probability(models):
     make_ensemble(models / "ens", PAIR, [3.0, 1.0])
     ens = Captioner.load("ens", precision="fp32")
@@ -57,6 +58,7 @@ def test_score_is_the_log_of_the_members_mean_probability(models):
         assert abs(float(lp.sum()) - res.score) > 1e-2
 
 
+@pytest.mark.slow
 def test_a_member_with_almost_all_the_weight_decodes_like_that_member(models):
     make_ensemble(models / "ens", PAIR, [1.0, 1e-9])
     ens = Captioner.load("ens", precision="fp32")
@@ -68,6 +70,7 @@ def test_a_member_with_almost_all_the_weight_decodes_like_that_member(models):
         assert [s for _, s in a.nbest] == pytest.approx([s for _, s in b.nbest], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_evaluate_and_record_an_ensemble(models, tiny_world):
     make_ensemble(models / "ens", PAIR)
     ens = Captioner.load("ens", precision="fp32")
@@ -91,6 +94,7 @@ def test_evaluate_and_record_an_ensemble(models, tiny_world):
     assert bundle_sha256(models / "ens") != digest
 
 
+@pytest.mark.slow
 def test_changed_missing_or_mismatched_members_are_refused(models):
     make_ensemble(models / "ens", PAIR)
     with pytest.raises(BundleError, match="no decoder of its own"):
@@ -136,6 +140,7 @@ def test_changed_missing_or_mismatched_members_are_refused(models):
         Captioner.load("ens")
 
 
+@pytest.mark.slow
 def test_cli_makes_and_captions_with_an_ensemble(models, tmp_path):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "captioning", *args], capture_output=True,

@@ -96,6 +96,7 @@ def test_load_subset_and_missing(resnet, photos, tmp_path):
         cache.load(["rocket.png"])
 
 
+@pytest.mark.slow
 def test_extract_real_flickr8k_images(flickr8k_dir, tmp_path):
     ds = load_flickr8k(flickr8k_dir)
     names = ds.splits["dev"][:4]

@@ -366,6 +366,7 @@ def test_large_jpeg_is_decoded_with_dct_scaling():
     assert diff.mean() < 0.002 and diff.max() < 0.05
 
 
+@pytest.mark.slow
 def test_large_png_is_reduced_in_uint8_and_stays_close():
     data = encode(hostile.photo("rocket", (4800, 3200)), "PNG", compress_level=1)
     img = load_image(data, reduce_to=INPUT_SIZE)
@@ -475,6 +476,7 @@ def peak_rss_mb(image: Path) -> float:
     return int(out.stdout.split()[-1]) / 1024  # ru_maxrss is in KB on Linux
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KB on Linux only")
 def test_huge_png_adds_little_peak_memory(tmp_path):
     big = Image.new("RGB", (8000, 6000), (90, 140, 200))

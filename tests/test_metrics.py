@@ -431,6 +431,7 @@ def test_cider_and_rouge_known_answers():
     assert good["meteor"] is None and "meteor=False" in good["meteor_error"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(coco._java_executable() is None, reason="java is not installed")
 def test_meteor_with_java(monkeypatch):
     pids: list[int] = []

@@ -252,6 +252,7 @@ def test_decoder_step_matches_torch(name, tmp_path):
     assert [[h.tokens for h in nb] for nb in out] == [[h.tokens for h in nb] for nb in ref]
 
 
+@pytest.mark.slow
 @needs_openvino
 def test_captioner_runs_on_openvino_or_falls_back(tiny_world, monkeypatch):
     from captioning.data.images import iter_image_files
@@ -285,6 +286,7 @@ def _user_entry(name: str, sha: str, precision: str):
     return entry if ov.entry_ok(entry, key) else None
 
 
+@pytest.mark.slow
 @needs_openvino
 @pytest.mark.parametrize("name", ["resnet50", "vgg16"])
 def test_flickr8k_features_match_torch_fp32(name, flickr8k_dir, tmp_path):

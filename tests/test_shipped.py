@@ -23,7 +23,10 @@ from captioning.models.encoders import preprocess
 from tests.scoring import word_logprobs
 
 SHIPPED = {b.name: b for b in list_bundles(MODELS_DIR)}
-pytestmark = pytest.mark.skipif(not SHIPPED, reason=f"no bundles in {MODELS_DIR}")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not SHIPPED, reason=f"no bundles in {MODELS_DIR}"),
+]
 
 
 @pytest.fixture(scope="module", params=sorted(SHIPPED))
