@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 
 import pandas as pd
@@ -118,19 +119,17 @@ def history_chart(
     ytitle: str,
     exponent: bool = False,
 ) -> go.Figure:
-    """Lines vs epoch, one colour per model (tints of it for a soup's members); ``columns``
-    maps history column -> hover label.
+    """Lines vs epoch, one colour per line (``line_colors``); ``columns`` maps history column
+    -> hover label. No legend: the page shows one ``color_key`` for all its charts.
 
     With several columns (train and dev loss) the line style tells them apart: solid for
-    train, dashed for dev; the legend has one entry per model (toggling both lines). Markers
-    tell the stage: circles for cross-entropy epochs, squares for fine-tuning epochs, diamonds
-    for SCST epochs.
+    train, dashed for dev. Markers tell the stage: circles for cross-entropy epochs, squares
+    for fine-tuning epochs, diamonds for SCST epochs.
     """
     fig = go.Figure()
     colors = line_colors(history, colors)
     for model, g in history.groupby("model", sort=False):
         g = g.sort_values("epoch")
-        first = True
         for col in columns:
             if col not in g or g[col].isna().all():
                 continue
@@ -139,8 +138,6 @@ def history_chart(
                 x=g["epoch"],
                 y=g[col],
                 name=str(model),
-                legendgroup=str(model),
-                showlegend=first,
                 mode="lines+markers",
                 line={
                     "color": colors.get(str(model)),
@@ -150,9 +147,21 @@ def history_chart(
                 marker={"size": 7, "symbol": _stage_symbols(g)},
                 hovertemplate=f"{columns[col]}: %{{y:.4g}}<extra>{model}</extra>",
             )
-            first = False
-    _layout(fig, title=title, ytitle=ytitle, height=360)
+    _layout(fig, title=title, ytitle=ytitle, height=320)
+    fig.update_layout(showlegend=False)
     fig.update_xaxes(title_text="epoch", dtick=1 if history["epoch"].nunique() <= 15 else None)
     if exponent:
         fig.update_yaxes(tickformat=".2~e")
     return fig
+
+
+def color_key(history: pd.DataFrame, colors: dict[str, str]) -> str:
+    """The lines of ``history`` as a one-paragraph key: a dot of each line's colour and its
+    name (HTML for ``st.markdown(..., unsafe_allow_html=True)``)."""
+    colors = line_colors(history, colors)
+    lines = dict.fromkeys(history["model"].astype(str))
+    return " &nbsp; ".join(
+        f"<span style='white-space:nowrap'><span style='color:{colors.get(line, FALLBACK[-1])}'>"
+        f"●</span>&nbsp;{html.escape(line)}</span>"
+        for line in lines
+    )

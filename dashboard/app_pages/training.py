@@ -31,6 +31,7 @@ if not chosen:
     st.info("Select at least one model.")
     st.stop()
 shown = history[history["model"].isin(chosen)]
+st.markdown(charts.color_key(shown, colors), unsafe_allow_html=True)
 decoding = tables.dev_decoding([b for b in bundles if b.name in set(shown["bundle"])])
 
 specs = [
@@ -56,6 +57,7 @@ summary = state.training_summary()
 st.dataframe(
     summary[summary["model"].isin(chosen)],
     hide_index=True,
+    height="content",
     column_config={
         "best epoch": st.column_config.NumberColumn(format="%d"),
         "dev BLEU-4": st.column_config.NumberColumn(format="%.1f"),
