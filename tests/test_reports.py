@@ -257,8 +257,8 @@ def test_comparison_markdown_has_one_row_per_bundle_at_its_default(tmp_path):
     assert md[3].startswith("| b | resnet50 | merge | beam 3 α 0 | — | — | — | — | — | — |")
 
 
-def test_latency_markdown_has_a_row_per_bundle_and_runtime_with_its_machine(tmp_path):
-    a = make_bundle(tmp_path, "a")
+def test_latency_markdown_has_a_table_per_cpu_and_a_row_per_bundle_and_runtime(tmp_path):
+    a, c = make_bundle(tmp_path, "a"), make_bundle(tmp_path, "c")
     make_bundle(tmp_path, "b")  # never benched: no row
 
     def beams(enc):
@@ -275,22 +275,21 @@ def test_latency_markdown_has_a_row_per_bundle_and_runtime_with_its_machine(tmp_
         },
     }  # fmt: skip
     (a / "bench.json").write_text(json.dumps(bench))
-    md = latency_markdown([info(a), info(tmp_path / "b")]).splitlines()
-    assert len(md) == 4 and md[0].startswith("| model | runtime | encode p50 ms")
-    assert md[2] == (
-        "| a | torch bf16+cl | 30.0 | 10.0 / 30.0 / — | 41.0 / 61.0 / — "
-        "| 26.2 (1000 images, beam 3) | Xeon (amx_bf16), 2 threads, 2026-12-03 |"
-    )
-    assert md[3].startswith("| a | openvino bf16-openvino | 9.0 | 10.0 / 30.0 / — | 20.0 / 40.0")
-    assert md[3].endswith("| — | Xeon (amx_bf16), 2 threads, 2026-12-03 |")
     bare = {"created": "2026-12-02T08:00:00+00:00", "threads": 2, "cpu": "x86_64",
             "runtime": "torch", "precision": "fp32", "beams": beams(50.0)}  # fmt: skip
-    (a / "bench.json").write_text(json.dumps(bare))  # a record without cpu_model
-    assert (
-        latency_markdown([info(a)])
-        .splitlines()[2]
-        .endswith("| x86_64 (CPU model not recorded), 2 threads, 2026-12-02 |")
+    (c / "bench.json").write_text(json.dumps(bare))  # a record without cpu_model
+    md = latency_markdown([info(a), info(tmp_path / "b"), info(c)]).splitlines()
+    assert md[0] == "**Xeon (amx_bf16), 2 threads**"
+    assert md[2].startswith("| model | runtime | encode p50 ms") and md[2].endswith("images/s |")
+    assert md[4] == (
+        "| a | torch bf16+cl | 30.0 | 10.0 / 30.0 / — | 41.0 / 61.0 / — "
+        "| 26.2 (1000 images, beam 3) |"
     )
+    assert md[5].startswith("| a | openvino bf16-openvino | 9.0 | 10.0 / 30.0 / — | 20.0 / 40.0")
+    assert md[5].endswith("| — |")
+    assert md[6:9] == ["", "**x86_64 (CPU model not recorded), 2 threads**", ""]
+    assert md[11].startswith("| c | torch fp32 | 50.0 |") and len(md) == 12
+    assert "2026" not in "\n".join(md)  # a figure names its CPU, never its date
 
 
 def test_unreadable_outputs_read_as_absent(tmp_path):
@@ -338,12 +337,6 @@ def write_history(bundle: Path, rows: list[dict], **config) -> None:
     cfg = json.loads((bundle / "config.json").read_text())
     cfg.update(config)
     (bundle / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
-
-
-def test_select_metric_is_the_one_training_keeps_its_checkpoint_by():
-    from captioning.training.objective import SELECT_METRIC
-
-    assert history.SELECT_METRIC == SELECT_METRIC
 
 
 def test_best_epoch_is_the_first_with_the_highest_dev_cider_d():

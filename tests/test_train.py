@@ -15,13 +15,13 @@ from safetensors.torch import load_file
 
 from captioning import Captioner
 from captioning.bundle.catalog import list_bundles
+from captioning.bundle.history import SELECT_METRIC
 from captioning.models.decoders import DecoderConfig, build_decoder, caption_loss
 from captioning.runtime.features import Features
 from captioning.runtime.openvino import openvino_module
 from captioning.training.checkpoint import read_state
 from captioning.training.data import TrainData, batch_counts, make_batch
 from captioning.training.distributed import shard
-from captioning.training.objective import SELECT_METRIC
 from captioning.training.train import TrainConfig, main
 from captioning.training.xe import TeacherForcing, lr_factor, shard_loss
 from tests.synthetic import make_tiny_flickr

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from captioning.bundle.format import DECODING_CHOSEN_KEY, BundleError, is_ensemble, tuned_block
+from captioning.bundle.history import dev_beam, read_history
 from captioning.bundle.records import decoding_label
 from captioning.bundle.reports import (
     _cells,
     _columns,
     bundle_info,
     default_decoding,
-    read_history,
     results,
 )
 from captioning.core.files import atomic_write_text
@@ -24,7 +24,7 @@ def _data_line(config: dict) -> str:
         return "- Data: the data set, layout and split were not recorded with this bundle."
     sizes = data.get("images", {})
     counts = ", ".join(f"{sizes[s]} {s}" for s in ("train", "dev", "test") if s in sizes)
-    beam = config.get("train_config", {}).get("dev_beam", 1)
+    beam = dev_beam(config)
     how = "greedy" if beam == 1 else f"beam {beam}"
     metric = config.get("select_metric", "dev_bleu4")  # absent: dev BLEU-4 chose
     chosen = "dev " + METRIC_LABELS.get(metric.removeprefix("dev_"), metric)

@@ -112,8 +112,9 @@ def _machine(bench: dict) -> str:
 
 
 def latency_markdown(bundles: list[BundleInfo]) -> str:
-    """One row per bundle and runtime from each ``bench.json`` (`bench --save`): batch-1 p50s of
-    encode, decode and JPEG bytes -> caption at beams 1/3/5, the folder rate, and the machine."""
+    """One table per CPU (and thread count) that measured a ``bench.json`` (`bench --save`): a row
+    per bundle and runtime with batch-1 p50s of encode, decode and JPEG bytes -> caption at beams
+    1/3/5, and the folder rate. Figures compare only within one table."""
     head = [
         "model",
         "runtime",
@@ -121,22 +122,23 @@ def latency_markdown(bundles: list[BundleInfo]) -> str:
         "decode p50 ms, beam 1 / 3 / 5",
         "total p50 ms, beam 1 / 3 / 5",
         "folder images/s",
-        "measured on",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    tables: dict[str, list[str]] = {}
     for b in bundles:
         bench = read_bench(b.path)
         if not bench:
             continue
-        where = _machine(bench) + f", {bench.get('threads', '?')} threads, "
-        where += str(bench.get("created", "?"))[:10]
+        where = f"{_machine(bench)}, {bench.get('threads', '?')} threads"
+        rows = tables.setdefault(where, [])
         runtimes = bench.get("runtimes") or {bench.get("runtime", DEFAULT_RUNTIME): bench}
         for name, rt in runtimes.items():
             decode = " / ".join(_p50(rt, k, "decode_ms") for k in BENCH_BEAMS)
             total = " / ".join(_p50(rt, k, "total_ms") for k in BENCH_BEAMS)
-            lines.append(
+            rows.append(
                 f"| {b.name} | {name} {rt.get('precision', '')} "
                 f"| {_p50(rt, MIDDLE_BEAM, 'encode_ms')} "
-                f"| {decode} | {total} | {_folder_cell(bench, rt)} | {where} |"
+                f"| {decode} | {total} | {_folder_cell(bench, rt)} |"
             )
-    return "\n".join(lines)
+    header = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    blocks = ["\n".join([f"**{where}**", "", *header, *rows]) for where, rows in tables.items()]
+    return "\n\n".join(blocks)

@@ -40,8 +40,8 @@ from captioning.bundle.format import (
     clear_model_outputs,
     weights_fingerprint,
 )
+from captioning.bundle.history import read_history
 from captioning.bundle.records import write_records
-from captioning.bundle.reports import read_history
 from captioning.core.files import atomic_save_safetensors, atomic_write_json, sha256_file
 
 SAME = ("encoder", "encoder_sha256", "decoder", "decoder_config")  # what members must share

@@ -24,7 +24,8 @@ SCORING_FLAGS = ("beam", "length_alpha", "no_repeat_ngram")  # how greedy candid
 
 def cmd_models(args: argparse.Namespace) -> int:
     from captioning.bundle.catalog import list_bundles
-    from captioning.bundle.reports import comparison_markdown, latency_markdown, results_markdown
+    from captioning.bundle.latency import latency_markdown
+    from captioning.bundle.reports import comparison_markdown, results_markdown
     from captioning.core.paths import models_dir_default
 
     bundles = list_bundles(Path(args.models_dir) if args.models_dir else None)

@@ -28,8 +28,6 @@ from captioning.models.decoding import DecodeConfig, decode
 from captioning.training.data import TrainData, epoch_order, make_batch
 from captioning.training.distributed import ONE, Dist
 
-SELECT_METRIC = "dev_cider"  # best epoch and patience: dev CIDEr-D of the dev decoding
-
 # on_step(step, logged loss or None) -> True to stop the epoch here (the time budget is spent)
 OnStep = Callable[[int, float | None], bool]
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from captioning.bundle.card import write_card
 from captioning.bundle.export import export_bundle
 from captioning.bundle.format import WEIGHT_FILES, clear_model_outputs
+from captioning.bundle.history import SELECT_METRIC
 from captioning.core.files import atomic_write_json
 from captioning.core.machine import git_commit
 from captioning.training import distributed, finetune
@@ -42,7 +43,7 @@ from captioning.training.checkpoint import (
     save_state,
 )
 from captioning.training.distributed import ONE, Dist, rank_seed
-from captioning.training.objective import SELECT_METRIC, Objective, epoch_timing
+from captioning.training.objective import Objective, epoch_timing
 
 HISTORY_FILE = "history.json"  # in the state directory, rewritten every epoch: to watch a run
 

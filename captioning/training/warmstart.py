@@ -8,6 +8,7 @@ import torch
 
 from captioning.bundle.catalog import resolve_bundle
 from captioning.bundle.format import bundle_block_state, load_decoder, tuned_block
+from captioning.bundle.history import unmarked_stage
 from captioning.core.files import read_json
 from captioning.models.decoders import DecoderConfig
 from captioning.training.config import TrainConfig
@@ -69,8 +70,7 @@ def init_history(bundle: str | Path) -> list[dict]:
     path = resolve_bundle(bundle)
     rows = read_json(path / "history.json") if (path / "history.json").exists() else []
     config = read_json(path / "config.json") if (path / "config.json").exists() else {}
-    unmarked = "finetune" if config.get("train_config", {}).get("finetune") else "xe"
-    return [{"stage": unmarked, **r} for r in rows if isinstance(r, dict)]
+    return [{"stage": unmarked_stage(config), **r} for r in rows if isinstance(r, dict)]
 
 
 def staged_history(cfg: TrainConfig, meta: dict) -> tuple[list[dict], int]:

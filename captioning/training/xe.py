@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from captioning.bundle.history import SELECT_METRIC
 from captioning.core.machine import device_scope, resolve_device, resolve_precision
 from captioning.data import load_dataset
 from captioning.models.blocks import load_block_weights
@@ -26,7 +27,7 @@ from captioning.training import distributed, finetune
 from captioning.training.config import TrainConfig
 from captioning.training.data import TrainData, batch_counts, make_batch, prepare_data
 from captioning.training.distributed import Dist
-from captioning.training.objective import SELECT_METRIC, Objective, evaluate_dev
+from captioning.training.objective import Objective, evaluate_dev
 from captioning.training.warmstart import init_history, staged_history, warm_start
 
 # may change on --resume (patience decides only when to stop); ``epochs`` may not: the LR schedule
