@@ -49,7 +49,7 @@ class CiderD:
 
     ``end_word=True`` appends an end-of-caption word to every reference and candidate (as SCST
     implementations do), so n-grams that end a caption count: a caption cut off mid-phrase
-    ("... standing on a red") no longer scores like a finished one. The scores then equal
+    ("... standing on a red") does not score like a finished one. The scores then equal
     pycocoevalcap's on captions with one extra last word.
     """
 
