@@ -65,16 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     _check_finetune(cfg)
-    result = main(
-        cfg,
-        args.data,
-        Path(args.out),
-        cache_root(args),
-        args.resume,
-        force=args.force,
-        export_best=args.export_best,
-        export_last=args.export_last,
-    )
+    result = _run(main, cfg, args)
     if not result["stopped"] and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
         summary = {
             "out": args.out,
@@ -99,7 +90,15 @@ def _train_scst(args: argparse.Namespace) -> int:
     for key in SCST_FLAGS:
         if getattr(args, key, None) is not None:
             setattr(cfg, key, getattr(args, key))
-    result = main_scst(
+    result = _run(main_scst, cfg, args)
+    if not result.get("stopped"):
+        print(json.dumps({"out": args.out, "best_epoch": result.get("best_epoch")}))
+    return 0
+
+
+def _run(entry, cfg, args: argparse.Namespace) -> dict:
+    """Run a training entry point (cross-entropy or SCST) with the run flags of ``args``."""
+    return entry(
         cfg,
         args.data,
         Path(args.out),
@@ -109,9 +108,6 @@ def _train_scst(args: argparse.Namespace) -> int:
         export_best=args.export_best,
         export_last=args.export_last,
     )
-    if not result.get("stopped"):
-        print(json.dumps({"out": args.out, "best_epoch": result.get("best_epoch")}))
-    return 0
 
 
 def _check_finetune(cfg) -> None:

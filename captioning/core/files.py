@@ -7,10 +7,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -61,21 +61,10 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 def atomic_save_safetensors(
     path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
-    """``safetensors.torch.save_file`` through a temp file, fsync and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:  # the bytes reach the disk before the rename publishes them
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """``tensors`` as a safetensors file, written atomically like ``atomic_write_bytes``."""
+    from safetensors.torch import save  # torch is imported only where tensors are written
+
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata))
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
