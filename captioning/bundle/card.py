@@ -18,6 +18,12 @@ from captioning.core.files import atomic_write_text
 from captioning.models.metrics import METRIC_LABELS
 
 
+def _trained_lines(cfg: dict, history: list) -> list[str]:
+    """What one training run's card says of its data, best epoch and encoder weights."""
+    best = f"- Best epoch: {cfg.get('best_epoch')} of {len(history)}; encoder weights sha256 "
+    return [_data_line(cfg), best + f"`{cfg['encoder_sha256'][:16]}…`."]
+
+
 def _data_line(config: dict) -> str:
     data = config.get("data")
     if not data:
@@ -48,11 +54,8 @@ def _model_lines(cfg: dict, history: list[dict]) -> list[str]:
         f"{kind} LSTM decoder (hidden {d['hidden_dim']}, embedding {d['embed_dim']}, "
         f"dropout {d['dropout']}) with a {d['vocab_size']}-word vocabulary.",
         "",
-        *(_soup_lines(cfg) if cfg.get("soup") else [
-            _data_line(cfg),
-            f"- Best epoch: {cfg.get('best_epoch')} of {len(history)}; encoder weights sha256 "
-            f"`{cfg['encoder_sha256'][:16]}…`."]),
-    ]  # fmt: skip
+        *(_soup_lines(cfg) if cfg.get("soup") else _trained_lines(cfg, history)),
+    ]
 
 
 def _soup_lines(cfg: dict) -> list[str]:
@@ -115,8 +118,8 @@ def card_markdown(path: Path) -> str:
         "",
     ]
     if rows:
-        head = ["split", "images", "decoding", "precision", "runtime",
-                *(METRIC_LABELS[k] for k in keys)]  # fmt: skip
+        setting = ["split", "images", "decoding", "precision", "runtime"]
+        head = [*setting, *(METRIC_LABELS[k] for k in keys)]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             s = r.setting

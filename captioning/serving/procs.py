@@ -99,8 +99,8 @@ def caption_parallel(
         tasks.put((i, [str(p) for p in c]))
     for _ in range(procs):
         tasks.put(None)
-    workers = [SPAWN.Process(target=_worker, args=(spec, tasks, results), daemon=True)
-               for _ in range(procs)]  # fmt: skip
+    job = (spec, tasks, results)
+    workers = [SPAWN.Process(target=_worker, args=job, daemon=True) for _ in range(procs)]
     for w in workers:
         w.start()
     try:
@@ -132,8 +132,8 @@ def _receive(results, workers) -> tuple:
         except queue.Empty:
             if not any(w.is_alive() for w in workers):
                 codes = [w.exitcode for w in workers]
-                why = "killed: out of memory?" if any((c or 0) < 0 for c in codes) else (
-                    "see their errors above")  # fmt: skip
+                killed = any((c or 0) < 0 for c in codes)
+                why = "killed: out of memory?" if killed else "see their errors above"
                 raise WorkerError(
                     f"the caption workers ended early (exit codes "
                     f"{', '.join(map(str, codes))}; {why})"

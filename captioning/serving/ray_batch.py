@@ -330,8 +330,8 @@ def _caption_paths(
     ds = ds.map_batches(
         load_files, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=READ_TASK_CPUS
     )
-    actor_args = (str(job.bundle), job.sha256, cfg.precision, cfg.runtime, job.decoding,
-                  plan.threads_per_actor, job.device)  # fmt: skip
+    model = (str(job.bundle), job.sha256, cfg.precision, cfg.runtime, job.decoding)
+    actor_args = (*model, plan.threads_per_actor, job.device)
     gpus = gpu_share(ray.cluster_resources(), plan.actors) if job.device != "cpu" else {}
     ds = ds.map_batches(
         CaptionActor,
