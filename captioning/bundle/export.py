@@ -66,7 +66,7 @@ def export_bundle(
     sd = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     atomic_save_safetensors(out / "decoder.safetensors", sd, metadata={"format": "fp16"})
     vocab.save(out / "vocab.json")
-    resolved = resolve_precision(cfg.precision, resolve_device(cfg.device))  # as train.py does
+    resolved = resolve_precision(cfg.precision, resolve_device(cfg.device))  # as training does
     precision = encoder_precision or resolved.label
     train_config = {**asdict(cfg), "precision": resolved.dtype}  # "auto" made explicit
     config = {
