@@ -7,6 +7,7 @@ keeps them equal), and the types that need the library import it only when they 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -278,3 +279,11 @@ def on_device(args: argparse.Namespace) -> tuple:
     if device == "cpu":
         return args.precision, args.runtime
     return resolve_precision(args.precision, device), "torch"
+
+
+def config_from(cls, args: argparse.Namespace, **given):
+    """A config dataclass ``cls`` from the parsed flags that name one of its fields (``given``
+    sets or overrides fields); fields no flag names keep their defaults."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    flags = {k: v for k, v in vars(args).items() if k in names}
+    return cls(**{**flags, **given})

@@ -13,6 +13,7 @@ from captioning.cli.args import (
     add_precision,
     add_runtime,
     beam_arg,
+    config_from,
     decode_overrides,
     nonneg_float,
     positive_int,
@@ -22,19 +23,7 @@ from captioning.cli.args import (
 def cmd_batch(args: argparse.Namespace) -> int:
     from captioning.serving.ray_batch import BatchConfig, run_batch
 
-    cfg = BatchConfig(
-        model=args.model,
-        input=args.input,
-        out=args.out,
-        address=args.address,
-        workers=args.workers,
-        beam=args.beam,
-        overrides=decode_overrides(args),
-        batch_size=args.batch_size,
-        precision=args.precision,
-        runtime=args.runtime,
-        device=args.device,
-    )
+    cfg = config_from(BatchConfig, args, overrides=decode_overrides(args))
     report = run_batch(cfg)
     print(json.dumps(report.to_dict()))
     return 0
@@ -43,21 +32,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from captioning.serving.app import ServeConfig, serve
 
-    serve(
-        ServeConfig(
-            model=args.model,
-            host=args.host,
-            port=args.port,
-            precision=args.precision,
-            runtime=args.runtime,
-            max_batch=args.max_batch,
-            max_wait_ms=args.max_wait_ms,
-            max_body_mb=args.max_body_mb,
-            max_queue=args.max_queue,
-            root_path=args.root_path,
-            log_level=args.log_level,
-        )
-    )
+    serve(config_from(ServeConfig, args))
     return 0
 
 
