@@ -123,45 +123,40 @@ def samples() -> list[Path]:
     return sorted(p for p in SAMPLES_DIR.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
-def _predictions(root: str, stamp: tuple) -> pd.DataFrame:
-    return tables.read_predictions(_bundles(root, stamp))
+_TABLES = {  # what each folder-wide table is built by, from the bundles (``dashboard.tables``)
+    "predictions": tables.read_predictions,
+    "history": tables.read_history,
+    "scores": tables.score_summary,
+    "training_summary": tables.training_summary,
+}
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _table(kind: str, root: str, stamp: tuple, *args) -> pd.DataFrame:
+    return _TABLES[kind](_bundles(root, stamp), *args)
+
+
+def _folder_table(kind: str, *args) -> pd.DataFrame:
+    """The ``kind`` table of every bundle in the models folder, rebuilt when a file changes."""
+    root = models_dir_default()
+    return _table(kind, str(root), folder_stamp(root), *args)
 
 
 def predictions() -> pd.DataFrame:
     """All predictions CSVs of all bundles in one table (see ``tables.read_predictions``)."""
-    root = models_dir_default()
-    return _predictions(str(root), folder_stamp(root))
-
-
-@st.cache_data(show_spinner=False, max_entries=8)
-def _history(root: str, stamp: tuple) -> pd.DataFrame:
-    return tables.read_history(_bundles(root, stamp))
+    return _folder_table("predictions")
 
 
 def history() -> pd.DataFrame:
     """All bundles' training histories (see ``tables.read_history``)."""
-    root = models_dir_default()
-    return _history(str(root), folder_stamp(root))
-
-
-@st.cache_data(show_spinner=False, max_entries=16)
-def _scores(root: str, stamp: tuple, split: str) -> pd.DataFrame:
-    return tables.score_summary(_bundles(root, stamp), split)
+    return _folder_table("history")
 
 
 def scores(split: str) -> pd.DataFrame:
     """Every bundle's scores and diversity on ``split`` (see ``tables.score_summary``)."""
-    root = models_dir_default()
-    return _scores(str(root), folder_stamp(root), split)
-
-
-@st.cache_data(show_spinner=False, max_entries=8)
-def _training_summary(root: str, stamp: tuple) -> pd.DataFrame:
-    return tables.training_summary(_bundles(root, stamp))
+    return _folder_table("scores", split)
 
 
 def training_summary() -> pd.DataFrame:
     """Every history line's summary (see ``tables.training_summary``)."""
-    root = models_dir_default()
-    return _training_summary(str(root), folder_stamp(root))
+    return _folder_table("training_summary")
