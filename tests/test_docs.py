@@ -149,10 +149,10 @@ def test_relative_links_resolve(path):
 # ---------------------------------------------------------------- no development history
 
 HISTORY = re.compile(
-    r"\bstops? \d+"  # "stop 23", "stops 23-26"
+    r"\bstops? \d+"  # a numbered work session, one or a range
     r"|\bwaves? \d+"
-    r"|\bissues?[ -]#?\d+"  # "issue 10", "issue-11"
-    r"|(?<!from )\bscratch\b"  # "a scratch script"; training "from scratch" is a plain term
+    r"|\bissues?[ -]#?\d+"  # a tracker issue by number
+    r"|(?<!from )\bscratch\b"  # throwaway work; training "from scratch" is a plain term
     r"|\bold code\b"
     r"|\bused to (?:crash|fail)"
     r"|\bcommit\W{1,2}[0-9a-f]{7,40}\b",  # a commit hash
