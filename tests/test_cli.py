@@ -117,6 +117,7 @@ def test_import_and_parse_do_not_load_torch():
 
 def test_choices_are_the_names_the_library_registers():
     from captioning.cli import args
+    from captioning.inference.calibrate import CANDIDATES
     from captioning.inference.tune import TUNE_METRICS
     from captioning.models.blocks import FINETUNE_BLOCKS
     from captioning.models.decoders import DECODER_KINDS
@@ -124,7 +125,15 @@ def test_choices_are_the_names_the_library_registers():
     from captioning.runtime.openvino import RUNTIMES
     from captioning.training.scst import BASELINES
 
-    library = (ENCODERS, DECODER_KINDS, RUNTIMES, FINETUNE_BLOCKS, TUNE_METRICS, BASELINES)
+    library = (
+        ENCODERS,
+        DECODER_KINDS,
+        RUNTIMES,
+        FINETUNE_BLOCKS,
+        TUNE_METRICS,
+        BASELINES,
+        CANDIDATES,
+    )
     offered = (
         args.ENCODER_CHOICES,
         args.DECODER_CHOICES,
@@ -132,6 +141,7 @@ def test_choices_are_the_names_the_library_registers():
         args.FINETUNE_CHOICES,
         args.TUNE_METRIC_CHOICES,
         args.BASELINE_CHOICES,
+        args.CALIBRATE_CHOICES,
     )
     assert [tuple(names) for names in library] == list(offered)
 

@@ -18,14 +18,15 @@ PROG = "python -m captioning"
 Handler = Callable[[argparse.Namespace], int]
 
 # the names of captioning.models.encoders.ENCODERS, models.decoders.DECODER_KINDS,
-# runtime.openvino.RUNTIMES, models.blocks.FINETUNE_BLOCKS, inference.tune.TUNE_METRICS and
-# training.scst.BASELINES
+# runtime.openvino.RUNTIMES, models.blocks.FINETUNE_BLOCKS, inference.tune.TUNE_METRICS,
+# training.scst.BASELINES and inference.calibrate.CANDIDATES
 ENCODER_CHOICES = ("resnet50", "vgg16", "resnet50-tv", "vgg16-tv")
 DECODER_CHOICES = ("inject", "merge", "attention", "updown")
 RUNTIME_CHOICES = ("auto", "torch", "openvino")
 FINETUNE_CHOICES = ("layer4", "block5")
 TUNE_METRIC_CHOICES = ("cider", "bleu4")
 BASELINE_CHOICES = ("mean", "greedy")
+CALIBRATE_CHOICES = ("int8", "bf16", "fp32")
 
 # DecoderConfig fields that --set may not change: --decoder, the vocabulary and the encoder fix them
 STRUCTURAL_KEYS = {
@@ -175,8 +176,10 @@ def add_precision(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="encoder numerics: fp32 (reference), bf16 + channels_last (fast on AMX CPUs), or "
-        "auto = bf16 where the CPU has native bf16, else fp32 (default: auto)",
+        help="numerics: fp32 (reference), bf16 (+ channels_last on torch), int8 (OpenVINO: a "
+        "quantised encoder and int8 decoder-step weights), or auto = the fastest setting that "
+        "passed the bundle's dev quality gate (`calibrate`), else bf16 where the CPU has native "
+        "bf16, else fp32 (default: auto)",
     )
 
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from captioning.cli.args import (
+    CALIBRATE_CHOICES,
     TUNE_METRIC_CHOICES,
     CommandParsers,
     add_cache,
@@ -95,6 +96,23 @@ def cmd_tune_decoding(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import os
+
+    from captioning.core.settings import DATA_ENV
+    from captioning.data import load_dataset
+    from captioning.inference.calibrate import calibrate, format_verdicts
+
+    ds = load_dataset(args.data)
+    if args.data:  # int8 calibrates on the recorded train photos of this data set
+        os.environ[DATA_ENV] = str(args.data)
+    rows = calibrate(args.model, ds, args.precisions, cache_root=cache_root(args), force=args.force)
+    print(format_verdicts(args.model, rows))
+    if args.json:
+        print(json.dumps([{**vars(v), "admissible": v.admissible} for v in rows]))
+    return 0
+
+
 def _apply_decoding(cap, best: dict, metric: str) -> None:
     """Store the chosen decoding as the bundle's default and rewrite its card."""
     from captioning.bundle.card import write_card
@@ -119,6 +137,17 @@ def add_parsers(commands: CommandParsers) -> None:
             "Corpus BLEU-1..4, CIDEr-D, METEOR and ROUGE-L of a bundle on a Flickr8k split. "
             f"Writes predictions and metrics.json to --out (default: {EVAL_OUT}/MODEL); --record "
             "writes them into the bundle instead, under the full decoding setting.",
+        )
+    )
+    _add_calibrate(
+        commands.command(
+            "calibrate",
+            cmd_calibrate,
+            "The quality gate of the faster precisions: evaluate the fp32 torch reference and "
+            "each OpenVINO precision on the full dev split at the bundle's default decoding, "
+            "record them in the bundle, and say which are admissible (CIDEr-D within 0.5 and "
+            "BLEU-4 within 0.3 of the reference, no repeated trigram). --precision auto runs "
+            "at the fastest admissible one.",
         )
     )
     _add_tune_decoding(
@@ -155,6 +184,21 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     add_runtime(p)
     add_device(p)
     p.add_argument("--no-meteor", dest="meteor", action="store_false", help="skip METEOR (Java)")
+
+
+def _add_calibrate(p: argparse.ArgumentParser) -> None:
+    add_model(p)
+    add_data(p)
+    add_cache(p)
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=CALIBRATE_CHOICES,
+        default=list(CALIBRATE_CHOICES),
+        help="OpenVINO precisions to judge (default: all)",
+    )
+    p.add_argument("--force", action="store_true", help="re-evaluate recorded settings")
+    p.add_argument("--json", action="store_true", help="last stdout line: the verdicts as JSON")
 
 
 def _add_tune_decoding(p: argparse.ArgumentParser) -> None:

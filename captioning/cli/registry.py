@@ -33,6 +33,9 @@ COMMANDS: dict[str, Command] = {  # in the order of `--help`
     "tune-decoding": Command(
         "evaluate", "choose beam size, length normalisation and n-gram blocking on dev"
     ),
+    "calibrate": Command(
+        "evaluate", "judge int8/bf16/fp32 on OpenVINO against fp32 torch on dev (what auto runs)"
+    ),
     "caption": Command("caption", "caption image files and folders with a bundle"),
     "models": Command("models", "list the model bundles and their scores"),
     "ensemble": Command("models", "make an ensemble bundle of bundles that share a vocabulary"),

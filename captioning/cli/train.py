@@ -25,7 +25,7 @@ from captioning.cli.args import (
     positive_int,
     unit_float,
 )
-from captioning.core.machine import FIXED_PRECISIONS, PRECISIONS
+from captioning.core.machine import FIXED_PRECISIONS
 
 # the flags that set the TrainConfig or ScstConfig field of the same name when given
 SCHEDULE_FLAGS = (
@@ -219,7 +219,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=PRECISIONS,
+        choices=("auto", *FIXED_PRECISIONS),
         help="encoder precision of the feature cache (default: auto)",
     )
     p.add_argument(

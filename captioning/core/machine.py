@@ -18,8 +18,9 @@ if TYPE_CHECKING:  # torch is imported where it is used, so the CLI parser stays
     import torch
     from torch import nn
 
-FIXED_PRECISIONS = ("fp32", "bf16")
-PRECISIONS = ("auto", *FIXED_PRECISIONS)  # every --precision choice
+FIXED_PRECISIONS = ("fp32", "bf16")  # what torch runs
+INT8 = "int8"  # OpenVINO only: a quantised encoder and int8 weights in the decoder step
+PRECISIONS = ("auto", *FIXED_PRECISIONS, INT8)  # every --precision choice
 DEVICES = ("auto", "cpu", "cuda")  # every --device choice
 
 
@@ -53,12 +54,14 @@ def cpu_description() -> dict:
 
 @dataclass(frozen=True)
 class Precision:
-    """How a model runs: ``dtype`` ("fp32", "bf16"; "fp16" on CUDA only), whether it uses
-    channels_last, and the ``device`` ("cpu" or "cuda") it runs on."""
+    """How a model runs: ``dtype`` ("fp32", "bf16", "int8" on OpenVINO; "fp16" on CUDA only),
+    whether it uses channels_last, the ``device`` ("cpu" or "cuda") it runs on, and for int8 the
+    ``calibration`` set it was quantised on ("" = the recorded Flickr8k train photos)."""
 
     dtype: str = "fp32"
     channels_last: bool = False
     device: str = "cpu"
+    calibration: str = ""
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -72,9 +75,11 @@ class Precision:
 
     @property
     def label(self) -> str:
-        """e.g. "bf16+cl"; off the CPU the device too ("bf16+cl-cuda"), so caches never mix."""
+        """e.g. "bf16+cl"; off the CPU the device too ("bf16+cl-cuda"), so caches never mix; an
+        int8 model calibrated on another set than the recorded one names it ("int8-samples")."""
         where = "" if self.device_type == "cpu" else f"-{self.device_type}"
-        return self.dtype + ("+cl" if self.channels_last else "") + where
+        calib = f"-{self.calibration}" if self.calibration else ""
+        return self.dtype + calib + ("+cl" if self.channels_last else "") + where
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         import torch
@@ -101,9 +106,14 @@ class Precision:
 
 def resolve_precision(name: str = "auto", device: str = "cpu") -> Precision:
     """``auto`` -> bf16 + channels_last where the CPU has native bf16, else fp32. On CUDA,
-    ``auto`` is bf16 where the GPU supports it, else fp16 (both channels_last)."""
+    ``auto`` is bf16 where the GPU supports it, else fp16 (both channels_last). ``int8`` is
+    OpenVINO's (``captioning.runtime.quantize``)."""
     if name not in PRECISIONS:
         raise ValueError(f"unknown precision {name!r}; choose from {', '.join(PRECISIONS)}")
+    if name == INT8:
+        if not device.startswith("cpu"):
+            raise ValueError("int8 runs on the CPU with OpenVINO; on a GPU use auto, bf16 or fp32")
+        return Precision(dtype=INT8, device=device)
     if name == "auto" and device.startswith("cpu"):
         name = "bf16" if cpu_has_fast_bf16() else "fp32"
     elif name == "auto":  # CUDA-only: bf16 from Ampere on, fp16 before

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,9 @@ from captioning.bundle.format import (
     bundle_decoding,
     open_bundle,
 )
+from captioning.bundle.gate import bundle_precision
 from captioning.core.files import sha256_file
+from captioning.core.machine import INT8, Precision
 from captioning.data.images import ImageLoadError
 from captioning.data.vocab import Vocabulary
 from captioning.models.blocks import TunedBlock
@@ -31,8 +33,13 @@ from captioning.models.decoders import Decoder
 from captioning.models.decoding import DecodeConfig, Hypothesis, decode
 from captioning.models.encoders import LoadedEncoder
 from captioning.models.mixture import EnsembleStep, MemberFeatures
-from captioning.runtime.decoders import DECODER_STEP_PRECISION, accelerate_decoder, runtime_of
-from captioning.runtime.encoders import cached_tuned_encoder, shared_encoder, tuned_encoder
+from captioning.runtime.decoders import accelerate_decoder, runtime_of, step_precision
+from captioning.runtime.encoders import (
+    cached_tuned_encoder,
+    shared_encoder,
+    torch_precision,
+    tuned_encoder,
+)
 from captioning.runtime.openvino import resolve_runtime
 from captioning.runtime.pixels import load_pixels, prefetch
 
@@ -73,21 +80,27 @@ class Captioner:
         name_or_path: str | Path,
         precision: str = "auto",
         models_dir: Path | None = None,
-        runtime: str = "torch",
+        runtime: str = "auto",
     ) -> Captioner:
-        """``runtime``: torch (the reference, default), openvino, or auto (openvino where
-        installed; the CLI's default). Whatever fails to compile runs on torch; ``.runtime``
-        says what runs ("openvino+torch": the encoder on OpenVINO, the decoder step on torch)."""
+        """``runtime``: auto (OpenVINO where installed, else torch; the default everywhere),
+        openvino, or torch (the reference). ``precision``: fp32, bf16, int8 (OpenVINO), or auto:
+        on OpenVINO the fastest precision that passed the bundle's dev quality gate
+        (``captioning.bundle.gate``), else bf16 where the CPU has native bf16, else fp32.
+        Whatever fails to compile runs on torch; ``.runtime`` says what runs ("openvino+torch":
+        the encoder on OpenVINO, the decoder step on torch)."""
         bundle = open_bundle(resolve_bundle(name_or_path, models_dir))
-        if bundle.decoder is None:  # an ensemble: several bundles' averaged probabilities
-            return EnsembleCaptioner.load_ensemble(bundle, precision, runtime)
         rt = resolve_runtime(runtime)
+        prec = bundle_precision(bundle, precision, rt)
+        if prec.dtype == INT8 and rt == "torch":
+            prec = torch_precision(prec, runtime)
+        if bundle.decoder is None:  # an ensemble: several bundles' averaged probabilities
+            return EnsembleCaptioner.load_ensemble(bundle, prec, rt)
         path, cfg, block = bundle.path, bundle.config, bundle.block
         encoder = None
         if block and rt == "openvino":  # compiled and cached: no torch trunk to build
-            encoder = cached_tuned_encoder(cfg["encoder"], cfg["encoder_sha256"], block, precision)
+            encoder = cached_tuned_encoder(cfg["encoder"], cfg["encoder_sha256"], block, prec)
         if encoder is None:
-            encoder = cls._encoder(path, cfg, block, precision, rt)
+            encoder = cls._encoder(path, cfg, block, prec, rt)
         cap = cls(path, cfg, bundle.decoder, bundle.vocab, encoder)
         if encoder.runtime != "torch":
             cap._accelerate_decoder(encoder.runtime)
@@ -95,11 +108,15 @@ class Captioner:
 
     @staticmethod
     def _encoder(
-        path: Path, cfg: dict, block: TunedBlock | None, precision: str, rt: str
+        path: Path, cfg: dict, block: TunedBlock | None, prec: Precision, rt: str
     ) -> LoadedEncoder:
         """The bundle's encoder: the shared one, checked against the bundle's weights, with the
         bundle's fine-tuned block swapped into a copy when it has one."""
-        encoder = shared_encoder(cfg["encoder"], precision, "torch" if block else rt)
+        if block:  # the shared torch trunk (fp32 for int8: it is traced, then quantised)
+            base = replace(prec, dtype="fp32", calibration="") if prec.dtype == INT8 else prec
+            encoder = shared_encoder(cfg["encoder"], base, "torch")
+        else:
+            encoder = shared_encoder(cfg["encoder"], prec, rt)
         if encoder.sha256 != cfg["encoder_sha256"]:
             raise BundleError(
                 f"bundle {path.name} was trained on {cfg['encoder']} weights with sha256 "
@@ -109,7 +126,7 @@ class Captioner:
         if block is None:
             return encoder
         try:  # the shared trunk with this bundle's block; the shared encoder is untouched
-            return tuned_encoder(encoder, block, rt)
+            return tuned_encoder(encoder, block, rt, prec)
         except ValueError as e:
             raise BundleError(str(e)) from None
 
@@ -117,7 +134,7 @@ class Captioner:
         self.step_decoder = accelerate_decoder(
             self.decoder,
             sha256_file(self.path / "decoder.safetensors"),
-            DECODER_STEP_PRECISION,
+            step_precision(self.encoder.precision),
             runtime,
             grid_cells=self.encoder.spec.grid_cells,
         )
@@ -277,10 +294,11 @@ class EnsembleCaptioner(Captioner):
 
     @classmethod
     def load_ensemble(
-        cls, bundle: OpenBundle, precision: str = "auto", runtime: str = "torch"
+        cls, bundle: OpenBundle, precision: str | Precision = "auto", runtime: str = "auto"
     ) -> EnsembleCaptioner:
         """Load each member from the ensemble's own models directory and check that it is the
-        member the ensemble was made and scored with."""
+        member the ensemble was made and scored with. Every member runs at ``precision`` (for
+        ``auto``: what the ensemble's own records admit, not each member's)."""
         paths = check_members(bundle.path, bundle.config, bundle.vocab)
         members = [Captioner.load(p, precision, runtime=runtime) for p in paths]
         return cls(bundle.path, bundle.config, members, bundle.vocab)

@@ -221,10 +221,12 @@ class LoadedEncoder:
 
     @property
     def label(self) -> str:
-        """How features are computed, e.g. "bf16+cl" (torch) or "bf16-openvino"."""
+        """How features are computed, e.g. "bf16+cl" (torch), "bf16-openvino" or
+        "int8-samples-openvino" (an int8 model names a calibration set other than the recorded
+        one)."""
         if self.engine is None:
             return self.precision.label
-        return f"{self.precision.dtype}-{self.engine.runtime}"
+        return f"{self.precision.label}-{self.engine.runtime}"
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> EncoderOutput:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from captioning.core.machine import INT8, Precision
 from captioning.runtime.openvino import (
     CompiledGraph,
     CompileKey,
@@ -23,10 +24,14 @@ from captioning.runtime.openvino import (
     openvino_version,
     resolve_runtime,
 )
+from captioning.runtime.quantize import compress_step, nncf_version
 
-# The decoder step always runs in f32: in bf16 it changed 10% of resnet50-attention's dev
-# captions (beam 5) against the torch fp32 path; f32 changed none. The encoder may run bf16.
-DECODER_STEP_PRECISION = "fp32"
+
+def step_precision(encoder: Precision) -> str:
+    """The decoder step's precision beside an encoder at ``encoder``: int8 weights with an int8
+    encoder (one setting, one gate verdict), else f32. The step reads ~32 MiB of fp32 weights
+    per call; int8 weights halve its time on a 2-core EPYC (0.75 against 1.56 ms at beam 3)."""
+    return INT8 if encoder.dtype == INT8 else "fp32"
 
 
 # ---------------------------------------------------------------- decoder step
@@ -116,8 +121,22 @@ def openvino_decoder(
 
         return _StepGraph(copy.deepcopy(decoder), keys, n_state)  # a copy: .float() keeps it
 
-    key = CompileKey(f"decoder-{cfg.kind}", weights_sha256, precision, openvino_version())
-    compiled = compile_graph(key, build, inputs, threads=threads, cache_root=cache_root)
+    int8 = precision == INT8
+    key = CompileKey(
+        f"decoder-{cfg.kind}",
+        weights_sha256,
+        precision,
+        openvino_version(),
+        nncf=(nncf_version() or "") if int8 else "",
+    )
+    compiled = compile_graph(
+        key,
+        build,
+        inputs,
+        threads=threads,
+        cache_root=cache_root,
+        transform=compress_step if int8 else None,
+    )
     return OpenVINODecoder(compiled, key, decoder, keys, n_state)
 
 

@@ -3,7 +3,9 @@
 ``shared_encoder(name, precision, runtime)`` is the one encoder a process keeps per setting;
 ``load_encoder`` compiles it on OpenVINO (from the compile cache without building the torch model
 when it can) or keeps it on torch; ``tuned_encoder`` swaps a bundle's fine-tuned block into a copy
-of the shared trunk. Whatever fails to compile runs on torch with a notice.
+of the shared trunk. Precision int8 quantises the compiled graph (``captioning.runtime.quantize``).
+Whatever fails to compile runs on torch with a notice; int8 without NNCF or OpenVINO runs at the
+``auto`` precision, with a notice.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from captioning.core.machine import Precision, resolve_precision
+from captioning.core.machine import INT8, Precision, resolve_precision
 from captioning.core.paths import openvino_cache_dir
 from captioning.models.blocks import TunedBlock, swap_block, tuned_sha256
 from captioning.models.encoders import (
@@ -33,12 +35,20 @@ from captioning.runtime.openvino import (
     CompiledGraph,
     CompileKey,
     GraphInput,
+    Transform,
     compile_graph,
     entry_ok,
     note,
     one_line,
     openvino_version,
     resolve_runtime,
+)
+from captioning.runtime.quantize import (
+    CalibrationSet,
+    best_available,
+    calibration_sets,
+    nncf_version,
+    quantize_encoder,
 )
 
 
@@ -72,7 +82,10 @@ class _EncoderGraph(nn.Module):
 
 
 class OpenVINOEncoder(CompiledGraph):
-    """A compiled encoder: ``encode(images [B,3,224,224])`` -> ``EncoderOutput`` (float32)."""
+    """A compiled encoder: ``encode(images [B,3,224,224])`` -> ``EncoderOutput`` (float32);
+    ``precision`` is what it runs at (an int8 one names its calibration set)."""
+
+    precision: Precision
 
     def encode(self, images: torch.Tensor) -> EncoderOutput:
         pooled, grid = self.infer([images.detach().float().numpy()])
@@ -103,17 +116,50 @@ def openvino_encoder(
             return ref.model
 
     side = input_size or INPUT_SIZE
-    key = CompileKey(
-        f"encoder-{encoder.spec.name}", encoder.sha256, encoder.precision.dtype, openvino_version()
-    )
+    choices = encoder_keys(encoder.spec.name, encoder.sha256, encoder.precision)
+    root = openvino_cache_dir(cache_root)
+    cached = [c for c in choices if entry_ok(root / c[0].dirname, c[0])]
+    key, prec, transform = (cached or [c for c in choices if c[2] is not None] or choices)[0]
     compiled = compile_graph(
         key,
         lambda: _EncoderGraph(fp32_model()),
         [GraphInput((-1, 3, side, side))],
         threads=threads,
         cache_root=cache_root,
+        transform=transform,
     )
-    return OpenVINOEncoder(compiled, key)
+    engine = OpenVINOEncoder(compiled, key)
+    engine.precision = prec
+    return engine
+
+
+def encoder_keys(
+    name: str, sha: str, prec: Precision
+) -> list[tuple[CompileKey, Precision, Transform | None]]:
+    """The compile-cache keys that can serve encoder ``name`` (weights ``sha``) at ``prec``,
+    best first: (key, the precision it records, the transform that builds it). int8 has one per
+    calibration set; its transform is None when that set's photos are not on this machine."""
+    ov = openvino_version()
+    if prec.dtype != INT8:
+        return [(CompileKey(f"encoder-{name}", sha, prec.dtype, ov), _ov_precision(prec), None)]
+    sets = calibration_sets()
+    here = best_available(sets)
+    return [
+        (
+            CompileKey(f"encoder-{name}", sha, INT8, ov, s.key, nncf_version() or ""),
+            replace(prec, calibration=s.precision_tag),
+            quantize_encoder(s) if s == here else None,
+        )
+        for s in sets
+    ]
+
+
+def int8_ready(prec: Precision) -> Precision:
+    """``prec``, or the ``auto`` precision with a notice when int8 cannot run here (no NNCF)."""
+    if prec.dtype == INT8 and nncf_version() is None:
+        note("int8 needs NNCF (pip install nncf); running at the auto precision")
+        return resolve_precision("auto", prec.device)
+    return prec
 
 
 def load_encoder(
@@ -125,16 +171,36 @@ def load_encoder(
     start-up then skips torchvision and the weights' conversion. Otherwise the torch encoder is
     built and compiled (or kept, on failure).
     """
-    if resolve_runtime(runtime) == "openvino":
-        prec = precision if isinstance(precision, Precision) else resolve_precision(precision)
-        try:
-            sha = weights_sha256(name)
-        except FileNotFoundError:  # torchvision weights not downloaded: building fetches them
-            sha = None
-        cached = sha and cached_encoder(name, sha, prec, lambda: build_encoder(name, "fp32").model)
-        if cached:
-            return cached
-    return accelerate_encoder(build_encoder(name, precision), runtime)
+    prec = precision if isinstance(precision, Precision) else resolve_precision(precision)
+    if resolve_runtime(runtime) != "openvino":
+        return build_encoder(name, torch_precision(prec, runtime))
+    prec = int8_ready(prec)
+    try:
+        sha = weights_sha256(name)
+    except FileNotFoundError:  # torchvision weights not downloaded: building fetches them
+        sha = None
+    cached = sha and cached_encoder(name, sha, prec, lambda: build_encoder(name, "fp32").model)
+    if cached:
+        return cached
+    return accelerate_encoder(build_encoder(name, _fp32_if_int8(prec)), runtime, precision=prec)
+
+
+def torch_precision(prec: Precision, runtime: str) -> Precision:
+    """``prec`` for an encoder that runs on torch: int8 is OpenVINO's, so an explicit
+    ``runtime="torch"`` with int8 is a ValueError, and OpenVINO's absence gives the ``auto``
+    precision with a notice."""
+    if prec.dtype != INT8:
+        return prec
+    if runtime == "torch":
+        raise ValueError("int8 runs on OpenVINO; use --runtime openvino (or auto)")
+    note("int8 runs on OpenVINO, which is not available; running at the auto precision")
+    return resolve_precision("auto", prec.device)
+
+
+def _fp32_if_int8(prec: Precision) -> Precision:
+    """What torch builds for ``prec`` on the way to OpenVINO: for int8 the fp32 model that is
+    traced and quantised (and runs, when OpenVINO fails)."""
+    return Precision("fp32", device=prec.device) if prec.dtype == INT8 else prec
 
 
 def cached_encoder(
@@ -144,39 +210,46 @@ def cached_encoder(
     compiled from the cache without building its torch model (``model`` is None); None when the
     cache has no valid entry or it fails to load. ``build`` (the fp32 torch module) rebuilds a
     damaged entry; without it such an entry gives None, and the caller takes the slow path."""
-    key = CompileKey(f"encoder-{name}", sha, prec.dtype, openvino_version())
-    if not entry_ok(openvino_cache_dir() / key.dirname, key):
-        return None
+    for key, recorded, transform in encoder_keys(name, sha, prec):
+        if not entry_ok(openvino_cache_dir() / key.dirname, key):
+            continue
 
-    def graph() -> nn.Module:
-        if build is None:
-            raise RuntimeError("no torch model to rebuild a damaged compile-cache entry from")
-        return _EncoderGraph(build())
+        def graph() -> nn.Module:
+            if build is None:
+                raise RuntimeError("no torch model to rebuild a damaged compile-cache entry from")
+            return _EncoderGraph(build())
 
-    try:
-        compiled = compile_graph(key, graph, [GraphInput((-1, 3, INPUT_SIZE, INPUT_SIZE))])
-    except Exception:  # noqa: BLE001 - the slow path reports the failure
-        return None
-    engine = OpenVINOEncoder(compiled, key)
-    return LoadedEncoder(None, get_spec(name), sha, _ov_precision(prec), engine=engine)
+        inputs = [GraphInput((-1, 3, INPUT_SIZE, INPUT_SIZE))]
+        try:
+            compiled = compile_graph(key, graph, inputs, transform=transform)
+        except Exception:  # noqa: BLE001 - the slow path reports the failure
+            return None
+        engine = OpenVINOEncoder(compiled, key)
+        engine.precision = recorded
+        return LoadedEncoder(None, get_spec(name), sha, recorded, engine=engine)
+    return None
 
 
-def accelerate_encoder(encoder: LoadedEncoder, runtime: str = "auto", **kwargs) -> LoadedEncoder:
-    """``encoder`` with its forward pass on ``runtime`` (a LoadedEncoder either way).
+def accelerate_encoder(
+    encoder: LoadedEncoder, runtime: str = "auto", precision: Precision | None = None, **kwargs
+) -> LoadedEncoder:
+    """``encoder`` with its forward pass on ``runtime`` (a LoadedEncoder either way), compiled
+    at ``precision`` (default: the encoder's own; int8 quantises the fp32 graph).
 
     Falls back to the torch encoder, with a notice, when OpenVINO is missing or fails.
     """
     if resolve_runtime(runtime) == "torch":
         return replace(encoder, engine=None)
+    target = int8_ready(precision or encoder.precision)
     try:
-        engine = openvino_encoder(encoder, **kwargs)
+        engine = openvino_encoder(replace(encoder, precision=target), **kwargs)
     except Exception as e:  # noqa: BLE001 - any conversion/compile failure means "use torch"
         note(
-            f"OpenVINO could not compile the {encoder.spec.name} encoder ({one_line(e)}); "
-            "running on torch"
+            f"OpenVINO could not compile the {encoder.spec.name} encoder at {target.dtype} "
+            f"({one_line(e)}); running on torch"
         )
         return replace(encoder, engine=None)
-    return replace(encoder, engine=engine, precision=_ov_precision(encoder.precision))
+    return replace(encoder, engine=engine, precision=engine.precision)
 
 
 def _ov_precision(prec: Precision) -> Precision:
@@ -223,15 +296,19 @@ def _remember(key: tuple, enc: LoadedEncoder) -> LoadedEncoder:
         return _TUNED.setdefault(key, enc)
 
 
-def tuned_encoder(base: LoadedEncoder, block: TunedBlock, runtime: str) -> LoadedEncoder:
+def tuned_encoder(
+    base: LoadedEncoder, block: TunedBlock, runtime: str, precision: Precision | None = None
+) -> LoadedEncoder:
     """``base`` (the shared torch encoder, already checked against the bundle's record) with the
     fine-tuned ``block`` swapped into a copy; ``base`` is untouched.
 
     ValueError when the block's weights do not fit. ``runtime`` "openvino" compiles the tuned
-    encoder (an fp32 trace) under its own identity; a failed compile runs it on torch.
+    encoder (an fp32 trace) under its own identity at ``precision`` (default: ``base``'s; int8
+    quantises the block with its trunk); a failed compile runs it on torch.
     """
     spec, sha, path = block
-    key = (base.spec.name, base.sha256, base.precision, spec.name, sha, runtime)
+    target = precision or base.precision
+    key = (base.spec.name, base.sha256, target, spec.name, sha, runtime)
     if (known := _recall(key)) is not None:
         return known
     try:
@@ -248,5 +325,13 @@ def tuned_encoder(base: LoadedEncoder, block: TunedBlock, runtime: str) -> Loade
             ref = build_encoder(base.spec.name, "fp32")
             return swap_block(ref.model, spec, state)
 
-        enc = accelerate_encoder(enc, runtime, fp32_model=fp32_model)
+        enc = accelerate_encoder(enc, runtime, target, fp32_model=fp32_model)
     return _remember(key, enc)
+
+
+def int8_cached(name: str, sha: str, calibration: CalibrationSet) -> bool:
+    """Whether encoder ``name`` (identity ``sha``) quantised on ``calibration`` is cached."""
+    key = CompileKey(
+        f"encoder-{name}", sha, INT8, openvino_version(), calibration.key, nncf_version() or ""
+    )
+    return entry_ok(openvino_cache_dir() / key.dirname, key)

@@ -2,18 +2,20 @@
 
 ``resolve_runtime("auto")`` is "openvino" where the ``openvino`` package imports, else "torch".
 On OpenVINO the encoder's forward pass and the decoder's ``step`` run as compiled CPU models
-(``PERFORMANCE_HINT`` LATENCY, ``INFERENCE_NUM_THREADS`` = torch's threads). The encoder runs at
-the project's precision (bf16 only where the CPU has AMX or AVX512-BF16, else f32); the decoder
-step always in f32 (``DECODER_STEP_PRECISION``). The beam search, the decoder's per-image
+(``PERFORMANCE_HINT`` LATENCY, ``INFERENCE_NUM_THREADS`` = torch's threads) at a precision:
+fp32, bf16 (the encoder in bf16, the step in f32) or int8 (a quantised encoder and int8 step
+weights, ``captioning.runtime.quantize``). The beam search, the decoder's per-image
 ``context``/``init_state`` and everything else stay in torch.
 
-A model is converted once (``ov.convert_model`` traces an fp32 copy of the torch module) and its
-IR is saved under ``<cache>/openvino/<name>-<sha256[:16]>-<precision>-ov<version>/``
+A model is converted once (``ov.convert_model`` traces an fp32 copy of the torch module, which a
+``transform`` may quantise) and its IR is saved under
+``<cache>/openvino/<name>-<sha256[:16]>-<precision>[-<calibration>]-ov<version>/``
 (``<cache>`` = ``$CAPTIONING_CACHE`` or ``~/.cache/captioning``; ``$CAPTIONING_OV_CACHE``
 replaces ``<cache>/openvino``) with a ``manifest.json``;
 OpenVINO's own ``CACHE_DIR`` keeps the compiled blob beside it, so later processes load it in a
-fraction of a second. A new weights file, precision or OpenVINO version is a new key, hence a new
-entry; an entry whose manifest does not match its key, or that fails to load, is rebuilt.
+fraction of a second. A new weights file, precision, calibration set or OpenVINO (or NNCF)
+version is a new key, hence a new entry; an entry whose manifest does not match its key, or that
+fails to load, is rebuilt.
 Whatever fails to convert or compile runs on torch instead, with a one-line message on stderr.
 """
 
@@ -42,7 +44,8 @@ from captioning.core.paths import openvino_cache_dir
 RUNTIMES = ("auto", "torch", "openvino")
 OV_FORMAT = "captioning-openvino"
 OV_FORMAT_VERSION = 1  # bump when the traced graphs change meaning
-OV_HINTS = {"fp32": "f32", "bf16": "bf16"}  # Precision.dtype -> INFERENCE_PRECISION_HINT
+# Precision.dtype -> INFERENCE_PRECISION_HINT; an int8 graph runs its unquantised ops in f32
+OV_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
 def note(message: str) -> None:
@@ -87,18 +90,23 @@ def resolve_runtime(name: str = "auto") -> str:
 
 @dataclass(frozen=True)
 class CompileKey:
-    """What a compiled model depends on: the graph, the weights, the precision, OpenVINO."""
+    """What a compiled model depends on: the graph, the weights, the precision, OpenVINO, and
+    for a quantised model the calibration set (its sha256) and the NNCF version."""
 
     name: str  # e.g. "encoder-resnet50", "decoder-attention"
     weights_sha256: str
-    precision: str  # "fp32" | "bf16"
+    precision: str  # "fp32" | "bf16" | "int8"
     openvino: str  # package version
+    calibration: str = ""  # int8: "<set name>-<sha256 of its list>" ("" for a data-free graph)
+    nncf: str = ""  # int8: the NNCF version that compressed it
 
     @property
     def dirname(self) -> str:
-        return f"{self.name}-{self.weights_sha256[:16]}-{self.precision}-ov{self.openvino}"
+        calib = f"-{self.calibration[:24]}" if self.calibration else ""
+        return f"{self.name}-{self.weights_sha256[:16]}-{self.precision}{calib}-ov{self.openvino}"
 
     def manifest(self) -> dict:
+        extra = {"calibration": self.calibration, "nncf": self.nncf} if self.nncf else {}
         return {
             "format": OV_FORMAT,
             "version": OV_FORMAT_VERSION,
@@ -106,6 +114,7 @@ class CompileKey:
             "weights_sha256": self.weights_sha256,
             "precision": self.precision,
             "openvino": self.openvino,
+            **extra,
         }
 
 
@@ -137,8 +146,18 @@ def _quiet_telemetry() -> None:
             mod.tm = stub
 
 
-def _convert(build: Callable[[], nn.Module], inputs: Sequence[GraphInput], entry: Path, key):
-    """Trace ``build()`` (fp32, eval) into OpenVINO IR at ``entry/model.xml``, atomically."""
+Transform = Callable[[Any], Any]  # ov.Model -> ov.Model (quantise, compress weights)
+
+
+def _convert(
+    build: Callable[[], nn.Module],
+    inputs: Sequence[GraphInput],
+    entry: Path,
+    key,
+    transform: Transform | None = None,
+):
+    """Trace ``build()`` (fp32, eval) into OpenVINO IR at ``entry/model.xml``, atomically;
+    ``transform`` rewrites the traced model first (e.g. int8 quantisation)."""
     ov = openvino_module()
     _quiet_telemetry()
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
@@ -148,6 +167,8 @@ def _convert(build: Callable[[], nn.Module], inputs: Sequence[GraphInput], entry
         examples = tuple(i.example() for i in inputs)
         spec = [(ov.PartialShape(list(i.shape)), _ov_type(ov, i.dtype)) for i in inputs]
         model = ov.convert_model(module, example_input=examples, input=spec)
+    if transform is not None:
+        model = transform(model)
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}."))
     try:
@@ -193,10 +214,12 @@ def compile_graph(
     *,
     threads: int | None = None,
     cache_root: Path | None = None,
+    transform: Transform | None = None,
 ):
     """An ``ov.CompiledModel`` of ``build()``, converted only when the cache has no valid entry.
 
-    ``build`` is called only on a cache miss; it returns the fp32 torch module to trace.
+    ``build`` is called only on a cache miss; it returns the fp32 torch module to trace, which
+    ``transform`` (when given) rewrites before it is saved.
     """
     entry = openvino_cache_dir(cache_root) / key.dirname
     n_threads = int(threads or torch.get_num_threads())
@@ -209,13 +232,13 @@ def compile_graph(
     }
     fresh = not entry_ok(entry, key)
     if fresh:
-        _convert(build, inputs, entry, key)
+        _convert(build, inputs, entry, key, transform)
     try:
         return _core().compile_model(str(entry / "model.xml"), "CPU", config)
     except Exception:
         if fresh:
             raise
-        _convert(build, inputs, entry, key)  # a damaged entry: rebuild it once
+        _convert(build, inputs, entry, key, transform)  # a damaged entry: rebuild it once
         return _core().compile_model(str(entry / "model.xml"), "CPU", config)
 
 
