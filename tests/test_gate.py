@@ -6,15 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from captioning.bundle.auto import bundle_precision, choose_precision
 from captioning.bundle.format import open_bundle
-from captioning.bundle.gate import (
-    BLEU4_MARGIN,
-    CIDER_MARGIN,
-    admissible_precisions,
-    bundle_precision,
-    choose_precision,
-    verdicts,
-)
+from captioning.bundle.gate import BLEU4_MARGIN, CIDER_MARGIN, admissible_precisions, verdicts
 from captioning.bundle.records import Setting, add_record, read_records
 from captioning.core.machine import Precision, resolve_precision
 from captioning.inference.calibrate import format_verdicts
@@ -110,3 +104,49 @@ def test_auto_without_records_and_explicit_precisions_are_left_alone(tmp_path):
     assert bundle_precision(b, "auto", "torch") == resolve_precision("auto")
     assert bundle_precision(b, "fp32", "openvino") == resolve_precision("fp32")
     assert bundle_precision(b, "int8", "openvino") == Precision("int8")
+
+
+def test_tables_show_the_record_of_the_setting_auto_runs_at(bundle):
+    record(bundle, "bf16+cl", "torch", split="test")
+    record(bundle, "int8", "openvino", split="test")
+    record(bundle, "fp32", "torch", split="test")  # the newest: not what auto runs
+    record(bundle, "int8", "openvino", cider=59.9)  # dev: admissible
+    defaults = {
+        (r["split"], r["precision"], r["runtime"]) for r in read_records(bundle) if r["default"]
+    }
+    assert defaults == {("test", "int8", "openvino"), ("dev", "int8", "openvino")}
+    record(bundle, "int8", "openvino", cider=50.0)  # re-judged on dev: rejected
+    defaults = {
+        (r["split"], r["precision"], r["runtime"]) for r in read_records(bundle) if r["default"]
+    }
+    assert ("test", "int8", "openvino") not in defaults
+
+
+@pytest.mark.slow
+def test_calibrate_records_the_reference_and_each_precision_and_auto_follows(
+    tiny_world, tmp_path, capsys
+):
+    import shutil
+
+    from captioning.cli import main
+    from captioning.inference.captioner import Captioner
+
+    path = tmp_path / "resnet50-inject"
+    shutil.copytree(tiny_world.models / "resnet50-inject", path)
+    argv = ["calibrate", "--model", str(path), "--data", str(tiny_world.data)]
+    argv += ["--cache", str(tiny_world.cache), "--precisions", "bf16", "fp32"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "reference fp32 torch" in out
+    b = open_bundle(path)
+    got = {v.precision: v for v in verdicts(read_records(path), b.config)}
+    assert set(got) == {"bf16", "fp32"}
+    assert all(("admissible" if v.admissible else "rejected") in out for v in got.values())
+    ok = admissible_precisions(read_records(path), b.config)
+    cap = Captioner.load(path)
+    want = ok[0] if ok else resolve_precision("auto").label.removesuffix("+cl")
+    assert (cap.runtime, cap.precision_label) == ("openvino", want)
+    stamps = [r["recorded"] for r in read_records(path)]
+    assert main(argv) == 0  # every setting is recorded: nothing is evaluated again
+    assert "is recorded" in capsys.readouterr().out
+    assert [r["recorded"] for r in read_records(path)] == stamps

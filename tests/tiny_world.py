@@ -48,7 +48,7 @@ def build_tiny_world(root: Path) -> TinyWorld:
         )
         out = models / name
         main(cfg, str(data), out, cache, resume=False)
-        cap = Captioner.load(out, precision="fp32")
+        cap = Captioner.load(out, precision="fp32", runtime="torch")
         for split in ("dev", "test"):
             ev = evaluate(cap, ds, split, 3, cache_root=cache, meteor=False)
             save_evaluation(ev, out)  # into the bundle, like `evaluate --record`

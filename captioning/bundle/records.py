@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from captioning.bundle.format import DECODING_CHOSEN_KEY, DEFAULT_RUNTIME, BundleError, read_config
+from captioning.bundle.gate import GATED_RUNTIME, fastest_admissible
 from captioning.core.files import atomic_write_json, read_json
 from captioning.models.decoding import DecodeConfig
 
@@ -116,10 +117,14 @@ def record_setting(record: dict) -> Setting:
 def mark_defaults(records: list[dict], config: dict) -> list[dict]:
     """Mark, per split (and subset), the record made with the bundle's default decoding.
 
-    Among several matches, the bundle's own precision and runtime win, then the newest record.
+    Among several matches, the setting ``auto`` runs at wins (the fastest precision the dev
+    quality gate admits on OpenVINO, ``captioning.bundle.gate``), then the bundle's own
+    precision and runtime, then the newest record.
     """
     target = DecodeConfig(**config.get("decode_defaults", {}))
-    want = (config.get("precision"), config.get("runtime", DEFAULT_RUNTIME))
+    own = (config.get("precision"), config.get("runtime", DEFAULT_RUNTIME))
+    fast = fastest_admissible(records, config)
+    auto = (fast, GATED_RUNTIME) if fast else own
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         r["default"] = False
@@ -127,11 +132,14 @@ def mark_defaults(records: list[dict], config: dict) -> list[dict]:
     for group in groups.values():
         hits = [r for r in group if DecodeConfig(**r["decoding"]) == target]
         if hits:
-            hits.sort(
-                key=lambda r: ((r["precision"], r["runtime"]) == want, r.get("recorded") or "")
-            )
+            hits.sort(key=lambda r: _preference(r, auto, own))
             hits[-1]["default"] = True
     return records
+
+
+def _preference(record: dict, auto: tuple, own: tuple) -> tuple:
+    setting = (record["precision"], record["runtime"])
+    return (setting == auto, setting == own, record.get("recorded") or "")
 
 
 def write_records(directory: Path, records: list[dict], config: dict | None = None) -> None:

@@ -17,6 +17,7 @@ from captioning.bundle.gate import (
     REFERENCE,
     Verdict,
     dev_default_records,
+    speed_rank,
     verdicts,
 )
 from captioning.bundle.records import read_records
@@ -59,7 +60,8 @@ def calibrate(
         for line in save_evaluation(ev, cap.path):
             log(line)
     bundle = open_bundle(Path(cap.path))
-    return verdicts(read_records(bundle.path), bundle.config)
+    rows = verdicts(read_records(bundle.path), bundle.config)
+    return sorted(rows, key=lambda v: speed_rank(v.precision))
 
 
 def format_verdicts(name: str, rows: list[Verdict]) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from captioning.bundle.auto import bundle_precision
 from captioning.bundle.catalog import resolve_bundle
 from captioning.bundle.ensemble import check_members, joined_labels
 from captioning.bundle.format import (
@@ -23,7 +24,6 @@ from captioning.bundle.format import (
     bundle_decoding,
     open_bundle,
 )
-from captioning.bundle.gate import bundle_precision
 from captioning.core.files import sha256_file
 from captioning.core.machine import INT8, Precision
 from captioning.data.images import ImageLoadError

@@ -22,6 +22,7 @@ from torch import nn
 
 from captioning.core.machine import INT8, Precision, resolve_precision
 from captioning.core.paths import openvino_cache_dir
+from captioning.core.settings import DATA_ENV
 from captioning.models.blocks import TunedBlock, swap_block, tuned_sha256
 from captioning.models.encoders import (
     INPUT_SIZE,
@@ -45,7 +46,6 @@ from captioning.runtime.openvino import (
 )
 from captioning.runtime.quantize import (
     CalibrationSet,
-    best_available,
     calibration_sets,
     nncf_version,
     quantize_encoder,
@@ -108,7 +108,7 @@ def openvino_encoder(
     if fp32_model is None:
 
         def fp32_model():
-            if encoder.precision.dtype == "fp32":
+            if encoder.precision.dtype in ("fp32", INT8):  # int8 holds its fp32 model
                 return encoder.model
             ref = build_encoder(encoder.spec.name, "fp32")
             if ref.sha256 != encoder.sha256:
@@ -116,10 +116,8 @@ def openvino_encoder(
             return ref.model
 
     side = input_size or INPUT_SIZE
-    choices = encoder_keys(encoder.spec.name, encoder.sha256, encoder.precision)
-    root = openvino_cache_dir(cache_root)
-    cached = [c for c in choices if entry_ok(root / c[0].dirname, c[0])]
-    key, prec, transform = (cached or [c for c in choices if c[2] is not None] or choices)[0]
+    spec, sha = encoder.spec, encoder.sha256
+    key, prec, transform = encoder_key(spec.name, sha, encoder.precision, cache_root)
     compiled = compile_graph(
         key,
         lambda: _EncoderGraph(fp32_model()),
@@ -133,25 +131,25 @@ def openvino_encoder(
     return engine
 
 
-def encoder_keys(
-    name: str, sha: str, prec: Precision
-) -> list[tuple[CompileKey, Precision, Transform | None]]:
-    """The compile-cache keys that can serve encoder ``name`` (weights ``sha``) at ``prec``,
-    best first: (key, the precision it records, the transform that builds it). int8 has one per
-    calibration set; its transform is None when that set's photos are not on this machine."""
+def encoder_key(
+    name: str, sha: str, prec: Precision, cache_root: Path | None = None
+) -> tuple[CompileKey, Precision, Transform | None]:
+    """The compile-cache key that serves encoder ``name`` (weights ``sha``) at ``prec``: (key,
+    the precision it records, the transform that builds it). int8 takes the first calibration
+    set (the recorded train photos before the samples' set) whose model is cached or whose
+    photos are here."""
     ov = openvino_version()
     if prec.dtype != INT8:
-        return [(CompileKey(f"encoder-{name}", sha, prec.dtype, ov), _ov_precision(prec), None)]
+        return CompileKey(f"encoder-{name}", sha, prec.dtype, ov), _ov_precision(prec), None
     sets = calibration_sets()
-    here = best_available(sets)
-    return [
-        (
-            CompileKey(f"encoder-{name}", sha, INT8, ov, s.key, nncf_version() or ""),
-            replace(prec, calibration=s.precision_tag),
-            quantize_encoder(s) if s == here else None,
-        )
-        for s in sets
-    ]
+    for s in sets:
+        key = CompileKey(f"encoder-{name}", sha, INT8, ov, s.key, nncf_version() or "")
+        if entry_ok(openvino_cache_dir(cache_root) / key.dirname, key) or s.sources():
+            return key, replace(prec, calibration=s.precision_tag), quantize_encoder(s)
+    raise FileNotFoundError(
+        f"no calibration photos for int8: set {DATA_ENV} to the Flickr8k folder, or restore "
+        "artifacts/samples"
+    )
 
 
 def int8_ready(prec: Precision) -> Precision:
@@ -210,24 +208,23 @@ def cached_encoder(
     compiled from the cache without building its torch model (``model`` is None); None when the
     cache has no valid entry or it fails to load. ``build`` (the fp32 torch module) rebuilds a
     damaged entry; without it such an entry gives None, and the caller takes the slow path."""
-    for key, recorded, transform in encoder_keys(name, sha, prec):
-        if not entry_ok(openvino_cache_dir() / key.dirname, key):
-            continue
+    key, recorded, transform = encoder_key(name, sha, prec)
+    if not entry_ok(openvino_cache_dir() / key.dirname, key):
+        return None
 
-        def graph() -> nn.Module:
-            if build is None:
-                raise RuntimeError("no torch model to rebuild a damaged compile-cache entry from")
-            return _EncoderGraph(build())
+    def graph() -> nn.Module:
+        if build is None:
+            raise RuntimeError("no torch model to rebuild a damaged compile-cache entry from")
+        return _EncoderGraph(build())
 
-        inputs = [GraphInput((-1, 3, INPUT_SIZE, INPUT_SIZE))]
-        try:
-            compiled = compile_graph(key, graph, inputs, transform=transform)
-        except Exception:  # noqa: BLE001 - the slow path reports the failure
-            return None
-        engine = OpenVINOEncoder(compiled, key)
-        engine.precision = recorded
-        return LoadedEncoder(None, get_spec(name), sha, recorded, engine=engine)
-    return None
+    inputs = [GraphInput((-1, 3, INPUT_SIZE, INPUT_SIZE))]
+    try:
+        compiled = compile_graph(key, graph, inputs, transform=transform)
+    except Exception:  # noqa: BLE001 - the slow path reports the failure
+        return None
+    engine = OpenVINOEncoder(compiled, key)
+    engine.precision = recorded
+    return LoadedEncoder(None, get_spec(name), sha, recorded, engine=engine)
 
 
 def accelerate_encoder(

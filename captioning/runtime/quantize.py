@@ -157,16 +157,6 @@ def calibration_sets(data: str | Path | None = None) -> list[CalibrationSet]:
     return [CalibrationSet(TRAIN_SET, train, data), CalibrationSet(SAMPLES_SET, h.hexdigest())]
 
 
-def best_available(sets: list[CalibrationSet]) -> CalibrationSet:
-    """The first set whose photos are on this machine (the samples ship with the repository)."""
-    for s in sets:
-        if s.sources():
-            return s
-    raise FileNotFoundError(
-        f"no calibration photos: set {DATA_ENV} to the Flickr8k folder, or restore {SAMPLES_DIR}"
-    )
-
-
 # ---------------------------------------------------------------- transforms
 
 
