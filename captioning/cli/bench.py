@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from captioning.cli.args import (
+    RUNTIME_CHOICES,
     CommandParsers,
     add_data,
     add_encoder,
@@ -19,19 +20,37 @@ from captioning.cli.args import (
 )
 
 
+def setting_arg(text: str) -> str:
+    """A bench setting, ``RUNTIME[-PRECISION]`` (``torch``, ``openvino-int8``, ``auto``)."""
+    from captioning.core.machine import PRECISIONS
+
+    runtime, _, precision = text.partition("-")
+    if runtime not in RUNTIME_CHOICES or precision not in ("", *PRECISIONS):
+        raise argparse.ArgumentTypeError(
+            f"expected RUNTIME[-PRECISION] with RUNTIME one of {', '.join(RUNTIME_CHOICES)} and "
+            f"PRECISION one of {', '.join(PRECISIONS)}, got {text!r}"
+        )
+    return text
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from captioning.bundle.catalog import resolve_bundle
     from captioning.inference.bench import bench, format_bench, save_bench
 
+    if args.settings and (args.runtime, args.precision) != ("auto", "auto"):
+        raise ValueError("--settings names runtimes and precisions; drop --runtime/--precision")
     res = bench(
         args.model,
         runtime=args.runtime,
         precision=args.precision,
+        settings=args.settings or (),
         runs=args.runs,
         folder=Path(args.folder) if args.folder else None,
         folder_images=args.folder_images,
         folder_beam=args.folder_beam,
     )
+    for note in res["skipped"] if args.json else ():  # the text report lists them
+        print(f"skipped {note}", file=sys.stderr)
     for reason in res["noise"]:
         print(f"warning: noisy run, {reason}; compare ratios within this run", file=sys.stderr)
     if args.save:
@@ -68,6 +87,15 @@ def add_parsers(commands: CommandParsers) -> None:
     p.add_argument("--save", action="store_true", help="write bench.json into the bundle")
     add_precision(p)
     add_runtime(p)
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        type=setting_arg,
+        metavar="SETTING",
+        help="measure these side by side instead, each RUNTIME[-PRECISION], e.g. `torch "
+        "openvino-int8`; a precision left out is auto (default: torch, openvino-fp32, "
+        "openvino-bf16 and openvino-int8, or the one --runtime/--precision name)",
+    )
 
     p = commands.command(
         "bench-precision",

@@ -1,15 +1,25 @@
-"""Latency and throughput of a bundle on this machine, torch against OpenVINO in one run.
+"""Latency and throughput of a bundle on this machine: its runtimes and precisions in one run.
 
-``bench(model)`` loads the bundle once per runtime and, at beams 1, 3 and 5, captions JPEG bytes
-at batch 1 (after a warm-up), alternating the runtimes image by image so both see the same load.
-Each run is timed in stages: ``load_ms`` (bytes -> pixels), ``encode_ms`` (encoder),
-``decode_ms`` (beam search) and ``total_ms`` (bytes -> caption); p50 and p90 of each. Then the
-pipelined folder path (``Captioner.caption_stream``) gives images/s. ``ratios`` are speed-ups
-of OpenVINO over torch (torch time / OpenVINO time; for throughput OpenVINO / torch).
+``bench(model)`` measures ``SIDE_BY_SIDE``: torch (the reference, at the given precision; auto =
+bf16 + channels_last on CPUs with native bf16, else fp32) and OpenVINO at fp32, bf16 and int8,
+each setting loaded once. The setting ``Captioner.load(model)`` picks with its defaults
+(precision and runtime auto) is flagged ``auto``; a setting that cannot load (e.g. a precision
+this installation lacks) is listed under ``skipped`` with the reason. An explicit runtime or
+precision, or ``settings``, measures only what it names.
 
-A run is flagged ``noisy`` when a total's p90/p50 exceeds ``NOISY_P90_P50`` or the load average
-exceeds the thread count: other work was competing for the cores, so compare the ratios of one
-run, not absolute figures across runs.
+At beams 1, 3 and 5 each setting captions JPEG bytes at batch 1 (after a warm-up), the settings
+alternating image by image so all see the same load. Each run is timed in stages: ``load_ms``
+(bytes -> pixels), ``encode_ms`` (encoder), ``decode_ms`` (beam search) and ``total_ms``
+(bytes -> caption); p50 and p90 of each. A yardstick (``Yardstick``: torchvision's ResNet50,
+fp32, batch 1) runs in the same rounds; ``vs_yardstick`` is a setting's total p50 over the
+yardstick's p50, its cost in units of a fixed workload on the same cores under the same load.
+Then the pipelined folder path (``Captioner.caption_stream``) gives images/s per setting.
+``ratios`` are speed-ups of each setting over torch (torch's time / its time; for throughput
+its rate / torch's).
+
+A run is flagged ``noisy`` when a total's (or the yardstick's) p90/p50 exceeds ``NOISY_P90_P50``
+or the load average exceeds the thread count: other work was competing for the cores, so compare
+the ratios of one run, not absolute figures across runs.
 """
 
 from __future__ import annotations
@@ -18,25 +28,161 @@ import datetime as dt
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from captioning.bundle.format import BundleError
+from captioning.bundle.latency import machine_label, setting_label
 from captioning.core.files import atomic_write_json
-from captioning.core.machine import FIXED_PRECISIONS, cpu_description
+from captioning.core.machine import (
+    FIXED_PRECISIONS,
+    PRECISIONS,
+    cpu_description,
+    resolve_precision,
+)
 from captioning.core.paths import SAMPLES_DIR
 from captioning.data.images import iter_image_files
 from captioning.inference.captioner import Captioner
+from captioning.runtime.openvino import RUNTIMES, openvino_module
 from captioning.runtime.pixels import load_pixels
 
 SAMPLES = SAMPLES_DIR
 BENCH_FORMAT = "captioning-bench"
-BENCH_VERSION = 2
+BENCH_VERSION = 3
 BEAMS = (1, 3, 5)
 STAGES = ("load_ms", "encode_ms", "decode_ms", "total_ms")
 NOISY_P90_P50 = 1.5  # a total's p90 / p50 above this means the run was disturbed
+OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")  # the OpenVINO settings of the side-by-side
+YARDSTICK = "torchvision resnet50 fp32, batch 1"
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A runtime and a precision to measure; "auto" is what ``Captioner.load`` picks for it."""
+
+    runtime: str = "auto"
+    precision: str = "auto"
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        """``RUNTIME[-PRECISION]``, e.g. ``torch``, ``openvino-int8``, ``auto``."""
+        runtime, _, precision = text.partition("-")
+        if runtime not in RUNTIMES or precision not in ("", *PRECISIONS):
+            raise ValueError(
+                f"unknown setting {text!r}: RUNTIME[-PRECISION] with RUNTIME one of "
+                f"{', '.join(RUNTIMES)} and PRECISION one of {', '.join(PRECISIONS)}"
+            )
+        return cls(runtime, precision or "auto")
+
+    @property
+    def name(self) -> str:
+        return f"{self.runtime} {self.precision}"
+
+    @property
+    def is_default(self) -> bool:
+        """True when loading it is ``Captioner.load(model)`` with its defaults, as requested."""
+        return self.precision == "auto" and _quiet_runtime(self.runtime) == _quiet_runtime("auto")
+
+
+def _quiet_runtime(name: str) -> str:
+    """``resolve_runtime`` without its notice: "torch" where openvino is absent."""
+    return "torch" if name == "torch" or openvino_module() is None else "openvino"
+
+
+def plan(
+    runtime: str = "auto", precision: str = "auto", settings: Sequence[str | Setting] = ()
+) -> tuple[list[Setting], bool]:
+    """The settings to measure, and whether they are the side-by-side (runtime and precision
+    both auto, no ``settings``)."""
+    if settings:
+        return [s if isinstance(s, Setting) else Setting.parse(s) for s in settings], False
+    if runtime == "auto" and precision == "auto":
+        ov = [Setting("openvino", p) for p in OPENVINO_PRECISIONS]
+        return [Setting("torch", precision), *ov], True
+    return [Setting(runtime, precision)], False
+
+
+def _family(label: str) -> str:
+    """The first part of a runtime or precision label: "openvino+torch" -> "openvino",
+    "bf16+cl" -> "bf16", "int8-samples" -> "int8"."""
+    return label.replace("-", "+").replace("/", "+").split("+")[0]
+
+
+def _matches(cap: Captioner, s: Setting) -> bool:
+    """Whether ``cap`` runs what ``s`` asks for (its encoder's runtime and precision)."""
+    if s.is_default:
+        return True
+    want = s.precision if s.precision != "auto" else resolve_precision("auto").dtype  # torch's
+    same_runtime = _family(cap.runtime) == _quiet_runtime(s.runtime)
+    return same_runtime and _family(cap.precision_label) == want
+
+
+@dataclass
+class Loaded:
+    """A setting's captioner, the label its entry goes under, and whether ``auto`` picks it."""
+
+    label: str
+    cap: Captioner
+    auto: bool = False
+
+
+def _label(s: Setting, cap: Captioner) -> str:
+    """e.g. "openvino int8"; a precision or runtime asked as auto is named as it resolved."""
+    precision = s.precision if s.precision != "auto" else _family(cap.precision_label)
+    runtime = s.runtime if s.runtime != "auto" else _quiet_runtime("auto")
+    return f"{runtime} {precision}"
+
+
+def load_settings(
+    model: str | Path, settings: Sequence[Setting], side_by_side: bool
+) -> tuple[list[Loaded], list[str]]:
+    """Load each setting once (the defaults' captioner stands for the setting it matches) and
+    note those that cannot load. The side-by-side always includes what ``auto`` picks."""
+    auto_cap = Captioner.load(model, "auto", runtime="auto") if side_by_side else None
+    loaded: list[Loaded] = []
+    skipped: list[str] = []
+    for s in settings:
+        if side_by_side and s.runtime == "openvino" and openvino_module() is None:
+            skipped.append(f"{s.name}: openvino is not installed")
+            continue
+        taken = any(x.auto for x in loaded)
+        try:
+            cap, auto = _load_one(model, s, None if taken else auto_cap)
+        except BundleError:
+            raise
+        except ValueError as e:  # e.g. a precision this installation does not run
+            skipped.append(f"{s.name}: {e}")
+            continue
+        label = _label(s, cap)
+        if all(x.label != label for x in loaded):  # a setting asked twice is measured once
+            loaded.append(Loaded(label, cap, auto and not taken))
+    if auto_cap is not None and not any(x.auto for x in loaded):
+        label = _label(Setting(), auto_cap)
+        if any(x.label == label for x in loaded):
+            label += " (defaults)"
+        loaded.append(Loaded(label, auto_cap, True))
+    if not loaded:
+        raise ValueError("no setting could be loaded: " + "; ".join(skipped))
+    return loaded, skipped
+
+
+def _load_one(model: str | Path, s: Setting, auto_cap: Captioner | None) -> tuple[Captioner, bool]:
+    """(captioner, whether it is the defaults' one) for ``s``, reusing ``auto_cap`` if it fits."""
+    if auto_cap is not None and _matches(auto_cap, s):
+        return auto_cap, True
+    if s.is_default:
+        return Captioner.load(model, "auto", runtime="auto"), True
+    return Captioner.load(model, s.precision, runtime=s.runtime), False
+
+
+# ---------------------------------------------------------------- timing
 
 
 def sample_jpegs() -> list[bytes]:
@@ -63,6 +209,30 @@ def _pcts(xs: list[float]) -> dict:
     }
 
 
+class Yardstick:
+    """A fixed workload timed beside the captioners: torchvision's ResNet50 (random weights),
+    fp32, one [1, 3, 224, 224] input, under ``torch.inference_mode``."""
+
+    def __init__(self) -> None:
+        from torchvision.models import resnet50
+
+        self.model = resnet50(weights=None).eval()
+        self.x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        self.times: list[float] = []
+
+    def run(self) -> float:
+        """One forward pass, in ms."""
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            self.model(self.x)
+        return (time.perf_counter() - t0) * 1000
+
+    def summary(self) -> dict:
+        """``{"model", "p50_ms", "p90_ms"}`` of the recorded runs."""
+        p = _pcts(self.times)
+        return {"model": YARDSTICK, "p50_ms": p["p50"], "p90_ms": p["p90"]}
+
+
 def _time_one(cap: Captioner, data: bytes, beam: int) -> dict[str, float]:
     """One bytes -> caption run, timed per stage (ms)."""
     t0 = time.perf_counter()
@@ -84,15 +254,22 @@ def latency(
     beams: Sequence[int] = BEAMS,
     runs: int = 20,
     warmup: int = 3,
+    yardstick: Yardstick | None = None,
 ) -> list[dict]:
-    """Batch-1 p50/p90 per stage for each captioner and beam; the captioners alternate."""
+    """Batch-1 p50/p90 per stage for each captioner and beam; the captioners (and the
+    ``yardstick``, which records its own times) alternate."""
     out: list[dict] = [{} for _ in caps]
+    n = len(caps) + (yardstick is not None)
     for beam in beams:
         times = [{s: [] for s in STAGES} for _ in caps]
         for i in range(warmup + runs):
             data = images[i % len(images)]
-            order = range(len(caps)) if i % 2 == 0 else reversed(range(len(caps)))
-            for j in order:
+            for j in range(n) if i % 2 == 0 else reversed(range(n)):
+                if j == len(caps):
+                    ms = yardstick.run()
+                    if i >= warmup:
+                        yardstick.times.append(ms)
+                    continue
                 t = _time_one(caps[j], data, beam)
                 if i >= warmup:
                     for s in STAGES:
@@ -123,17 +300,25 @@ def folder_files(folder: Path | None, n: int) -> list:
     return [files[i % len(files)] for i in range(n)] if folder is None else files[:n]
 
 
+# ---------------------------------------------------------------- figures
+
+
+def _spread(what: str, p50: float, p90: float) -> str | None:
+    if p50 > 0 and p90 / p50 > NOISY_P90_P50:
+        return f"{what}: total p90/p50 = {p90 / p50:.2f} (> {NOISY_P90_P50})"
+    return None
+
+
 def noise(result: dict, threads: int, loads: Sequence[float]) -> list[str]:
     """Why a bench result should not be trusted as absolute figures (empty when quiet)."""
-    reasons = []
-    for rt, r in result["runtimes"].items():
-        for beam, stages in r["beams"].items():
-            tot = stages["total_ms"]
-            if tot["p50"] > 0 and tot["p90"] / tot["p50"] > NOISY_P90_P50:
-                reasons.append(
-                    f"{rt} beam {beam}: total p90/p50 = {tot['p90'] / tot['p50']:.2f} "
-                    f"(> {NOISY_P90_P50})"
-                )
+    spreads = [
+        _spread(f"{name} beam {beam}", st["total_ms"]["p50"], st["total_ms"]["p90"])
+        for name, r in result["runtimes"].items()
+        for beam, st in r["beams"].items()
+    ]
+    if ys := result.get("yardstick"):
+        spreads.append(_spread("yardstick", ys["p50_ms"], ys["p90_ms"]))
+    reasons = [r for r in spreads if r]
     peak = max(loads) if loads else 0.0
     if peak > threads:
         reasons.append(f"load average {peak:.1f} > {threads} threads")
@@ -144,14 +329,40 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a and b else None
 
 
-def ratios(torch_r: dict, ov_r: dict) -> dict:
-    """Speed-ups of OpenVINO over torch (>1: OpenVINO is faster)."""
+def ratios(torch_r: dict, other: dict) -> dict:
+    """Speed-ups of ``other`` over torch (>1: ``other`` is faster), per beam and stage."""
     out: dict = {}
     for beam, t in torch_r["beams"].items():
-        o = ov_r["beams"][beam]
+        o = other["beams"][beam]
         out[beam] = {s: _ratio(t[s]["p50"], o[s]["p50"]) for s in STAGES}
-    out["throughput"] = _ratio(ov_r["folder"]["images_per_s"], torch_r["folder"]["images_per_s"])
+    out["throughput"] = _ratio(other["folder"]["images_per_s"], torch_r["folder"]["images_per_s"])
     return out
+
+
+def vs_yardstick(beams: dict, yardstick_p50: float) -> dict:
+    """beam -> total p50 / yardstick p50 (below 1: a caption costs less than the yardstick)."""
+    return {beam: _ratio(st["total_ms"]["p50"], yardstick_p50) for beam, st in beams.items()}
+
+
+def _entry(x: Loaded, beams: dict, folder: dict, yardstick_p50: float) -> dict:
+    return {
+        "setting": x.label,
+        "runtime": x.cap.runtime,
+        "precision": x.cap.precision_label,
+        "encoder": x.cap.encoder_label,
+        "auto": x.auto,
+        "beams": beams,
+        "folder": folder,
+        "vs_yardstick": vs_yardstick(beams, yardstick_p50),
+    }
+
+
+def _speedups(per: dict) -> dict | None:
+    """Each setting's ``ratios`` over the first torch setting (None without one or alone)."""
+    base = next((k for k in per if k.startswith("torch ")), None)
+    if base is None or len(per) < 2:
+        return None
+    return {k: ratios(per[base], r) for k, r in per.items() if k != base}
 
 
 def bench(
@@ -159,6 +370,7 @@ def bench(
     *,
     runtime: str = "auto",
     precision: str = "auto",
+    settings: Sequence[str | Setting] = (),
     beams: Sequence[int] = BEAMS,
     runs: int = 20,
     warmup: int = 3,
@@ -167,28 +379,25 @@ def bench(
     folder_beam: int | None = None,
     batch_size: int = 16,
 ) -> dict:
-    """Benchmark one bundle. ``runtime="auto"`` compares torch with OpenVINO (when installed)
-    and reports the runtime ``auto`` picks at the top level; torch/openvino measure only that."""
-    from captioning.runtime.openvino import resolve_runtime
-
+    """Benchmark one bundle: with runtime and precision auto and no ``settings``, torch and
+    OpenVINO fp32/bf16/int8 side by side; otherwise the one setting (or ``settings``) asked.
+    The top level repeats the setting ``auto`` picks (else the first measured)."""
     loads = [os.getloadavg()[0]]
-    chosen = resolve_runtime(runtime)
-    names = ["torch", "openvino"] if runtime == "auto" and chosen == "openvino" else [chosen]
-    caps = [Captioner.load(model, precision, runtime=rt) for rt in names]
-    images = sample_jpegs()
-    lat = latency(caps, images, beams, runs, warmup)
+    wanted, side_by_side = plan(runtime, precision, settings)
+    loaded, skipped = load_settings(model, wanted, side_by_side)
+    caps = [x.cap for x in loaded]
+    yardstick = Yardstick()
+    lat = latency(caps, sample_jpegs(), beams, runs, warmup, yardstick)
+    ys = yardstick.summary()
     files = folder_files(folder, folder_images)
-    folder_beam = folder_beam or caps[-1].defaults.beam_size
-    per_rt = {}
-    for cap, beams_r in zip(caps, lat, strict=True):
-        per_rt[cap.runtime] = {
-            "runtime": cap.runtime,
-            "precision": cap.encoder_label,
-            "beams": beams_r,
-            "folder": folder_throughput(cap, files, folder_beam, batch_size),
-        }
+    head_x = next((x for x in loaded if x.auto), loaded[0])
+    folder_beam = folder_beam or head_x.cap.defaults.beam_size
+    per = {}
+    for x, beams_r in zip(loaded, lat, strict=True):
+        rate = folder_throughput(x.cap, files, folder_beam, batch_size)
+        per[x.label] = _entry(x, beams_r, rate, ys["p50_ms"])
     loads.append(os.getloadavg()[0])
-    head = per_rt[caps[-1].runtime]  # the runtime `auto` picks comes last
+    head = per[head_x.label]
     threads = torch.get_num_threads()
     out = {
         "format": BENCH_FORMAT,
@@ -200,17 +409,17 @@ def bench(
         "runs": runs,
         "images": "artifacts/samples JPEG bytes" if SAMPLES.is_dir() else "noise JPEGs",
         "folder": str(folder) if folder else "artifacts/samples, repeated",
-        # the headline runtime, in the layout readers of version 1 know
+        # the setting `auto` picks, in the layout readers of version 1 know
         "runtime": head["runtime"],
         "precision": head["precision"],
         "beams": head["beams"],
         "batch_size": batch_size,
         "throughput_img_s": head["folder"]["images_per_s"],
         "throughput_beam": folder_beam,
-        "runtimes": per_rt,
-        "ratios": ratios(per_rt["torch"], per_rt["openvino"])
-        if {"torch", "openvino"} <= set(per_rt)
-        else None,
+        "yardstick": ys,
+        "runtimes": per,
+        "skipped": skipped,
+        "ratios": _speedups(per),
         "loadavg": [round(x, 2) for x in loads],
     }
     reasons = noise(out, threads, loads)
@@ -226,33 +435,56 @@ def save_bench(bundle: Path, result: dict) -> Path:
     return path
 
 
-def format_bench(res: dict) -> str:
-    """A plain-text table of a ``bench`` result."""
-    lines = [
-        f"{res['model']}  {res['threads']} threads, {res['runs']} runs after warm-up "
-        "(ms per image, batch 1, bytes -> caption)"
-    ]
-    head = f"{'runtime':16s} {'beam':>4s} " + " ".join(
+# ---------------------------------------------------------------- text
+
+
+def _names(res: dict) -> dict[str, str]:
+    """Each setting's row name: what ran, e.g. "openvino bf16 (auto)"."""
+    return {k: setting_label(k, r) for k, r in res["runtimes"].items()}
+
+
+def _table(res: dict) -> list[str]:
+    """A row per setting and beam: p50/p90 of each stage and the ratio to the yardstick."""
+    names = _names(res)
+    w = max(len("setting"), *map(len, names.values()))
+    head = f"{'setting':{w}s} {'beam':>4s} " + " ".join(
         f"{s.removesuffix('_ms') + ' p50':>11s} {'p90':>6s}" for s in STAGES
     )
-    lines.append(head)
-    for rt, r in res["runtimes"].items():
+    lines = [head + f" {'x yardstick':>11s}"]
+    for k, r in res["runtimes"].items():
         for beam, st in r["beams"].items():
             cells = " ".join(f"{st[s]['p50']:11.1f} {st[s]['p90']:6.1f}" for s in STAGES)
-            lines.append(f"{rt + ' ' + r['precision']:16s} {beam:>4s} {cells}")
-    for rt, r in res["runtimes"].items():
+            vs = (r.get("vs_yardstick") or {}).get(beam)
+            lines.append(f"{names[k]:{w}s} {beam:>4s} {cells} {'-' if vs is None else vs:>11}")
+    return lines
+
+
+def format_bench(res: dict) -> str:
+    """A plain-text report of a ``bench`` result: the CPU, a row per setting and beam (the one
+    ``auto`` picks marked), the yardstick, folder rates, skipped settings and speed-ups."""
+    lines = [
+        f"{res['model']} on {machine_label(res)}, {res['threads']} threads, {res['runs']} runs "
+        "after warm-up (ms per image, batch 1, bytes -> caption)",
+        *_table(res),
+    ]
+    if ys := res.get("yardstick"):
+        lines.append(
+            f"yardstick ({ys['model']}): p50 {ys['p50_ms']:.1f} ms, p90 {ys['p90_ms']:.1f} ms; "
+            "x yardstick = total p50 / yardstick p50"
+        )
+    names = _names(res)
+    for k, r in res["runtimes"].items():
         f = r["folder"]
         lines.append(
-            f"folder, {rt}: {f['images_per_s']} images/s ({f['images']} images, beam "
+            f"folder, {names[k]}: {f['images_per_s']} images/s ({f['images']} images, beam "
             f"{res['throughput_beam']}, batch {res['batch_size']})"
         )
-    if res.get("ratios"):
-        for beam, q in res["ratios"].items():
-            if beam == "throughput":
-                lines.append(f"openvino / torch throughput: {q}x")
-            else:
-                parts = ", ".join(f"{s.removesuffix('_ms')} {v}x" for s, v in q.items())
-                lines.append(f"speed-up of openvino at beam {beam}: {parts}")
+    lines += [f"skipped {note}" for note in res.get("skipped", [])]
+    for k, q in (res.get("ratios") or {}).items():
+        beams = {b: by for b, by in q.items() if b != "throughput"}
+        totals = ", ".join(f"{by['total_ms']}x at beam {b}" for b, by in beams.items())
+        folder = q["throughput"]
+        lines.append(f"speed-up over torch of {names[k]}: total {totals}; folder {folder}x")
     return "\n".join(lines)
 
 
