@@ -153,7 +153,17 @@ def test_cli_models_evaluate_bench(world_env, tmp_path):
     csv_lines = pred.read_text().splitlines()
     assert csv_lines[0] == "image,caption,logprob,bleu1,bleu2,bleu3,bleu4"
     assert len(csv_lines) == 9
-    bench = cli("bench", "--model", "resnet50-inject", "--runs", "2", "--json")
+    bench = cli(
+        "bench",
+        "--model",
+        "resnet50-inject",
+        "--runs",
+        "2",
+        "--json",
+        "--settings",
+        "torch",
+        "auto",
+    )
     assert bench.returncode == 0, bench.stderr
     res = json.loads(bench.stdout.strip().splitlines()[-1])
     assert set(res["beams"]) == {"1", "3", "5"} and res["throughput_img_s"] > 0
