@@ -76,17 +76,19 @@ def test_auto_picks_the_fastest_admissible_precision(bundle):
     record(bundle, "fp32", "openvino")
     record(bundle, "int8", "openvino", cider=59.8)
     record(bundle, "int8-samples", "openvino", cider=59.9)
+    record(bundle, "bf16-int8", "openvino", cider=59.9)
     b = open_bundle(bundle)
     assert admissible_precisions(read_records(bundle), b.config) == [
         "int8",
         "int8-samples",
+        "bf16-int8",
         "bf16",
         "fp32",
     ]
-    assert choose_precision(b, "int8") == Precision("int8")
+    assert choose_precision(b, "int8") == "int8"
     # without the recorded calibration photos, the int8 this machine would build is another one
-    assert choose_precision(b, "int8-samples") == Precision("int8", calibration="samples")
-    assert bundle_precision(b, "auto", "openvino").dtype == "int8"
+    assert choose_precision(b, "int8-samples") == "int8-samples"
+    assert bundle_precision(b, "auto", "openvino")[0].dtype == "int8"
 
 
 def test_a_rejected_int8_falls_back_to_the_next_admissible_precision(bundle):
@@ -94,16 +96,17 @@ def test_a_rejected_int8_falls_back_to_the_next_admissible_precision(bundle):
     record(bundle, "bf16", "openvino", bleu4=10.0)
     record(bundle, "fp32", "openvino")
     b = open_bundle(bundle)
-    assert choose_precision(b, "int8") == resolve_precision("fp32")
+    assert choose_precision(b, "int8") == "fp32"
 
 
 def test_auto_without_records_and_explicit_precisions_are_left_alone(tmp_path):
     make_bundle(tmp_path / "b")
     b = open_bundle(tmp_path / "b")
-    assert bundle_precision(b, "auto", "openvino") == resolve_precision("auto")
-    assert bundle_precision(b, "auto", "torch") == resolve_precision("auto")
-    assert bundle_precision(b, "fp32", "openvino") == resolve_precision("fp32")
-    assert bundle_precision(b, "int8", "openvino") == Precision("int8")
+    assert bundle_precision(b, "auto", "openvino") == (resolve_precision("auto"), "fp32")
+    assert bundle_precision(b, "auto", "torch") == (resolve_precision("auto"), "fp32")
+    assert bundle_precision(b, "fp32", "openvino") == (resolve_precision("fp32"), "fp32")
+    assert bundle_precision(b, "int8", "openvino") == (Precision("int8"), "int8")
+    assert bundle_precision(b, "bf16-int8", "openvino") == (resolve_precision("bf16"), "int8")
 
 
 def test_tables_show_the_record_of_the_setting_auto_runs_at(bundle):

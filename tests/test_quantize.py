@@ -133,8 +133,16 @@ def test_int8_step_weights_keep_the_log_probs_and_the_beam(tmp_path):
     assert [nb[0].tokens for nb in out] == [nb[0].tokens for nb in ref]
 
 
-def test_the_step_runs_int8_weights_beside_an_int8_encoder_only():
-    assert rt_dec.step_precision(Precision("int8")) == "int8"
-    assert rt_dec.step_precision(Precision("int8", calibration="samples")) == "int8"
-    assert rt_dec.step_precision(Precision("bf16", channels_last=True)) == "fp32"
-    assert rt_dec.step_precision(Precision("fp32")) == "fp32"
+def test_a_precision_choice_names_the_encoders_and_the_steps():
+    from captioning.bundle.auto import parse_label
+    from captioning.core.machine import resolve_precision, split_precision
+
+    assert split_precision("int8") == ("int8", "int8")
+    assert split_precision("bf16-int8") == ("bf16", "int8")
+    assert split_precision("bf16") == ("bf16", "fp32")
+    assert resolve_precision("bf16-int8") == resolve_precision("bf16")  # the encoder's part
+    assert parse_label("int8-samples") == (Precision("int8", calibration="samples"), "int8")
+    assert parse_label("bf16-int8") == (resolve_precision("bf16"), "int8")
+    with pytest.raises(ValueError, match="int8 decoder weights run on OpenVINO"):
+        rt_dec.torch_step("int8", "torch")
+    assert rt_dec.torch_step("int8", "auto") == "fp32"  # no OpenVINO here: the reference step

@@ -6,43 +6,53 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from captioning.bundle.format import OpenBundle
 from captioning.bundle.gate import GATED_RUNTIME, admissible_precisions
 from captioning.bundle.records import read_records
-from captioning.core.machine import INT8, Precision, resolve_precision
+from captioning.core.machine import INT8, Precision, resolve_precision, split_precision
 
 
-def choose_precision(
-    bundle: OpenBundle, int8_here: str | Callable[[], str] | None = None
-) -> Precision | None:
-    """The fastest admissible precision of ``bundle`` on OpenVINO, or None when none is
-    recorded. ``int8_here`` is the int8 this machine would run (or a function that says it):
-    "int8" when the recorded calibration photos or their compiled model are here,
-    "int8-samples" otherwise; another int8 record does not count."""
+def choose_precision(bundle: OpenBundle, int8_here: str | Callable[[], str] = INT8) -> str | None:
+    """The fastest admissible precision label of ``bundle`` on OpenVINO ("int8", "bf16-int8",
+    …), or None when none is recorded. ``int8_here`` is the int8 encoder this machine would run
+    (or a function that says it): "int8" when the recorded calibration photos or their compiled
+    model are here, "int8-samples" otherwise; another int8 record does not count."""
     for label in admissible_precisions(read_records(bundle.path), bundle.config):
-        if not label.startswith(INT8):
-            return resolve_precision(label)
+        if not label.startswith(f"{INT8}"):
+            return label
         if callable(int8_here):
             int8_here = int8_here()
         if label == int8_here:
-            return Precision(INT8, calibration=label.removeprefix(INT8).removeprefix("-"))
+            return label
     return None
+
+
+def parse_label(label: str) -> tuple[Precision, str]:
+    """A precision label of records ("int8", "int8-samples", "bf16-int8", "bf16", "fp32") ->
+    (the encoder's precision, the decoder step's)."""
+    calibration = ""
+    if label.startswith(f"{INT8}-"):
+        label, calibration = INT8, label.removeprefix(f"{INT8}-")
+    encoder, step = split_precision(label)
+    return replace(resolve_precision(encoder), calibration=calibration), step
 
 
 def bundle_precision(
     bundle: OpenBundle, precision: str | Precision = "auto", runtime: str = "openvino"
-) -> Precision:
-    """What ``Captioner.load`` runs ``bundle`` at: ``precision`` as given; ``auto`` on OpenVINO
-    is the gate's choice (``choose_precision``), else bf16 where the CPU has native bf16, else
-    fp32."""
+) -> tuple[Precision, str]:
+    """What ``Captioner.load`` runs ``bundle`` at: (the encoder's precision, the decoder
+    step's). ``precision`` as given; ``auto`` on OpenVINO is the gate's choice
+    (``choose_precision``), else bf16 where the CPU has native bf16, else fp32."""
     if isinstance(precision, Precision):
-        return precision
+        return precision, INT8 if precision.dtype == INT8 else "fp32"
     if precision == "auto" and runtime == GATED_RUNTIME:
         chosen = choose_precision(bundle, lambda: int8_label(bundle))
         if chosen is not None:
-            return chosen
-    return resolve_precision(precision)
+            return parse_label(chosen)
+    encoder, step = split_precision(precision)
+    return resolve_precision(encoder), step
 
 
 def int8_label(bundle: OpenBundle) -> str:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from captioning.core.machine import INT8
+from captioning.core.machine import BF16_INT8, INT8
 from captioning.models.decoding import DecodeConfig
 
 CIDER_MARGIN = 0.5  # CIDEr-D points below the reference a faster path may lose
 BLEU4_MARGIN = 0.3  # BLEU-4 points
 REFERENCE = ("fp32", "torch")  # (precision, runtime) every candidate is held against
 GATED_RUNTIME = "openvino"  # encoder and decoder step both compiled
-FAST_FIRST = (INT8, "bf16", "fp32")  # OpenVINO precisions, fastest first
+FAST_FIRST = (INT8, BF16_INT8, "bf16", "fp32")  # OpenVINO precisions, fastest first
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,9 @@ def admissible_precisions(records: list[dict], config: dict) -> list[str]:
 
 
 def speed_rank(label: str) -> tuple[int, str]:
-    """Sort key of precision labels, fastest first ("int8", "int8-samples", "bf16", "fp32")."""
-    base = label.split("-")[0]
+    """Sort key of precision labels, fastest first ("int8", "int8-samples", "bf16-int8", "bf16",
+    "fp32")."""
+    base = INT8 if label.startswith(f"{INT8}-") else label
     return (FAST_FIRST.index(base) if base in FAST_FIRST else len(FAST_FIRST), label)
 
 

@@ -26,7 +26,7 @@ RUNTIME_CHOICES = ("auto", "torch", "openvino")
 FINETUNE_CHOICES = ("layer4", "block5")
 TUNE_METRIC_CHOICES = ("cider", "bleu4")
 BASELINE_CHOICES = ("mean", "greedy")
-CALIBRATE_CHOICES = ("int8", "bf16", "fp32")
+CALIBRATE_CHOICES = ("int8", "bf16-int8", "bf16", "fp32")
 
 # DecoderConfig fields that --set may not change: --decoder, the vocabulary and the encoder fix them
 STRUCTURAL_KEYS = {
@@ -177,9 +177,10 @@ def add_precision(p: argparse.ArgumentParser) -> None:
         choices=PRECISIONS,
         default="auto",
         help="numerics: fp32 (reference), bf16 (+ channels_last on torch), int8 (OpenVINO: a "
-        "quantised encoder and int8 decoder-step weights), or auto = the fastest setting that "
-        "passed the bundle's dev quality gate (`calibrate`), else bf16 where the CPU has native "
-        "bf16, else fp32 (default: auto)",
+        "quantised encoder and int8 decoder-step weights), bf16-int8 (OpenVINO: a bf16 encoder "
+        "and int8 decoder-step weights), or auto = the fastest that passed the bundle's dev "
+        "quality gate (`calibrate`), else bf16 where the CPU has native bf16, else fp32 "
+        "(default: auto)",
     )
 
 

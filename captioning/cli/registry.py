@@ -34,7 +34,7 @@ COMMANDS: dict[str, Command] = {  # in the order of `--help`
         "evaluate", "choose beam size, length normalisation and n-gram blocking on dev"
     ),
     "calibrate": Command(
-        "evaluate", "judge int8/bf16/fp32 on OpenVINO against fp32 torch on dev (what auto runs)"
+        "evaluate", "judge OpenVINO's int8/bf16/fp32 against fp32 torch on dev (what auto runs)"
     ),
     "caption": Command("caption", "caption image files and folders with a bundle"),
     "models": Command("models", "list the model bundles and their scores"),

@@ -20,7 +20,20 @@ if TYPE_CHECKING:  # torch is imported where it is used, so the CLI parser stays
 
 FIXED_PRECISIONS = ("fp32", "bf16")  # what torch runs
 INT8 = "int8"  # OpenVINO only: a quantised encoder and int8 weights in the decoder step
-PRECISIONS = ("auto", *FIXED_PRECISIONS, INT8)  # every --precision choice
+BF16_INT8 = "bf16-int8"  # OpenVINO only: a bf16 encoder and int8 weights in the decoder step
+PRECISIONS = ("auto", *FIXED_PRECISIONS, INT8, BF16_INT8)  # every --precision choice
+
+
+def split_precision(name: str) -> tuple[str, str]:
+    """A precision choice -> (the encoder's, the decoder step's): "int8" -> ("int8", "int8"),
+    "bf16-int8" -> ("bf16", "int8"), any other -> (it, "fp32")."""
+    if name == INT8:
+        return INT8, INT8
+    if name == BF16_INT8:
+        return "bf16", INT8
+    return name, "fp32"
+
+
 DEVICES = ("auto", "cpu", "cuda")  # every --device choice
 
 
@@ -107,9 +120,10 @@ class Precision:
 def resolve_precision(name: str = "auto", device: str = "cpu") -> Precision:
     """``auto`` -> bf16 + channels_last where the CPU has native bf16, else fp32. On CUDA,
     ``auto`` is bf16 where the GPU supports it, else fp16 (both channels_last). ``int8`` is
-    OpenVINO's (``captioning.runtime.quantize``)."""
+    OpenVINO's (``captioning.runtime.quantize``); of "bf16-int8" the encoder's part is bf16."""
     if name not in PRECISIONS:
         raise ValueError(f"unknown precision {name!r}; choose from {', '.join(PRECISIONS)}")
+    name = split_precision(name)[0]  # the encoder's part
     if name == INT8:
         if not device.startswith("cpu"):
             raise ValueError("int8 runs on the CPU with OpenVINO; on a GPU use auto, bf16 or fp32")

@@ -56,7 +56,7 @@ BENCH_VERSION = 3
 BEAMS = (1, 3, 5)
 STAGES = ("load_ms", "encode_ms", "decode_ms", "total_ms")
 NOISY_P90_P50 = 1.5  # a total's p90 / p50 above this means the run was disturbed
-OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")  # the OpenVINO settings of the side-by-side
+OPENVINO_PRECISIONS = ("fp32", "bf16", "bf16-int8", "int8")  # OpenVINO in the side-by-side
 YARDSTICK = "torchvision resnet50 fp32, batch 1"
 
 
@@ -110,9 +110,10 @@ def plan(
 
 
 def _family(label: str) -> str:
-    """The first part of a runtime or precision label: "openvino+torch" -> "openvino",
-    "bf16+cl" -> "bf16", "int8-samples" -> "int8"."""
-    return label.replace("-", "+").replace("/", "+").split("+")[0]
+    """A runtime or precision label without what does not change the setting:
+    "openvino+torch" -> "openvino", "bf16+cl" -> "bf16", "int8-samples" -> "int8" (the
+    calibration set), "bf16-int8" stays."""
+    return label.split("+")[0].removesuffix("-samples")
 
 
 def _matches(cap: Captioner, s: Setting) -> bool:

@@ -25,7 +25,12 @@ from captioning.data import CaptionDataset
 from captioning.inference.captioner import Captioner
 from captioning.inference.evaluate import evaluate, save_evaluation
 
-CANDIDATES = ("int8", "bf16", "fp32")  # the OpenVINO precisions calibrate measures by default
+CANDIDATES = (
+    "int8",
+    "bf16-int8",
+    "bf16",
+    "fp32",
+)  # the OpenVINO precisions calibrate measures by default
 
 
 def _recorded(path: Path, precision: str, runtime: str, config: dict) -> bool:

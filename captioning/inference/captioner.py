@@ -33,7 +33,7 @@ from captioning.models.decoders import Decoder
 from captioning.models.decoding import DecodeConfig, Hypothesis, decode
 from captioning.models.encoders import LoadedEncoder
 from captioning.models.mixture import EnsembleStep, MemberFeatures
-from captioning.runtime.decoders import accelerate_decoder, runtime_of, step_precision
+from captioning.runtime.decoders import accelerate_decoder, runtime_of, torch_step
 from captioning.runtime.encoders import (
     cached_tuned_encoder,
     shared_encoder,
@@ -90,11 +90,17 @@ class Captioner:
         the encoder on OpenVINO, the decoder step on torch)."""
         bundle = open_bundle(resolve_bundle(name_or_path, models_dir))
         rt = resolve_runtime(runtime)
-        prec = bundle_precision(bundle, precision, rt)
-        if prec.dtype == INT8 and rt == "torch":
-            prec = torch_precision(prec, runtime)
+        prec, step = bundle_precision(bundle, precision, rt)
+        if rt == "torch":  # int8 is OpenVINO's: refused on an explicit torch, else auto
+            prec, step = torch_precision(prec, runtime), torch_step(step, runtime)
+        return cls.from_bundle(bundle, prec, step, rt)
+
+    @classmethod
+    def from_bundle(cls, bundle: OpenBundle, prec: Precision, step: str, rt: str) -> Captioner:
+        """An opened bundle on runtime ``rt`` (resolved) with its encoder at ``prec`` and, on
+        OpenVINO, its decoder step at ``step`` ("fp32" or "int8" weights)."""
         if bundle.decoder is None:  # an ensemble: several bundles' averaged probabilities
-            return EnsembleCaptioner.load_ensemble(bundle, prec, rt)
+            return EnsembleCaptioner.load_ensemble(bundle, prec, step, rt)
         path, cfg, block = bundle.path, bundle.config, bundle.block
         encoder = None
         if block and rt == "openvino":  # compiled and cached: no torch trunk to build
@@ -103,7 +109,7 @@ class Captioner:
             encoder = cls._encoder(path, cfg, block, prec, rt)
         cap = cls(path, cfg, bundle.decoder, bundle.vocab, encoder)
         if encoder.runtime != "torch":
-            cap._accelerate_decoder(encoder.runtime)
+            cap._accelerate_decoder(encoder.runtime, step)
         return cap
 
     @staticmethod
@@ -130,11 +136,11 @@ class Captioner:
         except ValueError as e:
             raise BundleError(str(e)) from None
 
-    def _accelerate_decoder(self, runtime: str) -> None:
+    def _accelerate_decoder(self, runtime: str, step: str) -> None:
         self.step_decoder = accelerate_decoder(
             self.decoder,
             sha256_file(self.path / "decoder.safetensors"),
-            step_precision(self.encoder.precision),
+            step,
             runtime,
             grid_cells=self.encoder.spec.grid_cells,
         )
@@ -148,8 +154,12 @@ class Captioner:
 
     @property
     def precision_label(self) -> str:
-        """The encoder's precision as records name it (e.g. ``bf16+cl``)."""
-        return self.encoder.precision.label
+        """The precision as records name it: the encoder's (e.g. ``bf16+cl``, ``int8``), and
+        ``-int8`` when int8 decoder-step weights run beside a bf16 one (``bf16-int8``)."""
+        enc = self.encoder.precision
+        step = getattr(self.step_decoder, "key", None)
+        int8_step = step is not None and step.precision == INT8 and enc.dtype != INT8
+        return f"{enc.label}-{INT8}" if int8_step else enc.label
 
     @property
     def encoder_label(self) -> str:
@@ -294,13 +304,13 @@ class EnsembleCaptioner(Captioner):
 
     @classmethod
     def load_ensemble(
-        cls, bundle: OpenBundle, precision: str | Precision = "auto", runtime: str = "auto"
+        cls, bundle: OpenBundle, prec: Precision, step: str, runtime: str
     ) -> EnsembleCaptioner:
         """Load each member from the ensemble's own models directory and check that it is the
-        member the ensemble was made and scored with. Every member runs at ``precision`` (for
-        ``auto``: what the ensemble's own records admit, not each member's)."""
+        member the ensemble was made and scored with. Every member runs at ``prec`` and
+        ``step`` (for ``auto``: what the ensemble's own records admit, not each member's)."""
         paths = check_members(bundle.path, bundle.config, bundle.vocab)
-        members = [Captioner.load(p, precision, runtime=runtime) for p in paths]
+        members = [Captioner.from_bundle(open_bundle(p), prec, step, runtime) for p in paths]
         return cls(bundle.path, bundle.config, members, bundle.vocab)
 
     @property

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from captioning.core.machine import INT8, Precision
+from captioning.core.machine import INT8
 from captioning.runtime.openvino import (
     CompiledGraph,
     CompileKey,
@@ -25,14 +25,6 @@ from captioning.runtime.openvino import (
     resolve_runtime,
 )
 from captioning.runtime.quantize import compress_step, nncf_version
-
-
-def step_precision(encoder: Precision) -> str:
-    """The decoder step's precision beside an encoder at ``encoder``: int8 weights with an int8
-    encoder (one setting, one gate verdict), else f32. The step reads ~32 MiB of fp32 weights
-    per call; int8 weights halve its time on a 2-core EPYC (0.75 against 1.56 ms at beam 3)."""
-    return INT8 if encoder.dtype == INT8 else "fp32"
-
 
 # ---------------------------------------------------------------- decoder step
 
@@ -153,6 +145,16 @@ def accelerate_decoder(decoder, weights_sha256: str, precision: str, runtime: st
             "running it on torch"
         )
         return decoder
+
+
+def torch_step(step: str, runtime: str) -> str:
+    """The decoder step's precision on torch: int8 weights are OpenVINO's, so an explicit
+    ``runtime="torch"`` with them is a ValueError, and OpenVINO's absence gives fp32."""
+    if step != INT8:
+        return step
+    if runtime == "torch":
+        raise ValueError("int8 decoder weights run on OpenVINO; use --runtime openvino (or auto)")
+    return "fp32"
 
 
 def runtime_of(model) -> str:
