@@ -40,14 +40,16 @@ def test_bf16_features_stay_close_to_fp32():
 # ---------------------------------------------------------------- settings
 
 
-def test_the_default_plan_is_torch_and_three_openvino_precisions():
+def test_the_default_plan_is_torch_and_four_openvino_precisions():
     wanted, side_by_side = B.plan()
     assert side_by_side and [s.name for s in wanted] == [
         "torch auto",
         "openvino fp32",
         "openvino bf16",
+        "openvino bf16-int8",
         "openvino int8",
     ]
+    assert B.Setting.parse("openvino-bf16-int8") == B.Setting("openvino", "bf16-int8")
     assert B.plan("openvino", "int8") == ([B.Setting("openvino", "int8")], False)
     assert B.plan("torch") == ([B.Setting("torch", "auto")], False)
     assert B.plan(precision="fp32") == ([B.Setting("auto", "fp32")], False)
