@@ -56,7 +56,7 @@ def test_list_bundles(world_env):
 
 @pytest.mark.slow
 def test_captioner_result_fields(world_env):
-    cap = Captioner.load("resnet50-attention", precision="fp32")
+    cap = Captioner.load("resnet50-attention", precision="fp32", runtime="torch")
     res = cap.caption(Image.fromarray(skimage.data.astronaut()), beam_size=3)
     assert res.text and res.tokens == res.text.split()
     assert res.nbest[0] == (res.text, pytest.approx(res.score))
@@ -69,17 +69,17 @@ def test_captioner_result_fields(world_env):
 
 @pytest.mark.slow
 def test_vgg_attention_grid_and_inject_has_none(world_env):
-    vgg = Captioner.load("vgg16-attention", precision="fp32")
+    vgg = Captioner.load("vgg16-attention", precision="fp32", runtime="torch")
     res = vgg.caption(Image.fromarray(skimage.data.coffee()), beam_size=2)
     assert res.attention.shape[1:] == (14, 14)
-    inj = Captioner.load("vgg16-inject", precision="fp32")
+    inj = Captioner.load("vgg16-inject", precision="fp32", runtime="torch")
     assert inj.caption(Image.fromarray(skimage.data.coffee())).attention is None
     assert inj.encoder is vgg.encoder, "bundles share one encoder instance"
 
 
 @pytest.mark.slow
 def test_batch_equals_single(world_env):
-    cap = Captioner.load("resnet50-inject", precision="fp32")
+    cap = Captioner.load("resnet50-inject", precision="fp32", runtime="torch")
     imgs = [Image.fromarray(getattr(skimage.data, n)()) for n in ("chelsea", "rocket")]
     batch = cap.caption_batch(imgs, beam_size=3)
     assert [r.text for r in batch] == [cap.caption(i, beam_size=3).text for i in imgs]
@@ -186,7 +186,7 @@ def test_tune_decoding_picks_on_dev_and_applies(world_env, tmp_path):
 
     bundle = tmp_path / "tuned"
     shutil.copytree(world_env.models / "resnet50-inject", bundle)
-    cap = Captioner.load(bundle, precision="fp32")
+    cap = Captioner.load(bundle, precision="fp32", runtime="torch")
     ds = load_flickr8k(world_env.data)
     best, rows = tune_decoding(cap, ds, beams=(1, 2), alphas=(0.0, 1.0), metric="bleu4")
     assert [(r["beam"], r["length_alpha"]) for r in rows] == [(1, 0.0), (2, 0.0), (2, 1.0)]
@@ -198,7 +198,7 @@ def test_tune_decoding_picks_on_dev_and_applies(world_env, tmp_path):
     with pytest.raises(ValueError, match="unknown metric"):
         tune_decoding(cap, ds, beams=(1,), metric="bleu")
     set_decode_defaults(bundle, beam_size=2, length_alpha=1.0, no_repeat_ngram=3)
-    loaded = Captioner.load(bundle, precision="fp32").defaults
+    loaded = Captioner.load(bundle, precision="fp32", runtime="torch").defaults
     assert (loaded.beam_size, loaded.no_repeat_ngram) == (2, 3)
     write_card(bundle)
     assert "Default decoding: beam 2 α 1" in (bundle / "card.md").read_text()
@@ -212,7 +212,7 @@ def test_evaluation_matches_direct_captioning_in_any_split_order(world_env):
     from captioning.data import load_flickr8k
     from captioning.inference.evaluate import evaluate
 
-    cap = Captioner.load("resnet50-attention", precision="fp32")
+    cap = Captioner.load("resnet50-attention", precision="fp32", runtime="torch")
     ds = load_flickr8k(world_env.data)
     cache = world_env.cache / "fp32-order"
     first = evaluate(cap, ds, "test", 2, cache_root=cache, meteor=False)  # fills the cache

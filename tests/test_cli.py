@@ -478,7 +478,7 @@ def test_soup_scorer_scores_like_evaluate_and_drops_the_features(tmp_path):
     )
     value = scorer.score(bundle)
     assert lines == [f"m: dev bleu1 {value}"]
-    cap = Captioner.load(bundle, "fp32")
+    cap = Captioner.load(bundle, "fp32", runtime="torch")
     features = FeatureCache.for_encoder(cap.encoder, cache).directory
     assert features.is_dir()
     scorer.discard(bundle)

@@ -391,7 +391,7 @@ def test_an_ensemble_gets_its_own_row_and_every_page_takes_it(
     models = tmp_path / "models"
     shutil.copytree(tiny_world.models, models, ignore=shutil.ignore_patterns("train_state"))
     make_ensemble(models / "ens", ("resnet50-attention", "vgg16-attention"))
-    ens = Captioner.load(models / "ens", precision="fp32")
+    ens = Captioner.load(models / "ens", precision="fp32", runtime="torch")
     ds = load_flickr8k(tiny_world.data)
     for split in ("dev", "test"):
         save_evaluation(

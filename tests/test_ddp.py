@@ -219,5 +219,5 @@ def test_torchrun_runs_the_cli(world, tmp_path):
     assert proc.stdout.count('"best_epoch": 1') == 1  # rank 0 alone prints the summary
     meta, tensors = read_state(out)
     assert meta["world_size"] == 2 and "rng.torch.1" in tensors
-    cap = Captioner.load(out, precision="fp32")
+    cap = Captioner.load(out, precision="fp32", runtime="torch")
     assert cap.caption(world[0] / "Images" / "0000_synthetic.png").text

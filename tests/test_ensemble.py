@@ -44,7 +44,7 @@ def models(tiny_world, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_score_is_the_log_of_the_members_mean_probability(models):
     make_ensemble(models / "ens", PAIR, [3.0, 1.0])
-    ens = Captioner.load("ens", precision="fp32")
+    ens = Captioner.load("ens", precision="fp32", runtime="torch")
     assert isinstance(ens, EnsembleCaptioner) and [m.name for m in ens.members] == list(PAIR)
     img = Image.fromarray(skimage.data.astronaut())
     res = ens.caption(img, beam_size=3)
@@ -61,8 +61,8 @@ def test_score_is_the_log_of_the_members_mean_probability(models):
 @pytest.mark.slow
 def test_a_member_with_almost_all_the_weight_decodes_like_that_member(models):
     make_ensemble(models / "ens", PAIR, [1.0, 1e-9])
-    ens = Captioner.load("ens", precision="fp32")
-    alone = Captioner.load(PAIR[0], precision="fp32")
+    ens = Captioner.load("ens", precision="fp32", runtime="torch")
+    alone = Captioner.load(PAIR[0], precision="fp32", runtime="torch")
     for photo in ("chelsea", "coffee", "rocket"):
         img = Image.fromarray(getattr(skimage.data, photo)())
         a, b = ens.caption(img, beam_size=3), alone.caption(img, beam_size=3)
@@ -73,7 +73,7 @@ def test_a_member_with_almost_all_the_weight_decodes_like_that_member(models):
 @pytest.mark.slow
 def test_evaluate_and_record_an_ensemble(models, tiny_world):
     make_ensemble(models / "ens", PAIR)
-    ens = Captioner.load("ens", precision="fp32")
+    ens = Captioner.load("ens", precision="fp32", runtime="torch")
     ds = load_flickr8k(tiny_world.data)
     names = ds.splits["dev"]
     feats = split_features(ens, ds, names, tiny_world.cache)
@@ -124,7 +124,9 @@ def test_changed_missing_or_mismatched_members_are_refused(models):
     with pytest.raises(BundleError, match="changed since ensemble ens"):
         Captioner.load("ens")
     weights.write_bytes(original)
-    assert Captioner.load("ens", precision="fp32").caption(Image.fromarray(skimage.data.coffee()))
+    assert Captioner.load("ens", precision="fp32", runtime="torch").caption(
+        Image.fromarray(skimage.data.coffee())
+    )
     # a member that is gone
     shutil.move(models / PAIR[1], models.parent / "away")
     with pytest.raises(BundleError, match="needs the bundle 'vgg16-inject' beside it"):

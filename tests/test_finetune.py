@@ -276,7 +276,7 @@ def test_the_bundle_ships_the_tuned_block(tuned):
 def test_captioner_uses_the_tuned_block_and_leaves_the_shared_encoder_alone(tuned):
     out = tuned["out"]
     shared = shared_fp32()
-    cap = Captioner.load(out, precision="fp32")
+    cap = Captioner.load(out, precision="fp32", runtime="torch")
     block_sha = sha256_file(out / BLOCK_FILE)
     assert cap.encoder.sha256 == tuned_sha256(shared.sha256, "layer4", block_sha)
     assert cap.encoder.sha256 != shared.sha256
@@ -294,12 +294,14 @@ def test_captioner_uses_the_tuned_block_and_leaves_the_shared_encoder_alone(tune
     images = sorted((tuned["data"] / "Images").glob("*.png"))[:2]
     a, b = cap.caption_batch(images, beam_size=3), frozen.caption_batch(images, beam_size=3)
     assert [(r.text, round(r.score, 4)) for r in a] != [(r.text, round(r.score, 4)) for r in b]
-    assert Captioner.load(out, precision="fp32").encoder is cap.encoder  # built once
+    assert (
+        Captioner.load(out, precision="fp32", runtime="torch").encoder is cap.encoder
+    )  # built once
 
 
 @pytest.mark.slow
 def test_evaluation_caches_the_tuned_features_under_their_own_key(tuned):
-    cap = Captioner.load(tuned["out"], precision="fp32")
+    cap = Captioner.load(tuned["out"], precision="fp32", runtime="torch")
     ev = evaluate(cap, tuned["ds"], "test", 1, cache_root=tuned["cache"], meteor=False)
     assert ev.metrics["n_images"] == 2
     key = f"resnet50-{cap.encoder.sha256[:12]}-fp32"
@@ -321,7 +323,7 @@ def copy_with_changed_block(bundle, bad):
 def test_a_changed_or_missing_block_is_refused(tuned, tmp_path, capsys):
     bad = copy_with_changed_block(tuned["out"], tmp_path / "bad")
     with pytest.raises(BundleError, match="sha256"):
-        Captioner.load(bad, precision="fp32")
+        Captioner.load(bad, precision="fp32", runtime="torch")
     sample = next((tuned["data"] / "Images").glob("*.png"))
     args = ["caption", "--model", str(bad), str(sample), "--precision", "fp32"]
     assert cli.main(args) == cli.EXIT_USER_ERROR
@@ -330,7 +332,7 @@ def test_a_changed_or_missing_block_is_refused(tuned, tmp_path, capsys):
     assert "\n" not in err
     (bad / BLOCK_FILE).unlink()
     with pytest.raises(BundleError, match=f"missing {BLOCK_FILE}"):
-        Captioner.load(bad, precision="fp32")
+        Captioner.load(bad, precision="fp32", runtime="torch")
 
 
 @pytest.mark.slow
@@ -424,5 +426,5 @@ def test_scst_over_a_finetuned_bundle_keeps_its_block_frozen(tuned, tmp_path):
     assert config[BLOCK_KEY]["block"] == "layer4"
     want, got = load_file(tuned["out"] / BLOCK_FILE), load_file(out / BLOCK_FILE)
     assert set(got) == set(want) and all(torch.equal(want[k], got[k]) for k in want)  # frozen
-    cap = Captioner.load(out, precision="fp32")
+    cap = Captioner.load(out, precision="fp32", runtime="torch")
     assert cap.caption(tuned["data"] / "Images" / "0000_synthetic.png", beam_size=1).text

@@ -282,7 +282,7 @@ def test_main_scst_writes_both_stages_and_resumes(tiny_world, tmp_path):
     assert config["train_config"]["objective"] == "scst"
     assert config["train_config"]["xe_train_config"]["decoder"] == "inject"
     assert config["best_epoch"] in (2, 3, 4)
-    cap = Captioner.load(straight, precision="fp32")
+    cap = Captioner.load(straight, precision="fp32", runtime="torch")
     assert cap.caption(data / "Images" / "0000_synthetic.png", beam_size=1).text
 
     with pytest.raises(ValueError, match="is the --init bundle"):

@@ -63,7 +63,7 @@ def test_a_soup_is_the_weighted_mean_and_captions(members, tmp_path):
     card = card_markdown(out)  # names its members instead of a best epoch
     assert "weight-averaged soup of `m0` (0.75), `m1` (0.25)" in card and "Best epoch" not in card
     photo = members["data"] / "Images" / "0000_synthetic.png"
-    res = Captioner.load(out, precision="fp32").caption(photo, beam_size=2)
+    res = Captioner.load(out, precision="fp32", runtime="torch").caption(photo, beam_size=2)
     assert res.text and res.attention is not None
 
 

@@ -132,7 +132,7 @@ def test_train_writes_history_checkpoint_and_bundle(tiny_flickr, cache_dir, tmp_
     assert len(cfg["encoder_sha256"]) == 64 and cfg["train_config"]["epochs"] == 3
     assert all(v.dtype == torch.float16 for v in load_file(out / "decoder.safetensors").values())
     assert [b.name for b in list_bundles(tmp_path)] == ["tiny-attention"]
-    cap = Captioner.load(out, precision="fp32")
+    cap = Captioner.load(out, precision="fp32", runtime="torch")
     res = cap.caption(tiny_flickr / "Images" / "0000_synthetic.png", beam_size=2)
     assert res.text and res.attention is not None and res.attention.shape[1:] == (7, 7)
     with pytest.raises(ValueError, match="--resume"):
@@ -232,7 +232,9 @@ def test_force_replaces_everything_of_the_old_weights(tiny_flickr, cache_dir, tm
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["decoder"] == "inject" and cfg["best_epoch"] == 1
     assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [1]
-    cap = Captioner.load(out, precision="fp32")  # vocab, config and weights belong together
+    cap = Captioner.load(
+        out, precision="fp32", runtime="torch"
+    )  # vocab, config and weights belong together
     assert cap.caption(tiny_flickr / "Images" / "0000_synthetic.png").text
 
 
@@ -344,7 +346,9 @@ def test_torchvision_encoder_trains_and_exports(offline_torchvision, cache_dir, 
     main(cfg, str(data), out, cache_dir, resume=False)
     sha = json.loads((out / "config.json").read_text())["encoder_sha256"]
     assert sha == sha256_file(offline_torchvision) == weights_sha256("resnet50-tv")
-    cap = Captioner.load(out, precision="fp32")  # checks the encoder's sha against the bundle's
+    cap = Captioner.load(
+        out, precision="fp32", runtime="torch"
+    )  # checks the encoder's sha against the bundle's
     assert cap.caption(data / "Images" / "0000_synthetic.png").text
 
 
@@ -456,7 +460,7 @@ def test_export_best_exports_an_unfinished_runs_best_epoch_and_leaves_it_resumab
     assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1]
     assert (run / "train_state" / "state.safetensors").read_bytes() == state  # untouched
     assert (
-        Captioner.load(run, precision="fp32")
+        Captioner.load(run, precision="fp32", runtime="torch")
         .caption(tiny_flickr / "Images" / "0000_synthetic.png")
         .text
     )
