@@ -20,7 +20,7 @@ from captioning.bundle.catalog import BundleInfo, list_bundles
 from captioning.core.paths import SAMPLES_DIR, models_dir_default
 from captioning.data import CaptionDataset, DataError, load_flickr8k, resolve_data_dir
 from captioning.data.images import IMAGE_EXTENSIONS
-from captioning.inference.captioner import Captioner, CaptionResult
+from captioning.inference.captioner import Captioner, CaptionResult, dedicate_cores
 from dashboard import limits, tables
 
 
@@ -64,7 +64,9 @@ def bundles() -> list[BundleInfo]:
 @st.cache_resource(show_spinner=False, max_entries=16)
 def _captioner(path: str, stamp: int) -> Captioner:
     # the CLI's default: OpenVINO where it is installed (compiled once, then cached), else torch
-    return Captioner.load(Path(path), runtime="auto")
+    cap = Captioner.load(Path(path), runtime="auto")
+    dedicate_cores(cap)  # the app's captioners all run on the same runtime
+    return cap
 
 
 def captioner(bundle: BundleInfo) -> Captioner:

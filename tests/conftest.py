@@ -36,6 +36,20 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _threads_restored():
+    """A test that hands the cores to OpenVINO (``dedicate_cores``) leaves no trace: torch's
+    threads and the threads models compile with are restored after each test."""
+    import torch
+
+    from captioning.runtime import openvino
+
+    before, kept = torch.get_num_threads(), openvino._THREADS
+    yield
+    torch.set_num_threads(before)
+    openvino._THREADS = kept
+
+
 @pytest.fixture(scope="session")
 def flickr8k_dir() -> Path:
     """The real Flickr8k folder; skips the test when it is not available."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -141,6 +142,21 @@ def test_threads_are_pinned_only_when_the_process_uses_every_core(monkeypatch, t
         )  # fmt: skip
         assert engine.compiled.get_property("INFERENCE_NUM_THREADS") == threads
         assert engine.compiled.get_property("ENABLE_CPU_PINNING") is pinned
+
+
+@needs_openvino
+def test_a_process_of_openvino_captioners_hands_the_cores_to_openvino(tmp_path):
+    from captioning.inference.captioner import dedicate_cores
+
+    torch.set_num_threads(2)
+    enc = tiny_encoder(tmp_path, 0)
+    cap = SimpleNamespace(runtime="openvino+torch")  # the step on torch: torch keeps its threads
+    dedicate_cores(cap)
+    assert torch.get_num_threads() == 2 and ov.compile_threads() == 2
+    dedicate_cores(SimpleNamespace(runtime="openvino"))
+    assert torch.get_num_threads() == 1 and ov.compile_threads() == 2
+    engine = compile_tiny(enc, tmp_path)  # a model compiled later still gets both threads
+    assert engine.compiled.get_property("INFERENCE_NUM_THREADS") == 2
 
 
 @needs_openvino

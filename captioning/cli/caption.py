@@ -36,9 +36,10 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if procs > 1:
         name, stream = _worker_stream(args, files, procs, precision, runtime, overrides)
     else:
-        from captioning.inference.captioner import Captioner
+        from captioning.inference.captioner import Captioner, dedicate_cores
 
         cap = Captioner.load(args.model, precision, runtime=runtime)
+        dedicate_cores(cap)  # this process runs only it
         cap.decode_config(args.beam, **overrides)  # a bad setting fails before any image
         # the pipelined path: threads decode the next batches while this one is captioned
         stream = cap.caption_stream(files, args.beam, batch_size=args.batch_size, **overrides)

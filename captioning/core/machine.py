@@ -170,6 +170,20 @@ def device_scope(device: str) -> contextlib.AbstractContextManager:
     return torch.device(device)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads at ``n`` inside the block, restored after (a process-wide
+    setting: for single-threaded callers such as a benchmark)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask; ``os.cpu_count`` elsewhere)."""
     try:

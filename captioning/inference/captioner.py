@@ -40,7 +40,7 @@ from captioning.runtime.encoders import (
     torch_precision,
     tuned_encoder,
 )
-from captioning.runtime.openvino import resolve_runtime
+from captioning.runtime.openvino import hand_cores_to_openvino, resolve_runtime
 from captioning.runtime.pixels import load_pixels, prefetch
 
 
@@ -52,6 +52,14 @@ class CaptionResult:
     nbest: list[tuple[str, float]]  # (text, log-prob), best first
     attention: np.ndarray | None  # [n_words, gh, gw] for attention decoders
     timings: dict[str, float] = field(default_factory=dict)  # encode_ms, decode_ms
+
+
+def dedicate_cores(cap: Captioner) -> None:
+    """In a process that serves ``cap`` (and captioners like it): when all of it runs on
+    OpenVINO, torch keeps one thread and the compiled models the cores
+    (``captioning.runtime.openvino.hand_cores_to_openvino``); a torch captioner keeps them."""
+    if cap.runtime == "openvino":
+        hand_cores_to_openvino()
 
 
 class Captioner:

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from captioning import __version__
+from captioning.inference.captioner import dedicate_cores
 from captioning.serving.batcher import MicroBatcher
 from captioning.serving.config import ServeConfig
 from captioning.serving.errors import ApiError, error_response
@@ -81,6 +82,7 @@ def serve(cfg: ServeConfig) -> None:
     import uvicorn
 
     cap = load_captioner(cfg.model, cfg.precision, cfg.runtime)  # a bad bundle fails here, briefly
+    dedicate_cores(cap)  # this process serves only it
     uvicorn.run(
         create_app(cfg, captioner=cap),
         host=cfg.host,

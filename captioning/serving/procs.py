@@ -70,9 +70,10 @@ def _worker(spec: WorkerSpec, tasks, results) -> None:
         import torch
 
         torch.set_num_threads(spec.threads)
-        from captioning.inference.captioner import Captioner
+        from captioning.inference.captioner import Captioner, dedicate_cores
 
         cap = Captioner.load(spec.model, spec.precision, runtime=spec.runtime)
+        dedicate_cores(cap)  # a worker process runs only this captioner
         for chunk_id, paths in iter(tasks.get, None):
             out: list[CaptionResult | str] = []
             stream = cap.caption_stream(

@@ -7,9 +7,12 @@ the cause. Re-running skips the paths already in ``out``; shards left half-writt
 run are set aside (renamed ``_partial-*``) and their paths captioned again, so no path gets two
 rows.
 
-Without an address a local Ray is started on this machine's cores; ``address="auto"`` or
-``"ray://host:10001"`` joins a cluster, where every node needs this package installed at the
-same path (the bundle is loaded from the path the driver resolved).
+Without an address a local Ray is started on this machine's cores; ``address="auto"``,
+``"HOST:PORT"`` or ``"ray://host:10001"`` joins a cluster, where every node needs this package
+installed and the input files and ``out`` at the same paths (a shared filesystem). An actor loads
+the bundle from the path the driver resolved when its node holds the same files there, and
+otherwise from a copy of them that the driver ships through Ray's object store. A job stops with
+a message when nodes leave and the rest of the cluster cannot hold its actor pool.
 """
 
 from __future__ import annotations
@@ -19,13 +22,17 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
+import tempfile
+import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captioning.bundle.format import CAPTION_FILES
+from captioning.bundle.format import CAPTION_FILES, is_ensemble, read_config
 from captioning.core.files import sha256_file
 from captioning.data.images import ImageLoadError
 from captioning.serving.batch_files import (
@@ -44,7 +51,12 @@ READ_TASK_CPUS = 0.25
 THREADS_PER_WORKER = 1  # the default pool: one actor per this many CPUs...
 ACTOR_MEMORY = 1.5 * 2**30  # ...and per this much of the cluster's memory (an actor peaks ~1.2 GB)
 BATCH_SIZE = 16
-# what decides a bundle's captions: config, decoder weights, vocabulary and a fine-tuned block
+SHIPPED_DIR = "captioning-bundles"  # under a node's temp dir: bundles the driver shipped
+NODE_POLL_S = 1.0  # how often the driver checks that the cluster still holds the actor pool
+TOKEN_HELP = (  # how a process that joins a cluster gets its token
+    "copy the head's ~/.ray/auth_token to ~/.ray/auth_token here, or set "
+    "RAY_AUTH_TOKEN_PATH=FILE or RAY_AUTH_TOKEN=TOKEN; `ray get-auth-token` on the head prints it"
+)
 
 
 @dataclass
@@ -93,6 +105,7 @@ class BatchReport:
     startup_seconds: float = 0.0  # Ray start and bundle checks
     plan: dict | None = None
     steady_images_per_s: float | None = None  # after the first shard: actor start-up excluded
+    nodes: list[dict] | None = None  # per node of the cluster: its caption actors (actor_nodes)
 
     @property
     def images_per_s(self) -> float | None:
@@ -128,6 +141,52 @@ def bundle_sha256(bundle: Path) -> str:
         if (bundle / name).exists():
             h.update(f"{name}:{sha256_file(bundle / name)}\n".encode())
     return h.hexdigest()
+
+
+def bundle_files(bundle: Path) -> dict[str, bytes]:
+    """The bytes of the files that decide a bundle's captions, keyed ``NAME/FILE``.
+
+    An ensemble's members sit beside it (``MEMBER/FILE``), as ``Captioner.load`` looks for them.
+    """
+    dirs = [bundle]
+    cfg = read_config(bundle)
+    if is_ensemble(cfg):
+        dirs += [bundle.parent / m["name"] for m in cfg["members"]]
+    return {
+        f"{d.name}/{name}": (d / name).read_bytes()
+        for d in dirs
+        for name in CAPTION_FILES
+        if (d / name).is_file()
+    }
+
+
+def local_bundle(bundle: str, sha256: str, shipped: list | None = None) -> Path:
+    """The bundle with digest ``sha256`` on this node: ``bundle`` itself when this node holds
+    the same files there, else a copy of the files the driver shipped (``[ObjectRef]`` of
+    ``bundle_files``), unpacked once per node under ``$TMPDIR/captioning-bundles/``."""
+    here = Path(bundle)
+    if here.is_dir() and bundle_sha256(here) == sha256:
+        return here
+    root = Path(tempfile.gettempdir(), SHIPPED_DIR)
+    copy = root / sha256[:16] / here.name
+    if not copy.is_dir():
+        if not shipped:
+            state = "differs from the driver's bundle" if here.exists() else "is missing"
+            raise RuntimeError(f"{bundle} on this node {state} (sha256 {sha256[:12]}…)")
+        import ray
+
+        root.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".unpack-", dir=root))
+        for rel, data in ray.get(shipped[0]).items():
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            (stage / rel).write_bytes(data)
+        try:
+            stage.rename(copy.parent)  # atomic: actors of one node may unpack at once
+        except OSError:  # another actor's copy is in place
+            shutil.rmtree(stage, ignore_errors=True)
+    if bundle_sha256(copy) != sha256:
+        raise RuntimeError(f"{copy} differs from the driver's bundle (sha256 {sha256[:12]}…)")
+    return copy
 
 
 def gpu_share(resources: dict, actors: int) -> dict:
@@ -221,15 +280,13 @@ class CaptionActor:
         decoding: dict,
         threads: int,
         device: str = "cpu",
+        shipped: list | None = None,
     ) -> None:
         import torch
 
         torch.set_num_threads(max(1, min(threads, os.cpu_count() or threads)))
-        if bundle_sha256(Path(bundle)) != sha256:
-            raise RuntimeError(
-                f"{bundle} on this node differs from the driver's bundle (sha256 {sha256[:12]}…)"
-            )
-        self.cap = load_captioner(bundle, precision, runtime, device)
+        self.bundle = local_bundle(bundle, sha256, shipped)
+        self.cap = load_captioner(self.bundle, precision, runtime, device)
         self.decoding = decoding  # every DecodeConfig field, fixed by the driver
         cfg = self.cap.decode_config(**decoding)
         self.const = {
@@ -283,12 +340,46 @@ def _init_ray(address: str | None) -> None:
         for pid in _descendants() - before:  # a half-started local Ray: stop what it spawned
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)
+        if address and refused_token(e):
+            raise RuntimeError(token_message(address)) from None
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         # a local start waits 30 s for its raylet, which a saturated machine can miss
         raise RuntimeError(
             f"could not start or join {where} ({e}); on a busy machine try again, or start one "
             "with `ray start --head` and pass --address auto"
         ) from None
+
+
+def token_message(address: str) -> str:
+    """The one line for a cluster that refused this process's token (or its lack of one)."""
+    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
+    if mode == "token":
+        return (
+            f"the Ray cluster at {address} refused this process's authentication token "
+            f"(RAY_AUTH_MODE=token here): give it the cluster's token ({TOKEN_HELP})"
+        )
+    return (
+        f"the Ray cluster at {address} refused this process, which sends no authentication "
+        f"token (RAY_AUTH_MODE is {mode or 'unset'} here): set RAY_AUTH_MODE=token and give "
+        f"it the cluster's token ({TOKEN_HELP})"
+    )
+
+
+def refused_token(e: BaseException) -> bool:
+    """Whether ``e`` or an error it came from is Ray's token authentication refusing us.
+
+    Joining a cluster wraps Ray's ``AuthenticationError`` into a ``ConnectionError`` whose
+    cause holds only its text.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        text = f"{type(cur).__name__}: {cur}"
+        if "AuthenticationError" in text or "InvalidAuthToken" in text:
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def _descendants() -> set[int]:
@@ -303,6 +394,91 @@ def _descendants() -> set[int]:
         frontier = {pid for pid, pp in parent.items() if pp in frontier} - found
         found |= frontier
     return found
+
+
+class NodeWatch:
+    """Stops the job when nodes leave and the rest cannot hold the actor pool and a read task.
+
+    Ray restarts a lost node's actors on the nodes left; when their CPUs then all go to actors,
+    the read and write tasks never get one and Ray Data waits for ever. A thread polls the
+    nodes every ``NODE_POLL_S`` and then interrupts the driver (SIGINT), which ``run_batch``
+    turns into a message; the rows written so far stay and a re-run captions the rest.
+    """
+
+    def __init__(self, needed_cpus: float) -> None:
+        import ray
+
+        self.needed = needed_cpus
+        self.start_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        self.lost: list[dict] = []  # the nodes that left, once the job was stopped
+        self.cpus_left = 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="node-watch", daemon=True)
+
+    def __enter__(self) -> NodeWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        import ray
+
+        while not self._done.wait(NODE_POLL_S):
+            with contextlib.suppress(Exception):  # a failed poll: try again
+                alive = [n for n in ray.nodes() if n["Alive"]]
+                cpus = sum(n["Resources"].get("CPU", 0.0) for n in alive)
+                gone = self.start_ids - {n["NodeID"] for n in alive}
+                if gone and cpus < self.needed:
+                    nodes = {n["NodeID"]: n for n in ray.nodes()}
+                    self.lost = [nodes.get(i, {"NodeID": i}) for i in sorted(gone)]
+                    self.cpus_left = cpus
+                    os.kill(os.getpid(), signal.SIGINT)
+                    return
+
+    def message(self) -> str:
+        """What happened, for the user."""
+        gone = ", ".join(
+            f"{n.get('NodeManagerAddress', '?')} (node {n['NodeID'][:12]})" for n in self.lost
+        )
+        return (
+            f"Ray node {gone} left the cluster mid-run, and the nodes left cannot hold the "
+            f"actor pool and its read tasks (CPUs: {self.cpus_left:g} of {self.needed:g} "
+            "needed); the rows written so far are kept: run the same command again to caption "
+            "the rest"
+        )
+
+
+def actor_nodes() -> list[dict] | None:
+    """Per node of the cluster (the head first): its address, node id, whether it is the head,
+    whether it is alive, and how many caption actors this job ran there (Ray's actor table).
+    None when Ray's actor table cannot be read."""
+    import ray
+
+    try:
+        from ray._private import state
+
+        job = ray.get_runtime_context().get_job_id()
+        counts = Counter(
+            a["Address"]["NodeID"]
+            for a in state.actors().values()
+            if a.get("JobID") == job and "CaptionActor" in a.get("ActorClassName", "")
+        )
+        nodes = [
+            {
+                "address": n["NodeManagerAddress"],
+                "node_id": n["NodeID"],
+                "head": "node:__internal_head__" in n.get("Resources", {}),
+                "alive": n["Alive"],
+                "actors": counts.get(n["NodeID"], 0),
+            }
+            for n in ray.nodes()
+        ]
+    except Exception:  # noqa: BLE001 - a private API of Ray's: the report just lacks it
+        return None
+    return sorted(nodes, key=lambda n: (not n["head"], n["node_id"]))
 
 
 def resolve_job(cfg: BatchConfig) -> BatchJob:
@@ -331,7 +507,8 @@ def _caption_paths(
         load_files, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=READ_TASK_CPUS
     )
     model = (str(job.bundle), job.sha256, cfg.precision, cfg.runtime, job.decoding)
-    actor_args = (*model, plan.threads_per_actor, job.device)
+    shipped = [ray.put(bundle_files(job.bundle))]  # in a list: fetched only by nodes without it
+    actor_args = (*model, plan.threads_per_actor, job.device, shipped)
     gpus = gpu_share(ray.cluster_resources(), plan.actors) if job.device != "cpu" else {}
     ds = ds.map_batches(
         CaptionActor,
@@ -375,8 +552,16 @@ def run_batch(cfg: BatchConfig) -> BatchReport:
         report.plan = asdict(plan)
         t1 = time.perf_counter()
         report.startup_seconds = round(t1 - t0, 2)
-        _caption_paths(cfg, job, plan, todo, out)
+        watch = NodeWatch(plan.actors * plan.cpus_per_actor + READ_TASK_CPUS)
+        try:
+            with watch:
+                _caption_paths(cfg, job, plan, todo, out)
+        except KeyboardInterrupt:
+            if not watch.lost:
+                raise
+            raise RuntimeError(watch.message()) from None
         report.seconds = round(time.perf_counter() - t1, 2)
+        report.nodes = actor_nodes()
     finally:
         if started:
             ray.shutdown()
