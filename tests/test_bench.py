@@ -147,7 +147,7 @@ def test_bench_measures_every_setting_side_by_side_and_marks_auto(small_bundle):
     res = B.bench(small_bundle, beams=(3,), runs=1, warmup=0, folder_images=2, batch_size=2)
     assert res["version"] == 3
     asked = ["torch bf16" if cpu_description()["bf16_flags"] else "torch fp32"]
-    asked += [f"openvino {p}" for p in ("fp32", "bf16", "int8")]
+    asked += [f"openvino {p}" for p in ("fp32", "bf16", "bf16-int8", "int8")]
     skipped = [note.split(":")[0] for note in res["skipped"]]
     assert sorted([*res["runtimes"], *skipped]) == sorted(asked)  # each measured or skipped
     if openvino_module() is not None:
