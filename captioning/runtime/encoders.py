@@ -52,17 +52,28 @@ from captioning.runtime.quantize import (
 )
 
 
-@functools.lru_cache(maxsize=8)
-def shared_encoder(name: str, precision: str = "auto", runtime: str = "torch") -> LoadedEncoder:
-    """One encoder per (name, precision, runtime) in this process, shared by all its users.
+def shared_encoder(
+    name: str, precision: str | Precision = "auto", runtime: str = "torch"
+) -> LoadedEncoder:
+    """One encoder per (name, precision, runtime) in this process, shared by all its users
+    (``precision`` by name or resolved: "fp32" and ``resolve_precision("fp32")`` share one).
 
     ``runtime`` "auto"/"openvino" compiles the forward pass (``captioning.runtime.openvino``);
     a failed compile falls back to torch with a notice, so check ``.runtime`` for what runs.
     """
-    if runtime == "torch":
-        return build_encoder(name, precision)
+    prec = precision if isinstance(precision, Precision) else resolve_precision(precision)
+    return _shared_encoder(name, prec, runtime)
 
-    return load_encoder(name, precision, runtime)
+
+@functools.lru_cache(maxsize=8)
+def _shared_encoder(name: str, prec: Precision, runtime: str) -> LoadedEncoder:
+    if runtime == "torch":
+        return build_encoder(name, torch_precision(prec, runtime))
+    return load_encoder(name, prec, runtime)
+
+
+shared_encoder.cache_info = _shared_encoder.cache_info  # the shared cache's own controls
+shared_encoder.cache_clear = _shared_encoder.cache_clear
 
 
 # ---------------------------------------------------------------- encoder
