@@ -23,12 +23,12 @@ from captioning.serving.batch_files import (
 )
 from captioning.serving.ray_batch import (
     BatchConfig,
-    bundle_sha256,
     load_files,
     loaded_schema,
     plan_pool,
     run_batch,
 )
+from captioning.serving.ray_bundle import bundle_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "artifacts" / "samples"

@@ -282,7 +282,7 @@ def node_counts(report: dict) -> dict[str, int]:
 
 
 def test_a_refused_token_is_told_apart_from_other_failures(monkeypatch):
-    from captioning.serving.ray_batch import refused_token, token_message
+    from captioning.serving.ray_cluster import refused_token, token_message
 
     inner = RuntimeError(
         "Failed to connect to GCS. Last connection error: ray.exceptions.AuthenticationError: "
@@ -309,7 +309,7 @@ def test_a_refused_token_is_told_apart_from_other_failures(monkeypatch):
 @pytest.mark.skipif(not BUNDLE.is_dir(), reason="shipped bundle resnet50-inject is absent")
 def test_the_shipped_files_are_what_decides_the_captions(tmp_path):
     from captioning.bundle.format import CAPTION_FILES
-    from captioning.serving.ray_batch import bundle_files, bundle_sha256, local_bundle
+    from captioning.serving.ray_bundle import bundle_files, bundle_sha256, local_bundle
 
     files = bundle_files(BUNDLE)
     assert set(files) == {f"{BUNDLE.name}/{n}" for n in CAPTION_FILES if (BUNDLE / n).exists()}
@@ -384,9 +384,8 @@ SHIP = """
 import json, sys
 import pyarrow as pa, ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from captioning.serving.ray_batch import (
-    BatchConfig, CaptionActor, bundle_files, load_files, resolve_job,
-)
+from captioning.serving.ray_batch import BatchConfig, CaptionActor, load_files, resolve_job
+from captioning.serving.ray_bundle import bundle_files
 
 bundle, elsewhere, photo, address, HEAD = sys.argv[1:]
 job = resolve_job(BatchConfig(bundle, photo, "-", runtime="torch", precision="fp32"))
@@ -410,7 +409,7 @@ def test_a_node_without_the_bundle_gets_the_drivers_copy(cluster, tmp_path):
     """The actor is given a bundle path that does not exist and runs on the worker node: it
     captions with the files the driver shipped, unpacked under the worker's $TMPDIR."""
     from captioning import Captioner
-    from captioning.serving.ray_batch import SHIPPED_DIR, bundle_sha256
+    from captioning.serving.ray_bundle import SHIPPED_DIR, bundle_sha256
 
     worker = cluster.two_nodes()
     photo = SAMPLES / "chelsea.jpg"

@@ -23,7 +23,7 @@ from captioning.data import load_flickr8k
 from captioning.inference.captioner import Captioner, EnsembleCaptioner
 from captioning.inference.evaluate import evaluate, save_evaluation, split_features
 from captioning.models.mixture import MemberFeatures
-from captioning.serving.ray_batch import bundle_sha256
+from captioning.serving.ray_bundle import bundle_sha256
 from tests.scoring import word_logprobs
 
 REPO = Path(__file__).resolve().parents[1]

@@ -87,7 +87,8 @@ def _add_batch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for the Parquet shards")
     p.add_argument(
         "--address",
-        help="Ray cluster: auto or ray://HOST:10001 (default: a local Ray on this machine's cores)",
+        help="Ray cluster: HOST:PORT of its head, auto, or ray://HOST:10001 (default: a local "
+        "Ray on this machine's cores)",
     )
     p.add_argument(
         "--workers",

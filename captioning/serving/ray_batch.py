@@ -17,24 +17,16 @@ a message when nodes leave and the rest of the cluster cannot hold its actor poo
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
 import os
-import shutil
-import signal
-import tempfile
-import threading
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captioning.bundle.format import CAPTION_FILES, is_ensemble, read_config
-from captioning.core.files import sha256_file
 from captioning.data.images import ImageLoadError
+from captioning.inference.captioner import dedicate_cores
 from captioning.serving.batch_files import (
     check_compatible,
     existing_rows,
@@ -45,18 +37,14 @@ from captioning.serving.batch_files import (
     steady_rate,
 )
 from captioning.serving.loading import load_captioner
+from captioning.serving.ray_bundle import bundle_files, bundle_sha256, local_bundle
+from captioning.serving.ray_cluster import NodeWatch, actor_nodes, init_ray
 
 ACTOR_CPU_SHARE = 0.5  # of the cluster's CPUs reserved for actors; read/write tasks get the rest
 READ_TASK_CPUS = 0.25
 THREADS_PER_WORKER = 1  # the default pool: one actor per this many CPUs...
 ACTOR_MEMORY = 1.5 * 2**30  # ...and per this much of the cluster's memory (an actor peaks ~1.2 GB)
 BATCH_SIZE = 16
-SHIPPED_DIR = "captioning-bundles"  # under a node's temp dir: bundles the driver shipped
-NODE_POLL_S = 1.0  # how often the driver checks that the cluster still holds the actor pool
-TOKEN_HELP = (  # how a process that joins a cluster gets its token
-    "copy the head's ~/.ray/auth_token to ~/.ray/auth_token here, or set "
-    "RAY_AUTH_TOKEN_PATH=FILE or RAY_AUTH_TOKEN=TOKEN; `ray get-auth-token` on the head prints it"
-)
 
 
 @dataclass
@@ -128,65 +116,6 @@ class BatchJob:
     def decoding_json(self) -> str:
         """The decoding as rows record it."""
         return json.dumps(self.decoding, sort_keys=True)
-
-
-def bundle_sha256(bundle: Path) -> str:
-    """One digest of the files that decide a bundle's captions (``CAPTION_FILES``).
-
-    A fine-tuned bundle's block file counts as its decoder does. An ensemble has no weights of
-    its own: its config holds its members' sha256, which loading checks.
-    """
-    h = hashlib.sha256()
-    for name in CAPTION_FILES:
-        if (bundle / name).exists():
-            h.update(f"{name}:{sha256_file(bundle / name)}\n".encode())
-    return h.hexdigest()
-
-
-def bundle_files(bundle: Path) -> dict[str, bytes]:
-    """The bytes of the files that decide a bundle's captions, keyed ``NAME/FILE``.
-
-    An ensemble's members sit beside it (``MEMBER/FILE``), as ``Captioner.load`` looks for them.
-    """
-    dirs = [bundle]
-    cfg = read_config(bundle)
-    if is_ensemble(cfg):
-        dirs += [bundle.parent / m["name"] for m in cfg["members"]]
-    return {
-        f"{d.name}/{name}": (d / name).read_bytes()
-        for d in dirs
-        for name in CAPTION_FILES
-        if (d / name).is_file()
-    }
-
-
-def local_bundle(bundle: str, sha256: str, shipped: list | None = None) -> Path:
-    """The bundle with digest ``sha256`` on this node: ``bundle`` itself when this node holds
-    the same files there, else a copy of the files the driver shipped (``[ObjectRef]`` of
-    ``bundle_files``), unpacked once per node under ``$TMPDIR/captioning-bundles/``."""
-    here = Path(bundle)
-    if here.is_dir() and bundle_sha256(here) == sha256:
-        return here
-    root = Path(tempfile.gettempdir(), SHIPPED_DIR)
-    copy = root / sha256[:16] / here.name
-    if not copy.is_dir():
-        if not shipped:
-            state = "differs from the driver's bundle" if here.exists() else "is missing"
-            raise RuntimeError(f"{bundle} on this node {state} (sha256 {sha256[:12]}…)")
-        import ray
-
-        root.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=".unpack-", dir=root))
-        for rel, data in ray.get(shipped[0]).items():
-            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-            (stage / rel).write_bytes(data)
-        try:
-            stage.rename(copy.parent)  # atomic: actors of one node may unpack at once
-        except OSError:  # another actor's copy is in place
-            shutil.rmtree(stage, ignore_errors=True)
-    if bundle_sha256(copy) != sha256:
-        raise RuntimeError(f"{copy} differs from the driver's bundle (sha256 {sha256[:12]}…)")
-    return copy
 
 
 def gpu_share(resources: dict, actors: int) -> dict:
@@ -287,6 +216,7 @@ class CaptionActor:
         torch.set_num_threads(max(1, min(threads, os.cpu_count() or threads)))
         self.bundle = local_bundle(bundle, sha256, shipped)
         self.cap = load_captioner(self.bundle, precision, runtime, device)
+        dedicate_cores(self.cap)  # an actor's process runs only this captioner
         self.decoding = decoding  # every DecodeConfig field, fixed by the driver
         cfg = self.cap.decode_config(**decoding)
         self.const = {
@@ -324,161 +254,6 @@ class CaptionActor:
 
 
 # ---------------------------------------------------------------- the job
-
-
-def _init_ray(address: str | None) -> None:
-    """Join the cluster at ``address``, or start a local Ray on this machine's cores."""
-    import ray
-
-    before = _descendants()
-    try:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    except Exception as e:  # Ray raises bare Exception, ConnectionError, RuntimeError...
-        for pid in _descendants() - before:  # a half-started local Ray: stop what it spawned
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGTERM)
-        if address and refused_token(e):
-            raise RuntimeError(token_message(address)) from None
-        where = f"the Ray cluster at {address}" if address else "a local Ray"
-        # a local start waits 30 s for its raylet, which a saturated machine can miss
-        raise RuntimeError(
-            f"could not start or join {where} ({e}); on a busy machine try again, or start one "
-            "with `ray start --head` and pass --address auto"
-        ) from None
-
-
-def token_message(address: str) -> str:
-    """The one line for a cluster that refused this process's token (or its lack of one)."""
-    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
-    if mode == "token":
-        return (
-            f"the Ray cluster at {address} refused this process's authentication token "
-            f"(RAY_AUTH_MODE=token here): give it the cluster's token ({TOKEN_HELP})"
-        )
-    return (
-        f"the Ray cluster at {address} refused this process, which sends no authentication "
-        f"token (RAY_AUTH_MODE is {mode or 'unset'} here): set RAY_AUTH_MODE=token and give "
-        f"it the cluster's token ({TOKEN_HELP})"
-    )
-
-
-def refused_token(e: BaseException) -> bool:
-    """Whether ``e`` or an error it came from is Ray's token authentication refusing us.
-
-    Joining a cluster wraps Ray's ``AuthenticationError`` into a ``ConnectionError`` whose
-    cause holds only its text.
-    """
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        text = f"{type(cur).__name__}: {cur}"
-        if "AuthenticationError" in text or "InvalidAuthToken" in text:
-            return True
-        cur = cur.__cause__ or cur.__context__
-    return False
-
-
-def _descendants() -> set[int]:
-    """PIDs of this process's children, grandchildren... (Linux /proc; empty elsewhere)."""
-    parent: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parent[int(stat.parent.name)] = int(fields[1])
-    found, frontier = set(), {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, pp in parent.items() if pp in frontier} - found
-        found |= frontier
-    return found
-
-
-class NodeWatch:
-    """Stops the job when nodes leave and the rest cannot hold the actor pool and a read task.
-
-    Ray restarts a lost node's actors on the nodes left; when their CPUs then all go to actors,
-    the read and write tasks never get one and Ray Data waits for ever. A thread polls the
-    nodes every ``NODE_POLL_S`` and then interrupts the driver (SIGINT), which ``run_batch``
-    turns into a message; the rows written so far stay and a re-run captions the rest.
-    """
-
-    def __init__(self, needed_cpus: float) -> None:
-        import ray
-
-        self.needed = needed_cpus
-        self.start_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        self.lost: list[dict] = []  # the nodes that left, once the job was stopped
-        self.cpus_left = 0.0
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="node-watch", daemon=True)
-
-    def __enter__(self) -> NodeWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
-
-    def _watch(self) -> None:
-        import ray
-
-        while not self._done.wait(NODE_POLL_S):
-            with contextlib.suppress(Exception):  # a failed poll: try again
-                alive = [n for n in ray.nodes() if n["Alive"]]
-                cpus = sum(n["Resources"].get("CPU", 0.0) for n in alive)
-                gone = self.start_ids - {n["NodeID"] for n in alive}
-                if gone and cpus < self.needed:
-                    nodes = {n["NodeID"]: n for n in ray.nodes()}
-                    self.lost = [nodes.get(i, {"NodeID": i}) for i in sorted(gone)]
-                    self.cpus_left = cpus
-                    os.kill(os.getpid(), signal.SIGINT)
-                    return
-
-    def message(self) -> str:
-        """What happened, for the user."""
-        gone = ", ".join(
-            f"{n.get('NodeManagerAddress', '?')} (node {n['NodeID'][:12]})" for n in self.lost
-        )
-        return (
-            f"Ray node {gone} left the cluster mid-run, and the nodes left cannot hold the "
-            f"actor pool and its read tasks (CPUs: {self.cpus_left:g} of {self.needed:g} "
-            "needed); the rows written so far are kept: run the same command again to caption "
-            "the rest"
-        )
-
-
-def actor_nodes() -> list[dict] | None:
-    """Per node of the cluster (the head first): its address, node id, whether it is the head,
-    whether it is alive, and how many caption actors this job ran there (Ray's actor table).
-    None when Ray's actor table cannot be read."""
-    import ray
-
-    try:
-        from ray._private import state
-
-        job = ray.get_runtime_context().get_job_id()
-        counts = Counter(
-            a["Address"]["NodeID"]
-            for a in state.actors().values()
-            if a.get("JobID") == job and "CaptionActor" in a.get("ActorClassName", "")
-        )
-        nodes = [
-            {
-                "address": n["NodeManagerAddress"],
-                "node_id": n["NodeID"],
-                "head": "node:__internal_head__" in n.get("Resources", {}),
-                "alive": n["Alive"],
-                "actors": counts.get(n["NodeID"], 0),
-            }
-            for n in ray.nodes()
-        ]
-    except Exception:  # noqa: BLE001 - a private API of Ray's: the report just lacks it
-        return None
-    return sorted(nodes, key=lambda n: (not n["head"], n["node_id"]))
 
 
 def resolve_job(cfg: BatchConfig) -> BatchJob:
@@ -544,7 +319,7 @@ def run_batch(cfg: BatchConfig) -> BatchReport:
     before = shard_names(out)
     started = not ray.is_initialized()
     if started:
-        _init_ray(cfg.address)
+        init_ray(cfg.address)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
         resources = ray.cluster_resources()
