@@ -66,3 +66,18 @@ wait_for_line() {
 free_port() {
   "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
+
+# teardown (the scripts' EXIT trap): kill each node of NODES with its tree, check that no process
+# of WORK is left, remove WORK; exit 1 when one had to be reported, else with the script's code.
+teardown() {
+  local code=$? pid left
+  for pid in "${NODES[@]}"; do kill_tree "$pid" || code=1; done
+  left=$(ps -eo pid=,args= | grep -F "$WORK/" | grep -v grep || true)
+  if [ -n "$left" ]; then
+    echo "processes left behind:" >&2
+    echo "$left" >&2
+    code=1
+  fi
+  rm -rf "$WORK"
+  exit "$code"
+}

@@ -26,18 +26,6 @@ RAY_AUTH_TOKEN=$("$PY" -c 'import secrets; print(secrets.token_hex(32))')
 export RAY_AUTH_TOKEN
 
 NODES=()
-teardown() {
-  local code=$? pid left
-  for pid in "${NODES[@]}"; do kill_tree "$pid" || code=1; done
-  left=$(ps -eo pid=,args= | grep -F "$WORK/" | grep -v grep || true)
-  if [ -n "$left" ]; then
-    echo "processes left behind:" >&2
-    echo "$left" >&2
-    code=1
-  fi
-  rm -rf "$WORK"
-  exit "$code"
-}
 trap teardown EXIT
 
 node() { # node NAME RAY-START-ARGS...: one node of one CPU, in its own temp dir

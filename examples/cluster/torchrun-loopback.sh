@@ -19,18 +19,6 @@ WORK=$(mktemp -d /tmp/torchloop-XXXXXX)
 export TMPDIR=$WORK OMP_NUM_THREADS=1
 
 NODES=()
-teardown() {
-  local code=$? pid left
-  for pid in "${NODES[@]}"; do kill_tree "$pid" || code=1; done
-  left=$(ps -eo pid=,args= | grep -F "$WORK/" | grep -v grep || true)
-  if [ -n "$left" ]; then
-    echo "processes left behind:" >&2
-    echo "$left" >&2
-    code=1
-  fi
-  rm -rf "$WORK"
-  exit "$code"
-}
 trap teardown EXIT
 
 echo "tiny data and its features in $WORK"
