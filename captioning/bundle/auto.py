@@ -20,7 +20,7 @@ def choose_precision(bundle: OpenBundle, int8_here: str | Callable[[], str] = IN
     (or a function that says it): "int8" when the recorded calibration photos or their compiled
     model are here, "int8-samples" otherwise; another int8 record does not count."""
     for label in admissible_precisions(read_records(bundle.path), bundle.config):
-        if not label.startswith(f"{INT8}"):
+        if not label.startswith(INT8):
             return label
         if callable(int8_here):
             int8_here = int8_here()
