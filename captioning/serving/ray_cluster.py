@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
 
 NODE_POLL_S = 1.0  # how often the driver checks that the cluster still holds the actor pool
+STOP_GRACE_S = 20.0  # after the interrupt, how long the driver may take to stop by itself
 TOKEN_HELP = (  # how a process that joins a cluster gets its token
     "copy the head's ~/.ray/auth_token to ~/.ray/auth_token here, or set "
     "RAY_AUTH_TOKEN_PATH=FILE or RAY_AUTH_TOKEN=TOKEN; `ray get-auth-token` on the head prints it"
@@ -97,7 +99,9 @@ class NodeWatch:
     Ray restarts a lost node's actors on the nodes left; when their CPUs then all go to actors,
     the read and write tasks never get one and Ray Data waits for ever. A thread polls the
     nodes every ``NODE_POLL_S`` and then interrupts the driver (SIGINT), which ``run_batch``
-    turns into a message; the rows written so far stay and a re-run captions the rest.
+    turns into a message; when Ray Data holds the interrupt back for ``STOP_GRACE_S``, the
+    thread prints the message and ends the process. The rows written so far stay and a re-run
+    captions the rest.
     """
 
     def __init__(self, needed_cpus: float) -> None:
@@ -131,6 +135,9 @@ class NodeWatch:
                     self.lost = [nodes.get(i, {"NodeID": i}) for i in sorted(gone)]
                     self.cpus_left = cpus
                     os.kill(os.getpid(), signal.SIGINT)
+                    if not self._done.wait(STOP_GRACE_S):  # Ray kept the driver waiting
+                        print(f"error: {self.message()}", file=sys.stderr, flush=True)
+                        os._exit(2)  # the written shards stay; a re-run sets partial ones aside
                     return
 
     def message(self) -> str:
