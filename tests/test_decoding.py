@@ -431,3 +431,67 @@ def test_settings_in_range_and_old_bundle_defaults_load():
         "n_best": 5,
     }
     assert DecodeConfig(**old).no_repeat_ngram == 0
+
+
+# -- prompted captions: a forced prefix ----------------------------------------------------------
+
+
+def forced_start(table: torch.Tensor, word: int) -> torch.Tensor:
+    """``table`` where the first word after <start> is always ``word``."""
+    out = table.clone()
+    out[START_ID] = -1e4
+    out[START_ID, word] = 0.0
+    return out
+
+
+@pytest.mark.parametrize("prefix", [[], [C, A]])
+@pytest.mark.parametrize("beam", [1, 3])
+def test_prefix_starts_every_caption_and_its_word_logprobs_sum_to_the_caption(beam, prefix):
+    table = random_table(7)
+    cfg = DecodeConfig(beam_size=beam, max_len=6, n_best=beam)
+    for nbest in decode(TableDecoder(table), torch.zeros(4, 1), cfg, prefix=prefix):
+        for hyp in nbest:
+            assert hyp.tokens[: len(prefix)] == prefix
+            seq = [START_ID, *hyp.tokens, END_ID]
+            expected = [float(table[a, b]) for a, b in zip(seq, seq[1:], strict=False)]
+            assert hyp.token_logprobs == pytest.approx(expected, abs=1e-4)
+            assert hyp.logprob == pytest.approx(caption_logprob(table, hyp.tokens), abs=1e-4)
+
+
+@pytest.mark.parametrize("beam", [1, 2, 4])
+def test_prefix_search_equals_the_free_search_of_a_model_that_must_start_so(beam):
+    # with raw log-probs (alpha 0) forcing the first word only shifts every score by one constant
+    for seed in range(5):
+        table = random_table(seed)
+        cfg = DecodeConfig(beam_size=beam, max_len=5, n_best=1)
+        prompted = decode(TableDecoder(table), torch.zeros(1, 1), cfg, prefix=[B])[0][0]
+        free = decode(TableDecoder(forced_start(table, B)), torch.zeros(1, 1), cfg)[0][0]
+        assert prompted.tokens == free.tokens
+        assert prompted.logprob == pytest.approx(free.logprob + float(table[START_ID, B]), abs=1e-4)
+
+
+def test_prefix_counts_in_length_normalisation_and_ngram_blocking():
+    # after "a b" the model wants "a b" again; blocking bigrams must see the prefix's "a b"
+    table = make_table(
+        {START_ID: {A: 1.0}, A: {B: 1.0}, B: {A: 0.9, END_ID: 0.1}, C: {END_ID: 1.0}}, 9
+    )
+    table[B, C] = math.log(0.05)
+    cfg = DecodeConfig(beam_size=3, max_len=6, length_alpha=0.7, no_repeat_ngram=2)
+    best = decode(TableDecoder(table), torch.zeros(1, 1), cfg, prefix=[A, B])[0][0]
+    assert best.tokens[:2] == [A, B]
+    pairs = list(zip(best.tokens, best.tokens[1:], strict=False))
+    assert len(pairs) == len(set(pairs))
+    assert best.score == pytest.approx(best.logprob / (len(best.tokens) + 1) ** 0.7)
+
+
+def test_a_prefix_longer_than_a_caption_or_holding_special_tokens_is_refused():
+    cfg = DecodeConfig(beam_size=2, max_len=3)
+    dec = TableDecoder(random_table(1))
+    with pytest.raises(ValueError, match="at most 3"):
+        decode(dec, torch.zeros(1, 1), cfg, prefix=[A, B, C, D])
+    for special in (PAD_ID, START_ID, END_ID, UNK_ID):
+        with pytest.raises(ValueError, match="special tokens"):
+            decode(dec, torch.zeros(1, 1), cfg, prefix=[A, special])
+    # exactly max_len words: the prefix is the caption
+    hyp = decode(dec, torch.zeros(1, 1), cfg, prefix=[A, B, C])[0][0]
+    assert hyp.tokens == [A, B, C]

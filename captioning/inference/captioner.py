@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,10 +28,13 @@ from captioning.bundle.format import (
 from captioning.core.files import sha256_file
 from captioning.core.machine import INT8, Precision
 from captioning.data.images import ImageLoadError
+from captioning.data.text import tokenize
 from captioning.data.vocab import Vocabulary
+from captioning.inference.labels import ClassifierLabels, classifier_labels
 from captioning.models.blocks import TunedBlock
+from captioning.models.confidence import confidence
 from captioning.models.decoders import Decoder
-from captioning.models.decoding import DecodeConfig, Hypothesis, decode
+from captioning.models.decoding import DecodeConfig, Hypothesis, check_prefix, decode
 from captioning.models.encoders import LoadedEncoder
 from captioning.models.mixture import EnsembleStep, MemberFeatures
 from captioning.runtime.decoders import accelerate_decoder, runtime_of, torch_step
@@ -52,6 +56,12 @@ class CaptionResult:
     nbest: list[tuple[str, float]]  # (text, log-prob), best first
     attention: np.ndarray | None  # [n_words, gh, gw] for attention decoders
     timings: dict[str, float] = field(default_factory=dict)  # encode_ms, decode_ms
+    confidence: float = math.nan  # in [0, 1], from the words' probabilities (models.confidence)
+    prefix: str = ""  # the words the caption was made to start with
+
+
+class PrefixError(ValueError):
+    """A prefix that cannot start a caption (a word outside the vocabulary, too many words)."""
 
 
 def dedicate_cores(cap: Captioner) -> None:
@@ -184,24 +194,67 @@ class Captioner:
             base["beam_size"] = beam_size
         return DecodeConfig(**{**base, **overrides})
 
-    def decode_features(self, feats: torch.Tensor, cfg: DecodeConfig) -> list[list[Hypothesis]]:
-        """feats: pooled [N, D] or grid [N, L, C] (any float dtype) -> n-best lists."""
-        return decode(self.step_decoder, feats.float(), cfg)
+    def prefix_ids(self, prefix: str | None, cfg: DecodeConfig | None = None) -> tuple[int, ...]:
+        """The word ids of ``prefix`` (tokenised as the training captions were); PrefixError
+        names any word outside the vocabulary, or says the prefix is longer than a caption."""
+        if prefix is None or not prefix.strip():
+            return ()
+        words = tokenize(prefix)
+        if not words:
+            raise PrefixError(f"the prefix {prefix!r} holds no words")
+        unknown = [w for w in dict.fromkeys(words) if w not in self.vocab.stoi]
+        if unknown:
+            quoted = ", ".join(repr(w) for w in unknown)
+            raise PrefixError(
+                f"{quoted} {'is' if len(unknown) == 1 else 'are'} not in the vocabulary of "
+                f"{self.name} ({len(self.vocab)} words from Flickr8k's captions); "
+                "start the caption with other words"
+            )
+        try:
+            return check_prefix([self.vocab.stoi[w] for w in words], cfg or self.defaults)
+        except ValueError as e:
+            raise PrefixError(str(e)) from None
+
+    def decode_features(
+        self, feats: torch.Tensor, cfg: DecodeConfig, prefix: Sequence[int] = ()
+    ) -> list[list[Hypothesis]]:
+        """feats: pooled [N, D] or grid [N, L, C] (any float dtype) -> n-best lists; every
+        caption starts with the word ids ``prefix``."""
+        return decode(self.step_decoder, feats.float(), cfg, prefix)
+
+    def _request(self, beam_size, prefix, overrides) -> tuple[DecodeConfig, str, tuple[int, ...]]:
+        """The decoding, the prefix text and its word ids; ValueError for a bad setting."""
+        cfg = self.decode_config(beam_size, **overrides)
+        return cfg, (prefix or "").strip(), self.prefix_ids(prefix, cfg)
 
     def caption_batch(
-        self, images: Sequence, beam_size: int | None = None, **overrides
+        self, images: Sequence, beam_size: int | None = None, prefix: str | None = None, **overrides
     ) -> list[CaptionResult]:
-        """Caption PIL images, paths or bytes. Raises ImageLoadError for unusable input."""
-        cfg = self.decode_config(beam_size, **overrides)
+        """Caption PIL images, paths or bytes; every caption starts with ``prefix`` if given.
+        Raises ImageLoadError for unusable input, PrefixError for an unusable prefix."""
+        req = self._request(beam_size, prefix, overrides)
         t0 = time.perf_counter()
         x = torch.stack([load_pixels(im) for im in images])  # [N, 3, 224, 224]
-        return self._caption_pixels(x, cfg, t0)
+        return self._caption_pixels(x, req, t0)
 
     def caption_pixels(
-        self, pixels: torch.Tensor, beam_size: int | None = None, **overrides
+        self,
+        pixels: torch.Tensor,
+        beam_size: int | None = None,
+        prefix: str | None = None,
+        **overrides,
     ) -> list[CaptionResult]:
         """Caption decoded images: pixels [N, 3, 224, 224] from ``pipeline.load_pixels``."""
-        return self._caption_pixels(pixels, self.decode_config(beam_size, **overrides))
+        return self._caption_pixels(pixels, self._request(beam_size, prefix, overrides))
+
+    def labels(self, image, k: int = 5) -> ClassifierLabels:
+        """A second opinion: the encoder's own top-``k`` ImageNet labels of ``image``, or why
+        its weights cannot give them (``captioning.inference.labels``)."""
+        return classifier_labels(self.encoder_names, image, k)
+
+    @property
+    def encoder_names(self) -> list[str]:
+        return [self.config["encoder"]]
 
     def caption_stream(
         self,
@@ -211,6 +264,7 @@ class Captioner:
         batch_size: int = 16,
         workers: int | None = None,
         overlap: bool | None = None,
+        prefix: str | None = None,
         **overrides,
     ) -> Iterator[tuple[object, CaptionResult | ImageLoadError]]:
         """Caption many images on the pipelined path. Yields (source, result or ImageLoadError)
@@ -222,13 +276,13 @@ class Captioner:
         from 22.3 to 25.6 images/s, while OpenVINO, whose encoder and step already keep both
         cores busy, drops from 37.0 to 33.7. The captions are those of ``caption_pixels``.
         """
-        cfg = self.decode_config(beam_size, **overrides)
+        req = self._request(beam_size, prefix, overrides)
         batches = prefetch(sources, batch_size, workers=workers)
         if overlap is None:
             overlap = self.encoder_on_torch
         if not overlap:
             for batch in batches:
-                yield from self._finish(batch, self._encode(batch.pixels), cfg)
+                yield from self._finish(batch, self._encode(batch.pixels), req)
             return
         pool = ThreadPoolExecutor(1, thread_name_prefix="encode")
         try:
@@ -236,10 +290,10 @@ class Captioner:
             for batch in batches:
                 encoding = pool.submit(self._encode, batch.pixels)
                 if pending is not None:  # beam-search the previous batch while this one encodes
-                    yield from self._finish(pending[0], pending[1].result(), cfg)
+                    yield from self._finish(pending[0], pending[1].result(), req)
                 pending = (batch, encoding)
             if pending is not None:
-                yield from self._finish(pending[0], pending[1].result(), cfg)
+                yield from self._finish(pending[0], pending[1].result(), req)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -251,36 +305,37 @@ class Captioner:
         out = self.encoder.encode(x)
         return (out.grid if self.uses_grid else out.pooled), time.perf_counter() - t0
 
-    def _finish(self, batch, encoded, cfg: DecodeConfig):
+    def _finish(self, batch, encoded, req):
         """Decode one prefetched batch from its features; yields (source, result or error)."""
         feats, encode_s = encoded
-        results = iter(self._decode(feats, encode_s, cfg) if feats is not None else ())
+        results = iter(self._decode(feats, encode_s, req) if feats is not None else ())
         for i, src in enumerate(batch.sources):
             yield src, batch.errors[i] if i in batch.errors else next(results)
 
-    def _caption_pixels(
-        self, x: torch.Tensor, cfg: DecodeConfig, t0: float | None = None
-    ) -> list[CaptionResult]:
+    def _caption_pixels(self, x: torch.Tensor, req, t0: float | None = None) -> list[CaptionResult]:
         t0 = time.perf_counter() if t0 is None else t0  # encode_ms includes decoding the image
         feats, _ = self._encode(x)
-        return self._decode(feats, time.perf_counter() - t0, cfg)
+        return self._decode(feats, time.perf_counter() - t0, req)
 
-    def _decode(self, feats: torch.Tensor, encode_s: float, cfg: DecodeConfig):
+    def _decode(self, feats: torch.Tensor, encode_s: float, req):
         """Beam-search features [N, ...] -> N results, timed per image (``encode_s``: the
-        batch's encoding, measured by the caller)."""
+        batch's encoding, measured by the caller). ``req``: (DecodeConfig, prefix, its ids)."""
+        cfg, prefix, ids = req
         t1 = time.perf_counter()
-        nbests = self.decode_features(feats, cfg)
+        nbests = self.decode_features(feats, cfg, ids)
         n = len(nbests)
         timings = {
             "encode_ms": encode_s * 1000 / n,
             "decode_ms": (time.perf_counter() - t1) * 1000 / n,
         }
-        return [self._result(nb, timings) for nb in nbests]
+        return [self._result(nb, timings, prefix) for nb in nbests]
 
-    def caption(self, image, beam_size: int | None = None, **overrides) -> CaptionResult:
-        return self.caption_batch([image], beam_size, **overrides)[0]
+    def caption(
+        self, image, beam_size: int | None = None, prefix: str | None = None, **overrides
+    ) -> CaptionResult:
+        return self.caption_batch([image], beam_size, prefix, **overrides)[0]
 
-    def _result(self, nbest: list[Hypothesis], timings: dict) -> CaptionResult:
+    def _result(self, nbest: list[Hypothesis], timings: dict, prefix: str = "") -> CaptionResult:
         best = nbest[0]
         att = None
         if best.attention is not None:
@@ -295,6 +350,8 @@ class Captioner:
             nbest=[(self.vocab.decode(h.tokens), h.logprob) for h in nbest],
             attention=att,
             timings=dict(timings),
+            confidence=confidence(best.token_logprobs),
+            prefix=prefix,
         )
 
 
@@ -337,8 +394,14 @@ class EnsembleCaptioner(Captioner):
     def encoder_on_torch(self) -> bool:
         return any(m.encoder_on_torch for m in self.members)
 
-    def decode_features(self, feats: MemberFeatures, cfg: DecodeConfig) -> list[list[Hypothesis]]:
-        return decode(self.step_decoder, feats.float(), cfg)
+    def decode_features(
+        self, feats: MemberFeatures, cfg: DecodeConfig, prefix: Sequence[int] = ()
+    ) -> list[list[Hypothesis]]:
+        return decode(self.step_decoder, feats.float(), cfg, prefix)
+
+    @property
+    def encoder_names(self) -> list[str]:
+        return [name for m in self.members for name in m.encoder_names]
 
     def _encode(self, x: torch.Tensor | None) -> tuple[MemberFeatures | None, float]:
         """pixels [N, 3, 224, 224] -> (each member's features, seconds); members that share an

@@ -22,13 +22,16 @@ Beam search is the standard one (GNMT, fairseq, Hugging Face):
 * At ``max_len`` words only ``<end>`` is allowed, which closes the live hypotheses.
 
 ``no_repeat_ngram=n`` forbids any word that would complete an n-gram already in the hypothesis
-(greedy and beam). The step loop is batched over images and beams; the words, back-pointers and
+(greedy and beam). A ``prefix`` of word ids is forced as the caption's first words; the search
+continues from it, and length normalisation and n-gram blocking count it as part of the caption.
+The step loop is batched over images and beams; the words, back-pointers, summed log-probs and
 attention of each step are kept in tensors, and the n-best lists are traced back once at the end.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -78,17 +81,32 @@ class Hypothesis:
     score: float  # length-normalised score used for ranking
     finished: bool  # emitted <end>
     attention: torch.Tensor | None = None  # [len(tokens), L] for attention decoders
+    token_logprobs: list[float] | None = None  # [len(tokens) + 1]: each word's, then <end>'s
 
 
 def _length_score(logprob: float, n_tokens: int, alpha: float) -> float:
     return logprob / max(n_tokens, 1) ** alpha if alpha else logprob
 
 
-class NextWordRules:
-    """Which next words are allowed at step t; builds its [V] masks once per search."""
+def check_prefix(prefix: Sequence[int], cfg: DecodeConfig) -> tuple[int, ...]:
+    """The forced first words as a tuple; ValueError when they cannot start a caption."""
+    ids = tuple(prefix)
+    if any(not isinstance(i, int) or i in (PAD_ID, START_ID, END_ID, UNK_ID) for i in ids):
+        raise ValueError(f"a prefix holds word ids, not special tokens: {ids}")
+    if len(ids) > cfg.max_len:
+        raise ValueError(f"the prefix has {len(ids)} words; a caption has at most {cfg.max_len}")
+    return ids
 
-    def __init__(self, cfg: DecodeConfig, vocab_size: int) -> None:
+
+class NextWordRules:
+    """Which next words are allowed at step t; builds its [V] masks once per search.
+
+    ``prefix``: word ids forced at steps 0..len-1 (whatever the other rules say).
+    """
+
+    def __init__(self, cfg: DecodeConfig, vocab_size: int, prefix: Sequence[int] = ()) -> None:
         self.cfg = cfg
+        self.prefix = check_prefix(prefix, cfg)
         self.bias = torch.zeros(vocab_size)  # [V], added to the log-probs
         self.bias[[PAD_ID, START_ID, UNK_ID] if cfg.block_unk else [PAD_ID, START_ID]] = NEG
         self.early = self.bias.clone()  # before min_len: no <end> either
@@ -100,9 +118,10 @@ class NextWordRules:
         history [B, >= t]: the words of steps 0..t-1 of each row (for n-gram blocking).
         """
         cfg = self.cfg
-        if t == cfg.max_len:  # out of room: only <end> is left
+        if t < len(self.prefix) or t == cfg.max_len:  # a forced word, or out of room: <end>
+            word = self.prefix[t] if t < len(self.prefix) else END_ID
             out = torch.full_like(logp, NEG)
-            out[:, END_ID] = logp[:, END_ID]
+            out[:, word] = logp[:, word]
             return out
         out = logp + (self.early if t < cfg.min_len else self.bias)
         n = cfg.no_repeat_ngram
@@ -128,9 +147,13 @@ def _compact(done: torch.Tensor) -> torch.Tensor | None:
 
 @torch.inference_mode()
 def greedy_decode(
-    decoder: Decoder, feats: torch.Tensor, cfg: DecodeConfig | None = None
+    decoder: Decoder,
+    feats: torch.Tensor,
+    cfg: DecodeConfig | None = None,
+    prefix: Sequence[int] = (),
 ) -> list[Hypothesis]:
-    """Argmax decoding of a batch. feats: pooled [N, D] or grid [N, L, C].
+    """Argmax decoding of a batch. feats: pooled [N, D] or grid [N, L, C]; ``prefix``: word ids
+    every caption starts with.
 
     Images that emitted <end> leave the batch (in groups, see ``_compact``).
     """
@@ -142,13 +165,13 @@ def greedy_decode(
     word = torch.full((n,), START_ID, dtype=torch.long)  # [M]
     done = torch.zeros(n, dtype=torch.bool)  # [M] emitted <end> but not yet removed
     length = torch.full((n,), cfg.max_len, dtype=torch.long)  # [N] words before <end>
-    logprob = torch.zeros(n)  # [N]
+    steplp = torch.zeros(n, cfg.max_len + 1)  # [N, T] log-prob of each step's word
     seq = torch.zeros(n, cfg.max_len + 1, dtype=torch.long)  # [N, T] word of each step
     att: torch.Tensor | None = None  # [N, T, L]
     rules: NextWordRules | None = None
     for t in range(cfg.max_len + 1):
         logp, state, alpha = decoder.step(ctx, state, word)  # [M, V]
-        rules = rules or NextWordRules(cfg, logp.shape[-1])
+        rules = rules or NextWordRules(cfg, logp.shape[-1], prefix)
         hist = seq.index_select(0, act) if cfg.no_repeat_ngram and act.numel() < n else seq
         best_lp, word = rules.apply(logp, t, hist).max(-1)  # [M] each
         word = word.masked_fill(done, PAD_ID)
@@ -156,13 +179,13 @@ def greedy_decode(
         if alpha is not None and att is None:
             att = torch.zeros(n, cfg.max_len + 1, alpha.shape[-1])
         if act.numel() == n:  # nobody left yet: plain slices are cheaper than indexing
-            logprob += best_lp.masked_fill(done, 0.0)
+            steplp[:, t] = best_lp.masked_fill(done, 0.0)
             seq[:, t] = word
             length.masked_fill_(ended, t)
             if alpha is not None:
                 att[:, t] = alpha
         else:
-            logprob.index_add_(0, act, best_lp.masked_fill(done, 0.0))
+            steplp[act, t] = best_lp.masked_fill(done, 0.0)
             seq[act, t] = word
             length[act[ended]] = t
             if alpha is not None:
@@ -177,9 +200,10 @@ def greedy_decode(
         ctx = decoder.select(ctx, keep)
         state = tuple(s.index_select(0, keep) for s in state)
     out = []
-    for i, (ids, n_words, lp) in enumerate(
-        zip(seq.tolist(), length.tolist(), logprob.tolist(), strict=True)
+    for i, (ids, n_words, lps) in enumerate(
+        zip(seq.tolist(), length.tolist(), steplp.tolist(), strict=True)
     ):
+        lp = math.fsum(lps[: n_words + 1])
         out.append(
             Hypothesis(
                 ids[:n_words],
@@ -187,6 +211,7 @@ def greedy_decode(
                 _length_score(lp, n_words + 1, cfg.length_alpha),
                 True,
                 att[i, :n_words].clone() if att is not None else None,
+                lps[: n_words + 1],
             )
         )
     return out
@@ -212,12 +237,14 @@ def beam_search(
     decoder: Decoder,
     feats: torch.Tensor,
     cfg: DecodeConfig | None = None,
+    prefix: Sequence[int] = (),
     *,
     stop_early: bool = True,
 ) -> list[list[Hypothesis]]:
     """Batched beam search over N images (the module docstring has the algorithm); each image's
-    n-best list, best first. Done images leave the batch in groups (``_compact``);
-    ``stop_early=False`` runs every image to ``max_len``, with the same result."""
+    n-best list, best first. ``prefix``: word ids every caption starts with. Done images leave
+    the batch in groups (``_compact``); ``stop_early=False`` runs every image to ``max_len``,
+    with the same result."""
     cfg = cfg or DecodeConfig()
     k, n = cfg.beam_size, feats.shape[0]
     ctx = decoder.select(decoder.context(feats), torch.arange(n).repeat_interleave(k))
@@ -231,12 +258,13 @@ def beam_search(
     # per step t, by global row: the word left in it, the row it came from, its attention
     words = torch.zeros(cfg.max_len, n * k, dtype=torch.long)
     backs = torch.zeros(cfg.max_len, n * k, dtype=torch.long)
+    cums = torch.zeros(cfg.max_len, n * k)  # summed log-prob of the row's words up to step t
     att: torch.Tensor | None = None  # [T, N*k, L], by the row that attended
     rules: NextWordRules | None = None
     first_row = (torch.arange(n) * k)[:, None]  # [M, 1] local rows
     for t in range(cfg.max_len + 1):
         logp, state, alpha = decoder.step(ctx, state, word)  # [M*k, V]
-        rules = rules or NextWordRules(cfg, logp.shape[-1])
+        rules = rules or NextWordRules(cfg, logp.shape[-1], prefix)
         vocab, m = logp.shape[-1], act.numel()
         full = m == n  # nobody left yet: local rows are the global rows
         if first_row.shape[0] != m:
@@ -262,9 +290,10 @@ def beam_search(
         word = (keep % vocab).view(-1)
         state = tuple(s.index_select(0, back) for s in state)
         if full:
-            words[t], backs[t] = word, back
+            words[t], backs[t], cums[t] = word, back, live
         else:
             words[t, act_rows], backs[t, act_rows] = word, act_rows[back]
+            cums[t, act_rows] = live
         if hist is not None:
             hist = hist.index_select(0, back)
             hist[:, t] = word
@@ -286,7 +315,7 @@ def beam_search(
         if hist is not None:
             hist = hist[rows]
     final[act] = pool
-    return _trace_back(cfg, final, words, backs, att)
+    return _trace_back(cfg, final, words, backs, cums, att)
 
 
 def _pool_endings(
@@ -308,9 +337,10 @@ def _pool_endings(
     return merged.gather(1, order[..., None].expand(-1, -1, 4))
 
 
-def _trace_back(cfg, pool, words, backs, att) -> list[list[Hypothesis]]:
-    """Follow the back-pointers of each pooled hypothesis to its words and attention [len, L]."""
-    steps, froms = words.tolist(), backs.tolist()  # [T][N*k]
+def _trace_back(cfg, pool, words, backs, cums, att) -> list[list[Hypothesis]]:
+    """Follow the back-pointers of each pooled hypothesis to its words, their log-probs and
+    attention [len, L]."""
+    steps, froms, sums = words.tolist(), backs.tolist(), cums.tolist()  # [T][N*k]
     out = []
     for entries in pool.tolist():
         hyps = []
@@ -318,19 +348,25 @@ def _trace_back(cfg, pool, words, backs, att) -> list[list[Hypothesis]]:
             if score == -math.inf:
                 continue
             n_words, cur = int(end), int(row)  # the row that emitted <end> at step n_words
-            ids, rows = [0] * n_words, [0] * n_words
+            ids, rows, cum = [0] * n_words, [0] * n_words, [0.0] * (n_words + 1)
+            cum[n_words] = lp
             for s in range(n_words - 1, -1, -1):
+                cum[s] = sums[s][cur]
                 ids[s], cur = steps[s][cur], froms[s][cur]
                 rows[s] = cur
             idx = torch.tensor(rows, dtype=torch.long)
             a = att[torch.arange(n_words), idx] if att is not None else None
-            hyps.append(Hypothesis(ids, lp, score, True, a))
+            token_lps = [b - a_ for a_, b in zip([0.0, *cum[:-1]], cum, strict=True)]
+            hyps.append(Hypothesis(ids, lp, score, True, a, token_lps))
         out.append(hyps[: cfg.n_best])
     return out
 
 
-def decode(decoder: Decoder, feats: torch.Tensor, cfg: DecodeConfig) -> list[list[Hypothesis]]:
-    """Beam search for beam_size > 1, greedy for 1; always returns n-best lists."""
+def decode(
+    decoder: Decoder, feats: torch.Tensor, cfg: DecodeConfig, prefix: Sequence[int] = ()
+) -> list[list[Hypothesis]]:
+    """Beam search for beam_size > 1, greedy for 1; always returns n-best lists. ``prefix``:
+    word ids every caption starts with."""
     if cfg.beam_size == 1:
-        return [[h] for h in greedy_decode(decoder, feats, cfg)]
-    return beam_search(decoder, feats, cfg)
+        return [[h] for h in greedy_decode(decoder, feats, cfg, prefix)]
+    return beam_search(decoder, feats, cfg, prefix)
