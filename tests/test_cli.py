@@ -183,7 +183,7 @@ PARSE_ERRORS = [
     (["tune-decoding", "--model", "m", "--beams", "1", "100"], "beam size must be 1..10"),
     (["bench", "--model", "m", "--folder-beam", "0"], "beam size must be 1..10"),
     (["classify", "x.jpg", "--top", "0"], "must be at least 1, got 0"),
-    (["extract", "--encoder", "resnet50", "--limit", "-1"], "must be 0 or more, got -1"),
+    (["extract", "--encoder", "resnet50", "--limit", "-1"], "must be at least 1, got -1"),
     (["evaluate", "--model", "m", "--length-alpha", "inf"], "must be a finite number >= 0"),
     (["evaluate", "--model", "m", "--length-alpha", "abc"], "must be a number, got 'abc'"),
     (["train", "--out", "o", "--label-smoothing", "1"], "must be below 1, got 1"),

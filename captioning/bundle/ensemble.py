@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from captioning.bundle.catalog import resolve_bundle
+from captioning.bundle.catalog import find_bundle, resolve_bundle, resolve_bundles
 from captioning.bundle.format import (
     BUNDLE_FORMAT,
     ENSEMBLE_KIND,
@@ -36,6 +36,7 @@ from captioning.bundle.format import (
 )
 from captioning.bundle.records import write_records
 from captioning.core.files import atomic_write_json
+from captioning.core.paths import models_dir_default
 from captioning.data.vocab import Vocabulary
 from captioning.models.decoding import DecodeConfig
 
@@ -109,6 +110,41 @@ def _member_path(path: Path, name: str) -> Path:
         ) from None
 
 
+def new_member_paths(out: Path, members: Sequence[str]) -> list[Path]:
+    """The bundles ``members`` names (names or paths) for a new ensemble at ``out``.
+
+    An ensemble finds its members in its own folder when it loads, so each must lie in
+    ``out``'s folder. Raises one BundleError naming every member that is missing (looked up in
+    ``out``'s folder, or in the models directory when that is where the others are), or saying
+    where the ensemble must go when the members are all in the models directory instead.
+    """
+    home, models = out.parent, models_dir_default()
+    gone = [m for m in members if find_bundle(m, home) is None]
+    if gone and not _same_dir(home, models):
+        gone_there = [m for m in members if find_bundle(m, models) is None]
+        if not gone_there:
+            raise BundleError(
+                f"an ensemble finds its members in its own folder, and {home} has no "
+                f"{', '.join(gone)} (they are in {models}): give --out a path there, e.g. "
+                f"--out {models / out.name}"
+            )
+        if len(gone_there) < len(gone):  # the models directory is where the user looks
+            home = models
+    paths = resolve_bundles(members, home)
+    away = [str(p) for p in paths if not _same_dir(p.parent, out.parent)]
+    if away:
+        raise BundleError(
+            f"an ensemble finds its members in its own folder, and {', '.join(away)} "
+            f"{'is' if len(away) == 1 else 'are'} not in {out.parent}: write the ensemble "
+            "beside its members"
+        )
+    return paths
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
 def _check_member(path: Path, member: Path, entry: dict, vocab: Vocabulary) -> None:
     if weights_fingerprint(member) != entry["sha256"]:
         raise BundleError(
@@ -134,7 +170,7 @@ def make_ensemble(
     """
     weights = member_weights(members, weights)
     check_out_empty(out, force)
-    paths = [_member_path(out, name) for name in members]
+    paths = new_member_paths(out, members)
     configs = single_model_configs(paths)
     vocab = shared_vocabulary(paths)
     first = configs[0]

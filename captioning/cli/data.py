@@ -16,7 +16,6 @@ from captioning.cli.args import (
     add_encoder,
     add_precision,
     add_runtime,
-    nonneg_int,
     on_device,
     positive_int,
 )
@@ -159,7 +158,14 @@ def add_parsers(commands: CommandParsers) -> None:
 
     commands.command("encoders", cmd_encoders)
 
-    p = commands.command("data", cmd_data)
+    p = commands.command(
+        "data",
+        cmd_data,
+        "Detect the layout of a data directory (or of a Karpathy split JSON file), check it\n"
+        "and summarise it.",
+    )
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = _layouts_epilog()
     add_data(p)
     p.add_argument("-v", "--verbose", action="store_true", help="list every skipped line")
 
@@ -170,7 +176,7 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
     add_cache(p)
     p.add_argument("--batch-size", type=positive_int, default=32, help="(default: 32)")
     p.add_argument(
-        "--limit", type=nonneg_int, default=0, help="only the first N images (default: 0 = all)"
+        "--limit", type=positive_int, default=0, help="only the first N images (default: all)"
     )
     add_precision(p)
     add_runtime(p)
@@ -182,3 +188,16 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
         help="cache the input of this block instead (what `train --finetune BLOCK` reads): "
         "layer4 (ResNet50's layer3 output) or block5 (VGG16's pool4 output)",
     )
+
+
+def _layouts_epilog() -> str:
+    """The recognised layouts, one paragraph each: id, data set and files."""
+    import textwrap
+
+    from captioning.data.layouts import LAYOUTS
+
+    lines = ["recognised layouts:"]
+    for layout in LAYOUTS.values():
+        text = f"{layout.id}: {layout.dataset}; {layout.files}"
+        lines += textwrap.wrap(text, width=88, initial_indent="  ", subsequent_indent="      ")
+    return "\n".join(lines)

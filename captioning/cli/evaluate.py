@@ -24,6 +24,7 @@ from captioning.cli.args import (
     nonneg_float,
     nonneg_int,
     on_device,
+    positive_int,
 )
 
 EVAL_OUT = Path("runs") / "eval"  # plain `evaluate` writes here (git-ignored), never a bundle
@@ -36,8 +37,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from captioning.models.metrics import format_table
 
     precision, runtime = on_device(args)
+    ds = load_dataset(args.data)  # a data error before the model loads
     cap = Captioner.load(args.model, precision, runtime=runtime)
-    ds = load_dataset(args.data)
     t0 = time.perf_counter()
     ev = evaluate(
         cap,
@@ -69,8 +70,8 @@ def cmd_tune_decoding(args: argparse.Namespace) -> int:
     from captioning.inference.tune import tune_decoding
     from captioning.models.metrics import HEADLINE_KEYS, METRIC_LABELS
 
+    ds = load_dataset(args.data)  # a data error before the model loads
     cap = Captioner.load(args.model, args.precision, runtime=args.runtime)
-    ds = load_dataset(args.data)
     best, rows = tune_decoding(
         cap,
         ds,
@@ -176,9 +177,9 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     add_cache(p)
     p.add_argument(
         "--limit",
-        type=nonneg_int,
+        type=positive_int,
         default=0,
-        help="only the first N images of the split (default: 0 = all)",
+        help="only the first N images of the split (default: all)",
     )
     add_precision(p)
     add_runtime(p)

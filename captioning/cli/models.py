@@ -16,7 +16,7 @@ from captioning.cli.args import (
     add_precision,
     cache_root,
     decode_overrides,
-    nonneg_int,
+    positive_int,
 )
 
 SCORING_FLAGS = ("beam", "length_alpha", "no_repeat_ngram")  # how greedy candidates are scored
@@ -68,11 +68,17 @@ def _print_bundles(bundles: list, split: str) -> None:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
+    from captioning.bundle.catalog import find_bundle
     from captioning.bundle.ensemble import make_ensemble
     from captioning.core.machine import git_commit
     from captioning.core.paths import models_dir_default
 
-    out = Path(args.out) if args.out else models_dir_default() / "-".join(args.members)
+    if args.out:
+        out = Path(args.out)
+    else:  # beside the first member, named after all of them
+        first = find_bundle(args.members[0])
+        home = first.parent if first else models_dir_default()
+        out = home / "-".join(Path(m).name for m in args.members)
     cfg = make_ensemble(out, args.members, args.weights, commit=git_commit(), force=args.force)
     parts = ", ".join(f"{m['name']} ({m['weight']:g})" for m in cfg["members"])
     print(f"wrote {out}: an ensemble of {parts}")
@@ -84,6 +90,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def cmd_soup(args: argparse.Namespace) -> int:
+    from captioning.bundle.catalog import resolve_bundles
     from captioning.bundle.soup import make_soup
     from captioning.core.machine import git_commit
 
@@ -94,6 +101,8 @@ def cmd_soup(args: argparse.Namespace) -> int:
         if given:
             flags = ", ".join("--" + f.replace("_", "-") for f in given)
             raise ValueError(f"{flags}: only with --greedy (they set how candidates are scored)")
+    resolve_bundles(args.members)  # one error naming every missing member, before any work
+    if not args.greedy:
         cfg = make_soup(out, args.members, args.weights, commit=git_commit(), force=args.force)
     else:
         cfg = _greedy_soup(args, out)
@@ -207,9 +216,9 @@ def _add_soup(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--limit",
-        type=nonneg_int,
+        type=positive_int,
         default=0,
-        help="with --greedy: score on the first N dev images only (default: 0 = all 1000)",
+        help="with --greedy: score on the first N dev images only (default: all)",
     )
     add_decoding(p)
     add_data(p)

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from captioning.data.dataset import FIX_HELP, CaptionDataset, DataError, resolve_data_dir
+from captioning.data.dataset import CaptionDataset, DataError, resolve_data_dir
 from captioning.data.layouts import (
     COCO_ANNOTATIONS_DIR,
     COCO_CAPTIONS,
@@ -53,7 +53,7 @@ def load_coco(root: str | Path | None = None, *, check_images: bool = True) -> C
     if not captions:
         raise DataError(
             f"no usable COCO captions in {root / COCO_ANNOTATIONS_DIR}/ "
-            f"({'; '.join(skipped[:3]) or 'no annotations'}). {HELP} {FIX_HELP}"
+            f"({'; '.join(skipped[:3]) or 'no annotations'}). {HELP}"
         )
     ordered = hash_order(per_part["train"])
     n_dev = DEV_IMAGES if len(ordered) >= 8 * DEV_IMAGES else len(ordered) // 8
@@ -87,7 +87,7 @@ def _read_part(root: Path, part: str, file: str, check_images: bool) -> Collecto
     present = None
     if check_images and path.is_file():
         if not (root / folder).is_dir():
-            raise DataError(f"no image folder {root / folder}/ for {file}. {HELP} {FIX_HELP}")
+            raise DataError(f"no image folder {root / folder}/ for {file}. {HELP}")
         present = {f"{folder}/{n}" for n in list_images(root / folder)}
     col = Collector(file, present, f"{root.name}/", HELP, unit="annotation")
     if not path.is_file():

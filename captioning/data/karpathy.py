@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from captioning.data.dataset import (
-    FIX_HELP,
     SPLITS,
     CaptionDataset,
     DataError,
     resolve_data_dir,
 )
 from captioning.data.layouts import (
+    COCO_ANNOTATIONS_DIR,
+    COCO_CAPTIONS,
     FLICKR8K_IMAGE_DIRS,
     FLICKR30K_IMAGE_DIRS,
     KARPATHY_FILES,
@@ -37,6 +38,18 @@ SPLIT_MAP = {"train": "train", "restval": "train", "val": "dev", "test": "test"}
 DATASET_NAMES = {"coco": "COCO 2014", "flickr8k": "Flickr8k", "flickr30k": "Flickr30k"}
 IMAGE_DIRS = {"flickr8k": FLICKR8K_IMAGE_DIRS, "flickr30k": FLICKR30K_IMAGE_DIRS}
 HELP = layouts_help("karpathy")
+EXPECTED_JSON = (
+    'expected a Karpathy split file, {"images": [{"filename", "split", "sentences"}, ...]}; '
+    "see `python -m captioning data --help`"
+)
+JSON_TYPES = {
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}  # the JSON name of what json.loads returns
 
 
 def load_karpathy(path: str | Path | None = None, *, check_images: bool = True) -> CaptionDataset:
@@ -120,7 +133,7 @@ def split_sources(file: Path) -> dict[str, str]:
 def find_karpathy_file(folder: Path) -> Path:
     found = [folder / f for f in KARPATHY_FILES if (folder / f).is_file()]
     if not found:
-        raise DataError(f"no Karpathy split file in {folder}. {HELP} {FIX_HELP}")
+        raise DataError(f"no Karpathy split file in {folder}. {HELP}")
     if len(found) > 1:
         names = ", ".join(f.name for f in found)
         raise DataError(f"several Karpathy split files in {folder} ({names}): pass one as --data")
@@ -138,25 +151,33 @@ def is_karpathy_json(data: Any) -> bool:
 
 
 def read_karpathy_json(file: Path) -> dict:
-    """The parsed file; an error naming the accepted layouts if it is not a Karpathy file."""
+    """The parsed file; a one-line error naming the file, saying what it holds and what a
+    Karpathy split file holds if it is not one."""
     try:
-        data = load_json(file)
+        data = load_json(file, str(file))
     except ValueError as e:
-        raise DataError(f"{e}. {HELP}") from None
+        raise DataError(f"{e}; {EXPECTED_JSON}") from None
     if not is_karpathy_json(data):
-        raise DataError(
-            f"{file} is not a Karpathy split file (it holds {_shape(data)}). {layouts_help()}"
-        )
+        if isinstance(data, dict) and "annotations" in data:
+            raise DataError(
+                f"{file} holds COCO-style images + annotations, which are read as COCO 2017 "
+                f"from DIR/{COCO_ANNOTATIONS_DIR}/{COCO_CAPTIONS['train']} and "
+                f"{COCO_CAPTIONS['val']} (pass DIR)"
+            )
+        raise DataError(f"{file} {_shape(data)}; {EXPECTED_JSON}")
     return data
 
 
 def _shape(data: Any) -> str:
-    """What a JSON document holds, in a few words, for an error message."""
+    """What a JSON document that is not a Karpathy split file holds, for an error message."""
     if not isinstance(data, dict):
-        return f"a JSON {type(data).__name__}"
-    if "annotations" in data:
-        return "COCO-style images + annotations"
-    return f"an object with keys {', '.join(sorted(data)[:6]) or 'none'}"
+        return f"holds a JSON {JSON_TYPES.get(type(data), type(data).__name__)}, not an object"
+    if not data:
+        return "is an empty JSON object"
+    if not isinstance(data.get("images"), list):
+        keys = ", ".join(sorted(data)[:6]) + (", ..." if len(data) > 6 else "")
+        return f'holds an object with keys {keys} but no "images" list'
+    return 'has no "images" entry with "filename" and "sentences"'
 
 
 def dataset_of(file: Path, data: dict) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captioning.data.dataset import FIX_HELP, DataError
+from captioning.data.dataset import DataError
 from captioning.data.text import tokenize
 
 SKIP_REASONS = ("unreadable file", "malformed", "missing image", "empty caption", "duplicate")
@@ -147,7 +147,7 @@ def find_images_dir(root: Path, candidates: tuple[str, ...], required: bool, acc
     if not required:
         return root / candidates[0]
     wanted = " or ".join(f"{name}/" for name in candidates)
-    raise DataError(f"no image folder in {root}: expected {wanted}. {accepted} {FIX_HELP}")
+    raise DataError(f"no image folder in {root}: expected {wanted}. {accepted}")
 
 
 def list_images(images_dir: Path) -> set[str]:
@@ -160,8 +160,7 @@ def list_images(images_dir: Path) -> set[str]:
 def require_file(path: Path, layout: str, accepted: str) -> None:
     if not path.is_file():
         raise DataError(
-            f"{path.name} is missing from {path.parent} (needed by the {layout} layout). "
-            f"{accepted} {FIX_HELP}"
+            f"{path.name} is missing from {path.parent} (needed by the {layout} layout). {accepted}"
         )
 
 
@@ -173,14 +172,25 @@ def read_lines(path: Path) -> list[str]:
     return text.splitlines()
 
 
-def load_json(path: Path) -> Any:
-    """Parsed JSON; ``ValueError`` (not ``DataError``) for a file that is absent or malformed."""
+def load_json(path: Path, name: str | None = None) -> Any:
+    """Parsed JSON; ``ValueError`` (not ``DataError``) for a file that is absent, not UTF-8 text
+    (as JSON is), empty or malformed, naming it as ``name`` (default: its file name)."""
+    name = name or path.name
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as e:
-        raise ValueError(f"cannot read {path.name}: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path.name} is not valid JSON ({e})") from None
+        raise ValueError(f"cannot read {name}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        byte = e.object[e.start : e.start + 1].hex()
+        raise ValueError(f"{name} is not UTF-8 text (byte 0x{byte} at offset {e.start})") from None
+    if not text.strip():
+        raise ValueError(f"{name} is not valid JSON (the file is empty)")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{name} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+        ) from None
 
 
 def ranges(numbers: list[int]) -> str:
