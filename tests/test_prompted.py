@@ -76,7 +76,7 @@ def test_word_logprobs_and_confidence_are_the_models_own(attention, prefix):
     ids = [attention.vocab.stoi[w] for w in res.tokens]
     forced = word_logprobs(attention, img, ids)  # [len + 1]
     assert float(forced.sum()) == pytest.approx(res.score, abs=1e-3)
-    expected = float(forced.exp().mean())
+    expected = float(forced.mean().exp())  # the geometric mean of the probabilities
     assert res.confidence == pytest.approx(expected, abs=1e-4)
 
 

@@ -28,8 +28,10 @@ with warnings.catch_warnings():  # starlette 1.x: "install httpx2 instead"; http
 
 from captioning.bundle.format import BUNDLE_FORMAT, BundleError, bundle_decoding  # noqa: E402
 from captioning.data.images import ImageLoadError  # noqa: E402
-from captioning.inference.captioner import CaptionResult  # noqa: E402
-from captioning.models.decoding import MAX_BEAM  # noqa: E402
+from captioning.data.vocab import SPECIALS, Vocabulary  # noqa: E402
+from captioning.inference.captioner import CaptionResult, prefix_word_ids  # noqa: E402
+from captioning.inference.labels import ClassifierLabels, classifier_labels  # noqa: E402
+from captioning.models.decoding import MAX_BEAM, DecodeConfig  # noqa: E402
 from captioning.serving.app import ServeConfig, create_app  # noqa: E402
 from captioning.serving.batcher import MicroBatcher  # noqa: E402
 from captioning.serving.errors import ApiError  # noqa: E402
@@ -53,8 +55,10 @@ BRIGHT, DARK = "a bright picture", "a dark picture"
 
 
 class ToneCaptioner:
-    """A stand-in model: "a bright picture" or "a dark picture" from the pixels' mean; every
-    ``caption_pixels`` call is recorded as (batch size, beam), and ``fail`` makes it raise."""
+    """A stand-in model: "a bright picture" or "a dark picture" from the pixels' mean (after
+    the prefix, when one is given); every ``caption_pixels`` call is recorded as (batch size,
+    beam), and ``fail`` makes it raise. Its vocabulary is those words plus "photo"; prefixes
+    are checked against it as a bundle's are, and labels come from the real classifier."""
 
     runtime = "tone"
     precision_label = "fp32"
@@ -63,22 +67,39 @@ class ToneCaptioner:
         self.path, self.name = path, path.name
         self.config = json.loads((path / "config.json").read_text())
         self.defaults = bundle_decoding(self.config)
+        self.vocab = Vocabulary(list(SPECIALS) + ["a", "bright", "dark", "picture", "photo"])
         self.calls: list[tuple[int, int]] = []
+        self.prefixes: list[str | None] = []
         self.fail = False
+
+    def decode_config(self, beam_size: int | None = None, **overrides) -> DecodeConfig:
+        return bundle_decoding(self.config, beam_size, **overrides)
+
+    def prefix_ids(self, prefix: str | None, cfg: DecodeConfig) -> tuple[int, ...]:
+        return prefix_word_ids(self.vocab, self.name, prefix, cfg)
+
+    def labels(self, image, k: int) -> ClassifierLabels:
+        return classifier_labels([self.config["encoder"]], image, k)
 
     def caption(self, image: Image.Image, beam_size: int | None = None) -> CaptionResult:
         return CaptionResult("a warm-up", ["a", "warm-up"], -1.0, [], None)
 
-    def caption_pixels(self, pixels: torch.Tensor, beam_size: int) -> list[CaptionResult]:
+    def caption_pixels(
+        self, pixels: torch.Tensor, beam_size: int, prefix: str | None = None
+    ) -> list[CaptionResult]:
         self.calls.append((pixels.shape[0], beam_size))  # pixels [N, 3, 224, 224]
+        self.prefixes.append(prefix)
         if self.fail:
             raise RuntimeError("the model broke")
         out = []
         for mean in pixels.mean(dim=(1, 2, 3)).tolist():
             text, other = (BRIGHT, DARK) if mean > 0.5 else (DARK, BRIGHT)
+            if prefix:
+                text, other = f"{prefix} {text}", f"{prefix} {other}"
             nbest = [(text, -mean), (other, -mean - 1.0)][:beam_size]
             timings = {"encode_ms": 1.0, "decode_ms": 2.0}
-            out.append(CaptionResult(text, text.split(), -mean, nbest, None, timings))
+            res = CaptionResult(text, text.split(), -mean, nbest, None, timings, mean, prefix or "")
+            out.append(res)
         return out
 
 
@@ -264,6 +285,58 @@ def test_micro_batcher_groups_by_beam_and_answers_each_request(tone):
     assert [r["beam"] for r in out[:5]] == [1, 1, 1, 2, 2]
     assert [r["batch_size"] for r in out[:5]] == [3, 3, 3, 2, 2]
     assert isinstance(out[5], ImageLoadError) and "junk.jpg" in str(out[5])
+
+
+def test_micro_batcher_captions_one_prefix_per_batch(tone):
+    async def scenario():
+        b = MicroBatcher(tone, max_batch=8, max_wait_s=0.3, max_queue=64)
+        await b.start()
+        jobs = [b.submit(_png(250), f"p{i}.png", 2, "a photo" if i % 2 else "") for i in range(4)]
+        out = await asyncio.gather(*jobs)
+        await b.stop()
+        return out
+
+    out = asyncio.run(scenario())
+    assert tone.prefixes == [None, "a photo"]  # two batches, one per prefix
+    assert [r["caption"] for r in out] == [BRIGHT, f"a photo {BRIGHT}"] * 2
+    assert [r["prefix"] for r in out] == ["", "a photo"] * 2
+    assert [r["batch_size"] for r in out] == [2, 2, 2, 2]
+
+
+def test_prefix_by_form_or_query_and_a_word_outside_the_vocabulary_is_named(client, tone):
+    r = client.post("/v1/caption", files={"file": ("w.png", _png(250))}, data={"prefix": "a photo"})
+    assert r.status_code == 200, r.text
+    assert r.json()["caption"] == f"a photo {BRIGHT}" and r.json()["prefix"] == "a photo"
+    q = client.post("/v1/caption?prefix=A%20Photo", content=_png(5))
+    assert q.json()["caption"] == f"A Photo {DARK}" and 0 <= q.json()["confidence"] <= 1
+    bad = client.post("/v1/caption", files={"file": ("w.png", _png(9))}, data={"prefix": "a cat"})
+    assert bad.status_code == 422 and set(bad.json()) == {"error", "detail"}
+    assert bad.json()["error"] == "bad_prefix" and "'cat' is not in the vocabulary" in bad.text
+    long = client.post(
+        "/v1/caption", files={"file": ("w.png", _png(9))}, data={"prefix": "a" * 201}
+    )
+    assert long.status_code == 422 and long.json()["error"] == "bad_prefix"
+    assert tone.prefixes == ["a photo", "A Photo"]  # refused prefixes never reach the model
+
+
+@pytest.mark.parametrize("labels", ["0", "21", "abc"])
+def test_a_bad_labels_count_is_refused_as_json(client, labels):
+    form = client.post("/v1/caption", files={"file": ("w.png", _png(9))}, data={"labels": labels})
+    query = client.post(f"/v1/caption?labels={labels}", content=_png(9))
+    for r in (form, query):
+        assert r.status_code == 422 and set(r.json()) == {"error", "detail"}
+        assert "labels" in r.json()["detail"] and labels in r.json()["detail"]
+
+
+@pytest.mark.slow  # builds the ResNet50 classifier
+def test_labels_are_the_encoders_imagenet_opinion(client):
+    r = client.post("/v1/caption", files={"file": ("c.jpg", _jpeg())}, data={"labels": "3"})
+    assert r.status_code == 200, r.text
+    labels = CaptionResponse.model_validate(r.json()).labels
+    assert labels.source == "resnet50 ImageNet classifier" and labels.unavailable is None
+    assert [x.label for x in labels.top][0] == "Egyptian cat" and len(labels.top) == 3
+    plain = client.post("/v1/caption", content=_jpeg())
+    assert plain.json()["labels"] is None
 
 
 def test_micro_batcher_batches_at_most_max_batch(tone):

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from captioning.bundle.catalog import BundleInfo, resolve_bundle
+from captioning.bundle.catalog import BundleInfo, list_bundles, resolve_bundle
 from captioning.bundle.format import (
     BLOCK_FILE,
     REQUIRED_FILES,
@@ -32,6 +32,7 @@ from captioning.bundle.latency import default_latency
 from captioning.bundle.latency import latency_markdown as latency_markdown
 from captioning.bundle.latency import read_bench as read_bench
 from captioning.bundle.records import Setting, decoding_label, read_records
+from captioning.core.paths import models_dir_default
 from captioning.models.bleu import BLEU_KEYS
 from captioning.models.decoders import ATTENTION_KINDS, DECODER_KINDS
 from captioning.models.decoding import DecodeConfig
@@ -43,7 +44,7 @@ from captioning.models.metrics import (
     diversity_stats,
 )
 
-PREDICTION_FLOATS = ("logprob", *BLEU_KEYS)
+PREDICTION_FLOATS = ("logprob", "confidence", "cider", *BLEU_KEYS)
 
 
 # ---------------------------------------------------------------- metrics records
@@ -139,7 +140,8 @@ def default_decoding(bundle: BundleInfo) -> DecodeConfig:
 
 
 def read_prediction_rows(path: Path) -> list[dict]:
-    """The rows of a predictions CSV: ``image, caption`` and float ``logprob, bleu1..4``.
+    """The rows of a predictions CSV: ``image, caption`` and float ``logprob, confidence,
+    cider, bleu1..4`` (files without confidence or CIDEr-D columns give NaN there).
 
     Missing or unparsable numbers become NaN; an unreadable file gives no rows.
     """
@@ -299,6 +301,25 @@ def best_bundle(bundles: Sequence[BundleInfo], split: str = "dev") -> BundleInfo
         )
 
     return max(order_bundles(bundles), key=rank)  # max keeps the first of equal ranks
+
+
+def best_single_bundle(bundles: Sequence[BundleInfo], split: str = "dev") -> BundleInfo:
+    """``best_bundle`` among the single models (no ensembles): what the Caption page, the
+    ``caption`` command and ``bench-serve`` start with. ValueError when there is none."""
+    singles = [b for b in bundles if not is_ensemble(b.config)]
+    if not singles:
+        raise ValueError("no single-model bundles to choose from")
+    return best_bundle(singles, split)
+
+
+def default_model(models_dir: Path | None = None) -> str:
+    """The name of the best single model on dev in ``models_dir`` (default: the models folder,
+    ``$CAPTIONING_MODELS`` or ``artifacts/models``); ValueError when it holds none."""
+    root = models_dir or models_dir_default()
+    try:
+        return best_single_bundle(list_bundles(root)).name
+    except ValueError:
+        raise ValueError(f"no model bundles in {root}; pass --model NAME_OR_PATH") from None
 
 
 def member_paths(bundle: BundleInfo) -> list[Path]:

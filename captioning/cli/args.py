@@ -218,11 +218,14 @@ def add_cache(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_model(p: argparse.ArgumentParser) -> None:
+def add_model(p: argparse.ArgumentParser, default_help: str | None = None) -> None:
+    """``--model``: required, or with ``default_help`` optional (None: the command picks)."""
+    where = "bundle name in artifacts/models ($CAPTIONING_MODELS), or a path"
     p.add_argument(
         "--model",
-        required=True,
-        help="bundle name in artifacts/models ($CAPTIONING_MODELS), or a path",
+        required=default_help is None,
+        default=None,
+        help=f"{where} (default: {default_help})" if default_help else where,
     )
 
 

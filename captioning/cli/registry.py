@@ -33,6 +33,9 @@ COMMANDS: dict[str, Command] = {  # in the order of `--help`
     "tune-decoding": Command(
         "evaluate", "choose beam size, length normalisation and n-gram blocking on dev"
     ),
+    "confidence": Command(
+        "confidence", "how well the caption confidence ranks captions by quality, on dev"
+    ),
     "calibrate": Command(
         "evaluate", "judge OpenVINO's int8/bf16/fp32 against fp32 torch on dev (what auto runs)"
     ),

@@ -64,6 +64,30 @@ class PrefixError(ValueError):
     """A prefix that cannot start a caption (a word outside the vocabulary, too many words)."""
 
 
+def prefix_word_ids(
+    vocab: Vocabulary, model: str, prefix: str | None, cfg: DecodeConfig
+) -> tuple[int, ...]:
+    """The word ids of ``prefix`` (tokenised as the training captions were; none for an empty
+    one). PrefixError names any word outside ``model``'s vocabulary, or says the prefix is
+    longer than a caption may be."""
+    if prefix is None or not prefix.strip():
+        return ()
+    words = tokenize(prefix)
+    if not words:
+        raise PrefixError(f"the prefix {prefix!r} holds no words")
+    unknown = [w for w in dict.fromkeys(words) if w not in vocab.stoi]
+    if unknown:
+        quoted = ", ".join(repr(w) for w in unknown)
+        raise PrefixError(
+            f"{quoted} {'is' if len(unknown) == 1 else 'are'} not in the vocabulary of {model} "
+            f"({len(vocab)} words from Flickr8k's captions); start the caption with other words"
+        )
+    try:
+        return check_prefix([vocab.stoi[w] for w in words], cfg)
+    except ValueError as e:
+        raise PrefixError(str(e)) from None
+
+
 def dedicate_cores(cap: Captioner) -> None:
     """In a process that serves ``cap`` (and captioners like it): when all of it runs on
     OpenVINO, torch keeps one thread and the compiled models the cores
@@ -195,25 +219,8 @@ class Captioner:
         return DecodeConfig(**{**base, **overrides})
 
     def prefix_ids(self, prefix: str | None, cfg: DecodeConfig | None = None) -> tuple[int, ...]:
-        """The word ids of ``prefix`` (tokenised as the training captions were); PrefixError
-        names any word outside the vocabulary, or says the prefix is longer than a caption."""
-        if prefix is None or not prefix.strip():
-            return ()
-        words = tokenize(prefix)
-        if not words:
-            raise PrefixError(f"the prefix {prefix!r} holds no words")
-        unknown = [w for w in dict.fromkeys(words) if w not in self.vocab.stoi]
-        if unknown:
-            quoted = ", ".join(repr(w) for w in unknown)
-            raise PrefixError(
-                f"{quoted} {'is' if len(unknown) == 1 else 'are'} not in the vocabulary of "
-                f"{self.name} ({len(self.vocab)} words from Flickr8k's captions); "
-                "start the caption with other words"
-            )
-        try:
-            return check_prefix([self.vocab.stoi[w] for w in words], cfg or self.defaults)
-        except ValueError as e:
-            raise PrefixError(str(e)) from None
+        """The word ids of ``prefix`` for this bundle (``prefix_word_ids``)."""
+        return prefix_word_ids(self.vocab, self.name, prefix, cfg or self.defaults)
 
     def decode_features(
         self, feats: torch.Tensor, cfg: DecodeConfig, prefix: Sequence[int] = ()

@@ -1,8 +1,11 @@
-"""Evaluate a bundle on a Flickr8k split: corpus metrics, per-image smoothed BLEU, predictions CSV.
+"""Evaluate a bundle on a Flickr8k split: corpus metrics, per-image scores, predictions CSV.
 
 Protocol: the split's images, all their references, corpus BLEU-1..4 (no smoothing), CIDEr-D,
-METEOR and ROUGE-L on identical tokenisation. Every result carries its full ``Setting`` (split,
-decoding, precision, runtime), and ``save_evaluation`` records it under that setting only.
+METEOR and ROUGE-L on identical tokenisation. Each prediction also carries the caption's
+confidence (``captioning.models.confidence``), its CIDEr-D against its own references (the
+corpus CIDEr-D is their mean) and its smoothed sentence BLEU. Every result carries its full
+``Setting`` (split, decoding, precision, runtime), and ``save_evaluation`` records it under that
+setting only.
 """
 
 from __future__ import annotations
@@ -19,17 +22,20 @@ from captioning.core.files import atomic_write_text
 from captioning.data import CaptionDataset
 from captioning.inference.captioner import Captioner
 from captioning.models.bleu import BLEU_KEYS, sentence_bleu_smoothed
+from captioning.models.cider import CiderD
+from captioning.models.confidence import confidence
+from captioning.models.decoding import DecodeConfig, Hypothesis
 from captioning.models.metrics import evaluate_captions
 from captioning.runtime.features import FeatureCache, extract
 
-PREDICTION_FIELDS = ("image", "caption", "logprob", *BLEU_KEYS)
+PREDICTION_FIELDS = ("image", "caption", "logprob", "confidence", "cider", *BLEU_KEYS)
 
 
 @dataclass
 class Evaluation:
     setting: Setting
     metrics: dict  # BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, n_images, meteor_error
-    predictions: list[dict]  # PREDICTION_FIELDS (sentence BLEU smoothed, per image)
+    predictions: list[dict]  # PREDICTION_FIELDS (per image; sentence BLEU smoothed)
 
     @property
     def summary(self) -> dict:
@@ -78,25 +84,16 @@ def evaluate(
     **decode_overrides,
 ) -> Evaluation:
     """Score ``cap`` on ``split`` (first ``limit`` images if set); ``beam`` None = the bundle's."""
-    if split not in ds.splits:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(ds.splits)}")
-    names = ds.splits[split][:limit] if limit else ds.splits[split]
+    names = split_names(ds, split, limit)
     cfg = cap.decode_config(beam, **decode_overrides)
-    feats = split_features(cap, ds, names, cache_root)
-    hyps, logps = {}, {}
-    desc = f"decode {split} beam {cfg.beam_size}"
-    # only the best caption is scored: a pool of one finishes the search sooner, same captions
-    top1 = replace(cfg, n_best=1)
-    for i in tqdm(range(0, len(names), batch), desc=desc, unit="batch"):
-        chunk = names[i : i + batch]
-        for name, nbest in zip(chunk, cap.decode_features(feats[i : i + batch], top1), strict=True):
-            hyps[name] = cap.vocab.decode(nbest[0].tokens)
-            logps[name] = nbest[0].logprob
+    best = decode_split(cap, ds, names, cfg, cache_root=cache_root, batch=batch, desc=split)
+    hyps = {n: cap.vocab.decode(h.tokens) for n, h in best.items()}
     refs = {n: ds.captions[n] for n in names}
     metrics = {
         k: round(v, 4) if isinstance(v, float) else v
         for k, v in evaluate_captions(hyps, refs, meteor=meteor).items()
     }
+    cider = image_cider(hyps, refs)
     preds = []
     for n in names:
         s = sentence_bleu_smoothed(hyps[n], refs[n])
@@ -104,12 +101,53 @@ def evaluate(
             {
                 "image": n,
                 "caption": hyps[n],
-                "logprob": round(logps[n], 4),
+                "logprob": round(best[n].logprob, 4),
+                "confidence": round(confidence(best[n].token_logprobs), 4),
+                "cider": round(cider[n], 2),
                 **{k: round(v, 2) for k, v in s.items()},
             }
         )
     setting = Setting(split, cfg, cap.precision_label, cap.runtime, limit)
     return Evaluation(setting, metrics, preds)
+
+
+def split_names(ds: CaptionDataset, split: str, limit: int = 0) -> list[str]:
+    """The images of ``split`` (its first ``limit`` if set); ValueError for an unknown split."""
+    if split not in ds.splits:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(ds.splits)}")
+    return ds.splits[split][:limit] if limit else ds.splits[split]
+
+
+def decode_split(
+    cap: Captioner,
+    ds: CaptionDataset,
+    names: list[str],
+    cfg: DecodeConfig,
+    *,
+    cache_root: Path | None = None,
+    batch: int = 100,
+    desc: str = "",
+) -> dict[str, Hypothesis]:
+    """The best caption of each image of ``names`` (features from the cache), in order."""
+    feats = split_features(cap, ds, names, cache_root)
+    best = {}
+    # only the best caption is scored: a pool of one finishes the search sooner, same captions
+    top1 = replace(cfg, n_best=1)
+    label = f"decode {desc} beam {cfg.beam_size}".replace("  ", " ")
+    for i in tqdm(range(0, len(names), batch), desc=label, unit="batch"):
+        chunk = names[i : i + batch]
+        for name, nbest in zip(chunk, cap.decode_features(feats[i : i + batch], top1), strict=True):
+            best[name] = nbest[0]
+    return best
+
+
+def image_cider(hyps: dict[str, str], refs: dict[str, list[str]]) -> dict[str, float]:
+    """Each image's CIDEr-D (0-100, the corpus figure's scale) against its own references, with
+    document frequencies from the evaluated set's references (so their mean is the corpus
+    CIDEr-D)."""
+    names = list(hyps)
+    scores = CiderD(refs).score([hyps[n] for n in names], names)
+    return {n: float(v) * 100 for n, v in zip(names, scores, strict=True)}
 
 
 def write_predictions(path: Path, preds: list[dict]) -> None:

@@ -43,6 +43,15 @@ def check_k(k: int) -> int:
     return k
 
 
+def bundle_encoders(path, config: dict) -> list[str]:
+    """The encoders a bundle's captions come from: its own, or each ensemble member's."""
+    from captioning.bundle.format import is_ensemble, read_config
+
+    if not is_ensemble(config):
+        return [config["encoder"]]
+    return [read_config(path.parent / m["name"])["encoder"] for m in config["members"]]
+
+
 def has_classifier(encoder: str) -> bool:
     return get_spec(encoder).has_classifier
 

@@ -35,7 +35,7 @@ FORMS: dict[str, Callable[[Sequence[float]], float]] = {
     "geo_mean_prob": geo_mean_prob,
     "min_word_prob": min_word_prob,
 }
-CONFIDENCE_FORM = "mean_word_prob"
+CONFIDENCE_FORM = "geo_mean_prob"  # mean rho with dev CIDEr-D 0.467 (mean_word_prob 0.428)
 
 
 def confidence(token_logprobs: Sequence[float] | None, form: str = CONFIDENCE_FORM) -> float:

@@ -1,6 +1,6 @@
-"""Micro-batching: concurrent requests with the same beam size are captioned together.
+"""Micro-batching: concurrent requests with the same beam size and prefix are captioned together.
 
-The first waiting request opens a batch; requests with its beam size join for up to
+The first waiting request opens a batch; requests with its beam size and prefix join for up to
 ``max_wait_s`` or until ``max_batch``. One worker thread decodes the batch's images, encodes and
 beam-searches them together, so the event loop stays free for other requests (and ``/healthz``).
 """
@@ -28,13 +28,20 @@ class _Job:
     name: str
     beam: int
     future: asyncio.Future
+    prefix: str = ""  # words the caption starts with
+    labels: int = 0  # the classifier's top-K labels to add (0: none)
     queued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def key(self) -> tuple[int, str]:
+        """What a batch shares: its decoding."""
+        return self.beam, self.prefix
 
 
 class MicroBatcher:
     """Groups concurrent requests into batches and runs them in one worker thread.
 
-    Requests with another beam size than the open batch's wait for the next batch. While a
+    Requests with another beam size or prefix than the open batch's wait for the next batch. While a
     batch runs, new requests queue up, so under load batches fill without waiting.
     ``captioner`` needs ``caption_pixels(pixels [N, 3, 224, 224], beam_size=...)``.
     """
@@ -71,11 +78,15 @@ class MicroBatcher:
                 job.future.set_exception(ApiError(503, "shutting_down", "server is stopping"))
         self._executor.shutdown(wait=True)
 
-    async def submit(self, data: bytes, name: str, beam: int) -> dict:
-        """Queue one image; returns its caption dict (or raises ImageLoadError / ApiError)."""
+    async def submit(
+        self, data: bytes, name: str, beam: int, prefix: str = "", labels: int = 0
+    ) -> dict:
+        """Queue one image; returns its caption dict (or raises ImageLoadError / ApiError).
+        ``labels`` > 0 adds the classifier's top-K ImageNet labels (``Captioner.labels``)."""
         if self.depth >= self.max_queue:
             raise ApiError(503, "overloaded", f"{self.depth} requests already queued; retry later")
-        job = _Job(data, name, beam, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        job = _Job(data, name, beam, loop.create_future(), prefix, labels)
         await self._queue.put(job)
         return await job.future
 
@@ -84,10 +95,10 @@ class MicroBatcher:
         while True:
             if not self._pending:
                 self._pending.append(await self._queue.get())
-            beam = self._pending[0].beam
-            await self._gather(beam, loop.time() + self.max_wait_s)
-            batch = self._take(beam)
-            if not batch:  # every client of this beam went away
+            key = self._pending[0].key
+            await self._gather(key, loop.time() + self.max_wait_s)
+            batch = self._take(key)
+            if not batch:  # every client of this decoding went away
                 continue
             try:
                 results = await loop.run_in_executor(self._executor, self._run, batch)
@@ -98,27 +109,27 @@ class MicroBatcher:
             self.requests += len(batch)
             _settle(batch, results)
 
-    async def _gather(self, beam: int, deadline: float) -> None:
-        """Wait for requests until ``max_batch`` of ``beam`` are pending or ``deadline`` passes."""
+    async def _gather(self, key: tuple, deadline: float) -> None:
+        """Wait for requests until ``max_batch`` of ``key`` are pending or ``deadline`` passes."""
         loop = asyncio.get_running_loop()
-        while self._count(beam) < self.max_batch:
+        while self._count(key) < self.max_batch:
             self._pending.extend(_drain(self._queue))
             timeout = deadline - loop.time()
-            if self._count(beam) >= self.max_batch or timeout <= 0:
+            if self._count(key) >= self.max_batch or timeout <= 0:
                 return
             try:
                 self._pending.append(await asyncio.wait_for(self._queue.get(), timeout))
             except TimeoutError:
                 return
 
-    def _count(self, beam: int) -> int:
-        return sum(1 for j in self._pending if j.beam == beam)
+    def _count(self, key: tuple) -> int:
+        return sum(1 for j in self._pending if j.key == key)
 
-    def _take(self, beam: int) -> list[_Job]:
-        """Up to ``max_batch`` pending jobs of ``beam`` whose clients still wait."""
+    def _take(self, key: tuple) -> list[_Job]:
+        """Up to ``max_batch`` pending jobs of ``key`` whose clients still wait."""
         batch, keep = [], deque()
         for job in self._pending:
-            if job.beam == beam and len(batch) < self.max_batch:
+            if job.key == key and len(batch) < self.max_batch:
                 if not job.future.done():  # done: the client disconnected
                     batch.append(job)
             else:
@@ -140,13 +151,18 @@ class MicroBatcher:
         if not pixels:
             return out
         t1 = time.perf_counter()
-        results = self.cap.caption_pixels(torch.stack(pixels), beam_size=batch[0].beam)
+        first = batch[0]
+        results = self.cap.caption_pixels(
+            torch.stack(pixels), beam_size=first.beam, prefix=first.prefix or None
+        )
         t2 = time.perf_counter()
         image_ms = (t1 - t0) * 1000 / len(batch)
         for i, res in zip(where, results, strict=True):
             out[i] = {
                 "caption": res.text,
                 "logprob": round(res.score, 4),
+                "confidence": round(res.confidence, 4),
+                "prefix": res.prefix,
                 "nbest": [{"caption": t, "logprob": round(s, 4)} for t, s in res.nbest],
                 "beam": batch[i].beam,
                 "batch_size": len(pixels),
@@ -158,6 +174,9 @@ class MicroBatcher:
                     "batch_ms": round((t2 - t0) * 1000, 2),
                 },
             }
+            if batch[i].labels:  # the classifier's opinion, on the same worker thread
+                labels = self.cap.labels(batch[i].data, batch[i].labels)
+                out[i]["labels"] = labels.to_dict()
         return out
 
 

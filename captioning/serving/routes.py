@@ -14,6 +14,8 @@ from starlette.datastructures import FormData, UploadFile
 
 from captioning.bundle.reports import bundle_info, default_summary
 from captioning.data.images import ImageLoadError
+from captioning.inference.captioner import PrefixError
+from captioning.inference.labels import MAX_LABELS
 from captioning.serving.batcher import MicroBatcher
 from captioning.serving.config import ServeConfig
 from captioning.serving.errors import ApiError
@@ -42,6 +44,7 @@ def get_service(request: Request) -> Service:
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
+MAX_PREFIX_CHARS = 200  # a prefix is a few words; longer text is refused before tokenising
 
 captions = APIRouter(prefix="/v1", tags=["captions"])
 models = APIRouter(prefix="/v1", tags=["models"])
@@ -62,23 +65,45 @@ async def caption(
     beam: Annotated[
         int | None, Query(ge=1, description="beam size (default: the bundle's)")
     ] = None,
+    prefix: Annotated[
+        str | None,
+        Query(max_length=MAX_PREFIX_CHARS, description="words the caption must start with"),
+    ] = None,
+    labels: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            le=MAX_LABELS,
+            description="add the encoder's own top-K ImageNet labels, a second opinion from "
+            "its classifier (ResNet50 has one; VGG16's weights carry no classifier head)",
+        ),
+    ] = None,
 ) -> dict:
-    """Send the image as a multipart ``file`` field or as the raw request body."""
+    """Send the image as a multipart ``file`` field (with optional ``beam``, ``prefix`` and
+    ``labels`` fields) or as the raw request body."""
     t0 = time.perf_counter()
-    data, name, form_beam = await read_image(request)
-    beam = beam or form_beam or svc.captioner.defaults.beam_size
+    data, name, form = await read_image(request)
+    cap = svc.captioner
+    beam = beam or _form_int(form, "beam", svc.cfg.max_beam) or cap.defaults.beam_size
     if beam > svc.cfg.max_beam:
         raise ApiError(422, "bad_beam", f"beam {beam} is over the limit {svc.cfg.max_beam}")
+    prefix = (prefix or _form_text(form, "prefix") or "").strip()
     try:
-        res = await svc.batcher.submit(data, name, beam)
+        cap.prefix_ids(prefix, cap.decode_config(beam))
+    except PrefixError as e:
+        raise ApiError(422, "bad_prefix", str(e)) from None
+    labels = labels or _form_int(form, "labels", MAX_LABELS) or 0
+    try:
+        res = await svc.batcher.submit(data, name, beam, prefix, labels)
     except ImageLoadError as e:
         raise ApiError(422, "bad_image", str(e)) from None
     res["timings"]["total_ms"] = round((time.perf_counter() - t0) * 1000, 2)
-    return {**res, "model": svc.captioner.name, "runtime": svc.runtime}
+    return {**res, "model": cap.name, "runtime": svc.runtime}
 
 
-async def read_image(request: Request) -> tuple[bytes, str, int | None]:
-    """(image bytes, a name for messages, beam from the form) from multipart or a raw body."""
+async def read_image(request: Request) -> tuple[bytes, str, FormData | None]:
+    """(image bytes, a name for messages, the other form fields) from multipart or a raw
+    body (no form)."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         try:
             form = await request.form()
@@ -91,24 +116,38 @@ async def read_image(request: Request) -> tuple[bytes, str, int | None]:
             upload = next((v for v in form.values() if isinstance(v, UploadFile)), None)
         if upload is None:
             raise ApiError(400, "no_image", "multipart body has no file field (send it as 'file')")
-        data, name, form_beam = await upload.read(), upload.filename or "upload", _form_beam(form)
+        data, name = await upload.read(), upload.filename or "upload"
     else:
-        data, name, form_beam = await request.body(), "upload", None
+        data, name, form = await request.body(), "upload", None
     if not data:
         raise ApiError(400, "no_image", "empty request body: send an image")
-    return data, name, form_beam
+    return data, name, form
 
 
-def _form_beam(form: FormData) -> int | None:
-    """The multipart ``beam`` field, if any; 422 ``bad_beam`` unless a positive integer."""
-    raw = form.get("beam")
+def _form_int(form: FormData | None, field: str, high: int) -> int | None:
+    """The multipart integer ``field``, if any; 422 ``bad_<field>`` unless in 1..``high``."""
+    raw = form.get(field) if form is not None else None
+    if not isinstance(raw, str) or not raw.strip():
+        return None
     try:
-        beam = int(raw) if isinstance(raw, str) and raw else None
+        value = int(raw)
     except ValueError:
-        raise ApiError(422, "bad_beam", f"beam must be an integer, got {raw!r}") from None
-    if beam is not None and beam < 1:
-        raise ApiError(422, "bad_beam", "beam must be at least 1")
-    return beam
+        value = 0
+    if not 1 <= value <= high:
+        detail = f"form field {field} must be an integer 1..{high}, got {raw!r}"
+        raise ApiError(422, f"bad_{field}", detail)
+    return value
+
+
+def _form_text(form: FormData | None, field: str) -> str | None:
+    """The multipart text ``field``, if any; 422 ``bad_<field>`` when over MAX_PREFIX_CHARS."""
+    raw = form.get(field) if form is not None else None
+    if not isinstance(raw, str):
+        return None
+    if len(raw) > MAX_PREFIX_CHARS:
+        detail = f"form field {field} is {len(raw)} characters; at most {MAX_PREFIX_CHARS}"
+        raise ApiError(422, f"bad_{field}", detail)
+    return raw
 
 
 @models.get("/models", response_model=list[ModelInfo], summary="The model this server runs")

@@ -10,9 +10,30 @@ class Hypothesis(BaseModel):
     logprob: float = Field(description="log-probability (sum over words and <end>)")
 
 
+class Label(BaseModel):
+    label: str
+    prob: float
+
+
+class ClassifierOpinion(BaseModel):
+    source: str = Field(description="whose opinion: the encoder's own ImageNet classifier")
+    top: list[Label] = Field(description="top-K ImageNet labels, best first")
+    unavailable: str | None = Field(
+        None, description="why there are no labels (e.g. VGG16's weights carry no classifier)"
+    )
+
+
 class CaptionResponse(BaseModel):
     caption: str
     logprob: float
+    confidence: float = Field(
+        description="0..1, how sure the model is: the geometric mean of the probabilities of the "
+        "caption's words and its end token (docs/results.md: how well it ranks captions)"
+    )
+    prefix: str = Field("", description="the words the caption was made to start with")
+    labels: ClassifierOpinion | None = Field(
+        None, description="with labels=K: the classifier's second opinion, not the captioner's"
+    )
     nbest: list[Hypothesis]
     model: str
     runtime: str
@@ -67,7 +88,12 @@ CAPTION_BODY = {  # the image arrives as a multipart `file` field or as the raw 
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "properties": {"file": {**_BINARY}},
+                    "properties": {
+                        "file": {**_BINARY},
+                        "beam": {"type": "integer", "minimum": 1},
+                        "prefix": {"type": "string", "description": "words to start with"},
+                        "labels": {"type": "integer", "minimum": 1, "description": "top-K"},
+                    },
                     "required": ["file"],
                 }
             },
