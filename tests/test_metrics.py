@@ -731,3 +731,19 @@ def test_cider_d_matches_pycocoevalcap_on_flickr8k(flickr8k_dir):
     ours = CiderD(refs).score(list(hyps.values()), list(hyps))
     np.testing.assert_allclose(ours, per, rtol=0, atol=1e-6)
     assert float(ours.mean()) == pytest.approx(mean, abs=1e-6)
+
+
+def test_per_image_cider_averages_to_the_corpus_cider():
+    from captioning.inference.evaluate import image_cider
+
+    refs = {
+        "a": ["a dog runs on the grass", "a brown dog is running", "the dog runs outside"],
+        "b": ["two children play in the water", "kids splash in a pool", "children swim"],
+        "c": ["a man rides a bike on a dirt road", "a cyclist on a trail", "a man on a bicycle"],
+    }
+    hyps = {"a": "a dog is running on the grass", "b": "a man is swimming"}
+    hyps["c"] = "a man rides a bike"
+    per = image_cider(hyps, refs)
+    corpus = evaluate_captions(hyps, refs, meteor=False)["cider"]
+    assert sum(per.values()) / len(per) == pytest.approx(corpus, abs=1e-6)
+    assert per["c"] > per["b"]  # the good caption scores above the wrong one
