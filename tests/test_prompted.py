@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -113,3 +114,31 @@ def test_labels_are_resnet50s_imagenet_opinion_and_vgg16_says_it_has_none(attent
     for bad in (0, MAX_LABELS + 1, "3"):
         with pytest.raises(ValueError, match="labels must be an integer"):
             attention.labels(CAT, bad)
+
+
+# -- the caption command ---------------------------------------------------------------------------
+
+
+@needs
+def test_caption_defaults_to_the_best_single_model_and_prints_prefix_labels_confidence(capsys):
+    from captioning.bundle.reports import best_single_bundle
+    from captioning.cli import main
+
+    best = best_single_bundle(list_bundles(MODELS_DIR)).name
+    assert best == "resnet50-attention"  # dev chooses it; the ensemble is not a single model
+    argv = ["caption", "--json", "--prefix", "a cat", "--labels", "2", "--runtime", "torch"]
+    assert main([*argv, str(CAT)]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["caption"].startswith("a cat ") and 0 < rec["confidence"] < 1
+    assert rec["labels"]["source"] == "resnet50 ImageNet classifier"
+    assert rec["labels"]["top"][0]["label"] == "Egyptian cat"
+
+
+@needs
+def test_caption_refuses_a_word_outside_the_vocabulary_by_name(capsys):
+    from captioning.cli import EXIT_USER_ERROR, main
+
+    assert main(["caption", "--prefix", "a zyzzyva", str(CAT)]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "'zyzzyva' is not in the vocabulary of resnet50-attention" in err
+    assert "Traceback" not in err
