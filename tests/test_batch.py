@@ -134,10 +134,15 @@ def test_load_files_decodes_images_and_names_bad_ones(tmp_path):
 
 @pytest.fixture(scope="module")
 def ray_session():
+    """A local Ray on 2 CPUs in a temp dir of its own; its reaper stops what ``ray.shutdown``
+    leaves running."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    from captioning.serving.ray_cluster import LocalRay
+
+    with LocalRay() as local:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=local.dir)
+        yield ray
+        ray.shutdown()
 
 
 def _rows(out: Path) -> list[dict]:
@@ -157,8 +162,6 @@ def test_steady_rate_leaves_out_the_first_shard():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not BUNDLE.is_dir(), reason="shipped bundle resnet50-attention is absent")
-@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray's own settings
-@pytest.mark.filterwarnings("ignore:The minimum number of concurrent actors:UserWarning")
 def test_batch_captions_errors_and_resume(ray_session, tmp_path):
     from captioning import Captioner
 

@@ -100,6 +100,12 @@ def _add_batch(p: argparse.ArgumentParser) -> None:
     add_precision(p)
     add_runtime(p)
     add_device(p)
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's log lines, warnings and Ray Data's progress bars, and keep a local "
+        "Ray's logs in its temp dir (default: one progress bar, Ray's errors, the summary)",
+    )
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:

@@ -2,12 +2,16 @@
 
 Inputs are a folder (searched recursively), a text file of paths, or a Parquet/CSV file with a
 ``path`` column. The output folder holds Parquet shards of ``ROW_FIELDS`` rows; a shard a killed
-run left half-written is set aside as ``_partial-NAME`` so its paths are captioned again.
+run left half-written is set aside as ``_partial-NAME`` so its paths are captioned again. A run
+locks its output folder (``lock_out``), so that no two runs, nor a run and what is left of a
+killed one, write into it at once.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +34,8 @@ ROW_FIELDS = (
 )
 PARTIAL_PREFIX = "_partial-"  # pyarrow's dataset readers ignore files starting with "_"
 RESUME_COLUMNS = ["path", "model", "bundle_sha256", "decoding", "error"]
+LOCK_WAIT_S = 120.0  # how long a run waits for another run's lock on its output folder
+LOCK_POLL_S = 0.2
 
 
 def row_schema() -> pa.Schema:
@@ -76,6 +82,47 @@ def _path_column(src: Path) -> list[str]:
     if "path" not in table.column_names:
         raise ValueError(f"{src}: needs a 'path' column (has {', '.join(table.column_names)})")
     return [str(p) for p in table.column("path").to_pylist() if p]
+
+
+def lock_out(out: Path, wait_s: float = LOCK_WAIT_S) -> int:
+    """Make ``out`` if needed and lock it for this run: an open descriptor of the folder that
+    holds an exclusive ``flock``, released when every process holding it has closed it.
+
+    The lock is held by the driver and by the reaper of its local Ray, so it is free once no
+    process of the run is left, however the run ended. A run that finds it held waits up to
+    ``wait_s`` (saying so once on stderr), then stops with a message. Where folders cannot be
+    locked (no ``fcntl``, or a filesystem that refuses), the run goes on without the lock.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))  # close-on-exec
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return fd
+    deadline = time.monotonic() + wait_s
+    told = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise RuntimeError(
+                    f"another batch run is writing into {out}, or the processes of a killed "
+                    f"one are still stopping ({wait_s:g} s waited): let it end, or use another "
+                    "--out"
+                ) from None
+            if not told:
+                print(
+                    f"waiting: another batch run into {out}, or what is left of a killed one, "
+                    "holds its lock",
+                    file=sys.stderr,
+                )
+                told = True
+            time.sleep(LOCK_POLL_S)
+        except OSError:  # this filesystem locks no folders
+            return fd
 
 
 def existing_rows(out: Path) -> tuple[list[dict], list[str]]:

@@ -13,13 +13,23 @@ installed and the input files and ``out`` at the same paths (a shared filesystem
 the bundle from the path the driver resolved when its node holds the same files there, and
 otherwise from a copy of them that the driver ships through Ray's object store. A job stops with
 a message when nodes leave and the rest of the cluster cannot hold its actor pool.
+
+The console shows one progress bar (images done, counted by a ``Tally`` actor) and Ray's
+errors; ``verbose`` brings back Ray's own log lines, warnings and progress bars
+(``ray_cluster.ray_console``). A local Ray runs in a temp dir of its own, watched by a reaper
+process (``serving.reaper``): however the driver ends, even by SIGKILL, no process of that Ray
+outlives it by more than a few seconds. The output folder is locked for the run
+(``batch_files.lock_out``), and the reaper holds the lock until it is done, so a re-run right
+after a kill waits for the killed run's processes instead of racing them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +40,7 @@ from captioning.inference.captioner import dedicate_cores
 from captioning.serving.batch_files import (
     check_compatible,
     existing_rows,
+    lock_out,
     new_shards,
     read_inputs,
     row_schema,
@@ -38,13 +49,14 @@ from captioning.serving.batch_files import (
 )
 from captioning.serving.loading import load_captioner
 from captioning.serving.ray_bundle import bundle_files, bundle_sha256, local_bundle
-from captioning.serving.ray_cluster import NodeWatch, actor_nodes, init_ray
+from captioning.serving.ray_cluster import NodeWatch, actor_nodes, ray_console, ray_job
 
 ACTOR_CPU_SHARE = 0.5  # of the cluster's CPUs reserved for actors; read/write tasks get the rest
 READ_TASK_CPUS = 0.25
 THREADS_PER_WORKER = 1  # the default pool: one actor per this many CPUs...
 ACTOR_MEMORY = 1.5 * 2**30  # ...and per this much of the cluster's memory (an actor peaks ~1.2 GB)
 BATCH_SIZE = 16
+PROGRESS_POLL_S = 0.5  # how often the driver's progress bar asks the tally
 
 
 @dataclass
@@ -60,7 +72,8 @@ class BatchConfig:
     precision: str = "auto"
     runtime: str = "auto"
     device: str = "auto"  # auto | cpu | cuda, resolved on the driver (core.machine)
-    progress: bool = True
+    progress: bool = True  # a progress bar on stderr
+    verbose: bool = False  # Ray's INFO lines, warnings and Ray Data's own progress bars
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 1:
@@ -197,8 +210,61 @@ def loaded_schema() -> Any:
     )
 
 
+class Tally:
+    """Ray actor: how many images the caption actors have finished (the driver's progress bar)."""
+
+    def __init__(self) -> None:
+        self.images = 0
+
+    def add(self, n: int) -> None:
+        self.images += n
+
+    def count(self) -> int:
+        return self.images
+
+
+class ImageBar:
+    """The driver's progress bar (tqdm on stderr): images done of ``total``, polled from a
+    ``Tally`` every ``PROGRESS_POLL_S`` while the pipeline runs."""
+
+    def __init__(self, tally: Any, total: int, done: int, desc: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.tally = tally
+        self.todo = total - done
+        self.bar = tqdm(total=total, initial=done, unit="img", desc=desc, dynamic_ncols=True)
+        self.shown = 0  # images of this run on the bar
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="image-bar", daemon=True)
+
+    def __enter__(self) -> ImageBar:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.bar.close()
+
+    def show(self, images: int) -> None:
+        """Move the bar to ``images`` of this run (an actor restarted on another node may count
+        a batch twice: never past the run's total)."""
+        images = min(images, self.todo)
+        if images > self.shown:
+            self.bar.update(images - self.shown)
+            self.shown = images
+
+    def _poll(self) -> None:
+        import ray
+
+        while not self._done.wait(PROGRESS_POLL_S):
+            with contextlib.suppress(Exception):  # a failed poll: the next one may answer
+                self.show(ray.get(self.tally.count.remote(), timeout=PROGRESS_POLL_S * 10))
+
+
 class CaptionActor:
-    """Ray Data callable class: loads the Captioner once, captions batches of decoded images."""
+    """Ray Data callable class: loads the Captioner once, captions batches of decoded images
+    (and adds each batch's size to ``tally``, a ``Tally`` actor, when given)."""
 
     def __init__(
         self,
@@ -210,6 +276,7 @@ class CaptionActor:
         threads: int,
         device: str = "cpu",
         shipped: list | None = None,
+        tally: Any = None,
     ) -> None:
         import torch
 
@@ -218,6 +285,7 @@ class CaptionActor:
         self.cap = load_captioner(self.bundle, precision, runtime, device)
         dedicate_cores(self.cap)  # an actor's process runs only this captioner
         self.decoding = decoding  # every DecodeConfig field, fixed by the driver
+        self.tally = tally
         cfg = self.cap.decode_config(**decoding)
         self.const = {
             "model": self.cap.name,
@@ -250,7 +318,10 @@ class CaptionActor:
             for i, res in zip(ok, results, strict=True):
                 nbest = [{"caption": t, "logprob": round(s, 4)} for t, s in res.nbest]
                 rows[i].update(caption=res.text, logprob=res.score, nbest=json.dumps(nbest))
-        return pa.Table.from_pylist(rows, schema=row_schema())
+        table = pa.Table.from_pylist(rows, schema=row_schema())
+        if self.tally is not None:
+            self.tally.add.remote(len(rows))  # no reply awaited
+        return table
 
 
 # ---------------------------------------------------------------- the job
@@ -271,7 +342,7 @@ def resolve_job(cfg: BatchConfig) -> BatchJob:
 
 
 def _caption_paths(
-    cfg: BatchConfig, job: BatchJob, plan: PoolPlan, todo: list[str], out: Path
+    cfg: BatchConfig, job: BatchJob, plan: PoolPlan, todo: list[str], out: Path, tally: Any = None
 ) -> None:
     """The Ray Data pipeline: ``todo`` -> ``load_files`` -> ``CaptionActor`` -> ``out``."""
     import ray
@@ -283,7 +354,7 @@ def _caption_paths(
     )
     model = (str(job.bundle), job.sha256, cfg.precision, cfg.runtime, job.decoding)
     shipped = [ray.put(bundle_files(job.bundle))]  # in a list: fetched only by nodes without it
-    actor_args = (*model, plan.threads_per_actor, job.device, shipped)
+    actor_args = (*model, plan.threads_per_actor, job.device, shipped, tally)
     gpus = gpu_share(ray.cluster_resources(), plan.actors) if job.device != "cpu" else {}
     ds = ds.map_batches(
         CaptionActor,
@@ -298,8 +369,11 @@ def _caption_paths(
 
 
 def run_batch(cfg: BatchConfig) -> BatchReport:
-    """Caption ``cfg.input`` into Parquet shards in ``cfg.out`` on Ray Data; resumable."""
-    import ray
+    """Caption ``cfg.input`` into Parquet shards in ``cfg.out`` on Ray Data; resumable.
+
+    The output folder is locked for the run (``lock_out``): a second run into it waits for
+    the first, and for the processes of a killed one, to end.
+    """
 
     t0 = time.perf_counter()
     out = Path(cfg.out).resolve()
@@ -307,41 +381,65 @@ def run_batch(cfg: BatchConfig) -> BatchReport:
         raise ValueError(f"--out {out} is a file, not a folder")
     job = resolve_job(cfg)
     paths = read_inputs(cfg.input)
-    rows, aside = existing_rows(out)
-    check_compatible(rows, job.bundle.name, job.sha256, job.decoding_json, out)
-    done = {r["path"] for r in rows}
-    todo = [p for p in paths if p not in done]
-    report = BatchReport(str(out), len(paths), len(paths) - len(todo), 0, 0, aside)
-    if not todo:
-        report.startup_seconds = round(time.perf_counter() - t0, 2)
-        return report
-
-    before = shard_names(out)
-    started = not ray.is_initialized()
-    if started:
-        init_ray(cfg.address)
+    created = not out.exists()
+    lock = lock_out(out)
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
-        resources = ray.cluster_resources()
-        plan = plan_pool(resources.get("CPU", 1.0), cfg.workers, resources.get("memory"))
-        report.plan = asdict(plan)
-        t1 = time.perf_counter()
-        report.startup_seconds = round(t1 - t0, 2)
-        watch = NodeWatch(plan.actors * plan.cpus_per_actor + READ_TASK_CPUS)
-        try:
-            with watch:
-                _caption_paths(cfg, job, plan, todo, out)
-        except KeyboardInterrupt:
-            if not watch.lost:
-                raise
-            raise RuntimeError(watch.message()) from None
-        report.seconds = round(time.perf_counter() - t1, 2)
-        report.nodes = actor_nodes()
+        rows, aside = existing_rows(out)
+        check_compatible(rows, job.bundle.name, job.sha256, job.decoding_json, out)
+        done = {r["path"] for r in rows}
+        todo = [p for p in paths if p not in done]
+        report = BatchReport(str(out), len(paths), len(paths) - len(todo), 0, 0, aside)
+        if not todo:
+            report.startup_seconds = round(time.perf_counter() - t0, 2)
+            return report
+        before = shard_names(out)
+        with ray_console(cfg.verbose, cfg.progress), ray_job(cfg.address, cfg.verbose, [lock]):
+            plan = _run_pipeline(cfg, job, todo, out, report, t0)
     finally:
-        if started:
-            ray.shutdown()
+        os.close(lock)
+        if created:  # a run that wrote nothing leaves no empty folder
+            with contextlib.suppress(OSError):
+                out.rmdir()
     new = [r for r in existing_rows(out)[0] if r["path"] not in done]
     report.captioned = sum(1 for r in new if r["error"] is None)
     report.errors = len(new) - report.captioned
     report.steady_images_per_s = steady_rate(new_shards(out, before), plan.actors)
     return report
+
+
+def _run_pipeline(
+    cfg: BatchConfig, job: BatchJob, todo: list[str], out: Path, report: BatchReport, t0: float
+) -> PoolPlan:
+    """Size the pool on the running Ray, caption ``todo`` into ``out``; fills ``report``'s
+    plan, times and nodes."""
+    import ray
+
+    resources = ray.cluster_resources()
+    plan = plan_pool(resources.get("CPU", 1.0), cfg.workers, resources.get("memory"))
+    report.plan = asdict(plan)
+    t1 = time.perf_counter()
+    report.startup_seconds = round(t1 - t0, 2)
+    watch = NodeWatch(plan.actors * plan.cpus_per_actor + READ_TASK_CPUS)
+    own_bar = cfg.progress and not cfg.verbose  # verbose: Ray Data draws its own bars
+    tally = ray.remote(num_cpus=0)(Tally).remote() if own_bar else None
+    bar = (
+        ImageBar(tally, report.inputs, report.already_done, f"caption {job.bundle.name}")
+        if own_bar
+        else contextlib.nullcontext()
+    )
+    try:
+        with watch, bar:
+            _caption_paths(cfg, job, plan, todo, out, tally)
+            if own_bar:
+                bar.show(len(todo))
+    except KeyboardInterrupt:
+        if not watch.lost:
+            raise
+        raise RuntimeError(watch.message()) from None
+    finally:
+        if tally is not None:
+            with contextlib.suppress(Exception):  # gone with its node, or with Ray
+                ray.kill(tally)
+    report.seconds = round(time.perf_counter() - t1, 2)
+    report.nodes = actor_nodes()
+    return plan

@@ -1,38 +1,56 @@
-"""Joining a Ray cluster and watching it: token authentication, lost nodes, where actors ran.
+"""Ray for a ``batch`` job: starting or joining it, its console, and watching the cluster.
 
-``init_ray`` joins the cluster at an address (or starts a local Ray) and turns a refused token
-into one line that says how to pass it; ``NodeWatch`` stops a job whose remaining nodes cannot
-hold its actor pool; ``actor_nodes`` counts a job's caption actors per node.
+``ray_job`` joins the cluster at an address, or starts a local Ray in a temp dir of its own
+watched by a reaper process (``captioning.serving.reaper``), and shuts down only what it
+started; ``ray_console`` keeps Ray's INFO and WARNING lines, warnings and progress bars off this
+process's console unless asked for. ``init_ray`` turns a refused token into one line that says
+how to pass it; ``NodeWatch`` stops a job whose remaining nodes cannot hold its actor pool;
+``actor_nodes`` counts a job's caption actors per node.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
 import os
+import re
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 NODE_POLL_S = 1.0  # how often the driver checks that the cluster still holds the actor pool
 STOP_GRACE_S = 20.0  # after the interrupt, how long the driver may take to stop by itself
+REAPER_WAIT_S = 20.0  # after a local Ray's shutdown, how long the driver waits for its reaper
+SOCKET_PATH_ROOM = 24  # longest temp dir base kept: Ray's socket paths must fit in 107 bytes
 TOKEN_HELP = (  # how a process that joins a cluster gets its token
     "copy the head's ~/.ray/auth_token to ~/.ray/auth_token here, or set "
     "RAY_AUTH_TOKEN_PATH=FILE or RAY_AUTH_TOKEN=TOKEN; `ray get-auth-token` on the head prints it"
 )
 
 
-def init_ray(address: str | None) -> None:
-    """Join the cluster at ``address``, or start a local Ray on this machine's cores."""
+def init_ray(address: str | None, verbose: bool = False, temp_dir: str | None = None) -> None:
+    """Join the cluster at ``address``, or start a local Ray on this machine's cores (in
+    ``temp_dir``, Ray's default when None) without its dashboard. Without ``verbose`` the
+    driver logs only Ray's errors (``quiet_core``) and the workers' output stays in their log
+    files."""
     import ray
 
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     before = _descendants()
     try:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        with contextlib.nullcontext() if verbose else quiet_core():
+            if address:
+                ray.init(address=address, **quiet)
+            else:
+                local = {"_temp_dir": temp_dir} if temp_dir else {}
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **local, **quiet)
     except Exception as e:  # Ray raises bare Exception, ConnectionError, RuntimeError...
         for pid in _descendants() - before:  # a half-started local Ray: stop what it spawned
             with contextlib.suppress(OSError):
@@ -45,6 +63,191 @@ def init_ray(address: str | None) -> None:
             f"could not start or join {where} ({e}); on a busy machine try again, or start one "
             "with `ray start --head` and pass --address auto"
         ) from None
+
+
+CORE_CHATTER = re.compile(rb"^\[[^\]]* [IW] \d+ \d+\] ")  # a C++ INFO or WARNING line of Ray's
+
+
+@contextlib.contextmanager
+def quiet_core() -> Iterator[None]:
+    """While ``ray.init`` runs: the C++ core of the driver (and of a local Ray it starts) set
+    to log only fatal errors (``RAY_BACKEND_LOG_LEVEL``, unless set already), and this
+    process's stderr (file descriptor 2) captured; afterwards every captured line but the
+    core's INFO and WARNING lines (among them the one announcing the log level) is passed on.
+
+    The core's ERROR lines include notes such as Ray Data's actor pools being restartable
+    with arguments in the object store; the failures that matter reach the driver as
+    exceptions.
+    """
+    var = "RAY_BACKEND_LOG_LEVEL"
+    set_var = var not in os.environ
+    if set_var:
+        os.environ[var] = "fatal"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if set_var:
+                os.environ.pop(var, None)
+            captured.seek(0)
+            kept = [ln for ln in captured.read().splitlines(True) if not CORE_CHATTER.match(ln)]
+            if kept:
+                with contextlib.suppress(OSError):
+                    os.write(2, b"".join(kept))
+
+
+@contextlib.contextmanager
+def ray_job(address: str | None, verbose: bool = False, hold: Sequence[int] = ()) -> Iterator[None]:
+    """Ray for one job, shut down afterwards if this started or joined it; a Ray this process
+    already runs (``ray.init`` by the caller) is used and left as it is.
+
+    Without ``address`` a local Ray starts in a temp dir of its own, watched by a ``LocalRay``
+    reaper that also holds the file descriptors ``hold`` (the output folder's lock) until no
+    process of that Ray is left. With an address the cluster is joined and left as it is.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        init_ray(address, verbose)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+    with LocalRay(keep_logs=verbose, hold=hold) as local:
+        init_ray(None, verbose, local.dir)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+def _short_tmp() -> str:
+    """A base for a Ray temp dir: the system's temp dir when short enough for Ray's socket
+    paths (``DIR/session_DATE_TIME_USEC_PID/sockets/plasma_store`` within 107 bytes)."""
+    base = tempfile.gettempdir()
+    return base if len(base) <= SOCKET_PATH_ROOM or not os.path.isdir("/tmp") else "/tmp"
+
+
+def ray_package() -> str:
+    """The folder of the installed ``ray`` package (found without importing it)."""
+    spec = importlib.util.find_spec("ray")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("Ray is not installed: pip install 'ray[data]'")
+    return spec.submodule_search_locations[0]
+
+
+class LocalRay:
+    """The temp dir and the reaper of a local Ray instance this process is about to start.
+
+    ``__enter__`` makes the dir and starts ``python -m captioning.serving.reaper`` in a session
+    of its own, with the read end of a pipe only this process writes to; ``__exit__`` (after
+    ``ray.shutdown``) closes the pipe and waits for the reaper to stop what is left of the
+    instance. When this process dies instead, the pipe closes all the same and the reaper stops
+    every process of the instance within seconds (``reaper.GRACE_S``). Without ``keep_logs``
+    the reaper removes the dir, Ray's logs with it. Without ``/proc`` (not Linux) there is no
+    reaper: the dir is removed after ``ray.shutdown``.
+    """
+
+    def __init__(self, keep_logs: bool = False, hold: Sequence[int] = ()) -> None:
+        self.keep_logs = keep_logs
+        self.hold = tuple(hold)
+        self.dir = ""
+        self.reaper: subprocess.Popen | None = None
+        self._pipe = -1
+
+    def __enter__(self) -> LocalRay:
+        from captioning.serving.reaper import start_time
+
+        self.dir = tempfile.mkdtemp(prefix="ray-batch-", dir=_short_tmp())
+        me = start_time(os.getpid())
+        if me is None:  # no /proc to find the instance's processes in
+            return self
+        read_end, self._pipe = os.pipe()  # both close-on-exec: Ray's processes never hold them
+        cmd = [sys.executable, "-m", "captioning.serving.reaper", "--dir", self.dir]
+        cmd += ["--fd", str(read_end), "--driver", f"{os.getpid()}:{me}"]
+        cmd += ["--ray", ray_package()]
+        cmd += [a for fd in self.hold for a in ("--hold", str(fd))]
+        cmd += ["--keep"] if self.keep_logs else []
+        try:
+            self.reaper = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                pass_fds=(read_end, *self.hold),
+                start_new_session=True,  # not stopped with the driver's process group
+            )
+        finally:
+            os.close(read_end)
+        ready = self.reaper.stdout.readline()
+        self.reaper.stdout.close()
+        if ready.strip() != b"ready":
+            self.__exit__()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise RuntimeError("the watchdog of the local Ray did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pipe >= 0:
+            os.close(self._pipe)  # the reaper's cue
+            self._pipe = -1
+        if self.reaper is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.reaper.wait(REAPER_WAIT_S)
+        elif not self.keep_logs:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def ray_console(verbose: bool = False, progress: bool = True) -> Iterator[None]:
+    """What Ray prints on this process's console while a job runs; everything is restored
+    afterwards.
+
+    Without ``verbose``: only Ray's errors. The ``ray`` logger and the console handler of the
+    ``ray.data`` logger (its log file keeps every line) are set to ERROR, warnings raised in
+    Ray's modules are ignored, Ray Data neither announces its executions nor draws its progress
+    bars (``init_ray`` quiets Ray's C++ core). With ``verbose``: Ray's INFO lines, its warnings
+    and Ray Data's progress bars (when ``progress``).
+    """
+    import warnings
+
+    level = logging.INFO if verbose else logging.ERROR
+    ray_logger = logging.getLogger("ray")
+    with warnings.catch_warnings():
+        if not verbose:  # first: importing Ray Data and making its context warn already
+            warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+        import ray.data
+
+        consoles = [
+            h
+            for h in logging.getLogger("ray.data").handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        ]
+        ctx = ray.data.DataContext.get_current()
+        names = ("enable_progress_bars", "print_on_execution_start")
+        saved = (ray_logger.level, [h.level for h in consoles], {k: getattr(ctx, k) for k in names})
+        ray_logger.setLevel(level)
+        for h in consoles:
+            h.setLevel(level)
+        ctx.enable_progress_bars = verbose and progress
+        ctx.print_on_execution_start = verbose
+        try:
+            yield
+        finally:
+            ray_logger.setLevel(saved[0])
+            for h, lvl in zip(consoles, saved[1], strict=True):
+                h.setLevel(lvl)
+            for k, v in saved[2].items():
+                setattr(ctx, k, v)
 
 
 def token_message(address: str) -> str:
