@@ -142,3 +142,15 @@ def test_caption_refuses_a_word_outside_the_vocabulary_by_name(capsys):
     err = capsys.readouterr().err
     assert "'zyzzyva' is not in the vocabulary of resnet50-attention" in err
     assert "Traceback" not in err
+
+
+def test_caption_and_bench_serve_share_their_default_model():
+    from captioning.cli import build_parser
+
+    parser = build_parser(["caption", "bench-serve"])
+    assert parser.parse_args(["caption", "x.jpg"]).model is None
+    assert parser.parse_args(["bench-serve"]).model is None  # both resolve to default_model()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    for name in ("caption", "bench-serve"):
+        text = sub[name].format_help().replace("\n", " ")
+        assert "best single model on dev" in " ".join(text.split())

@@ -37,11 +37,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from captioning.bundle.reports import default_model
     from captioning.serving.loadtest import LoadConfig, bench_serve, format_report
 
     extra = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
     cfg = LoadConfig(
-        model=args.model,
+        model=args.model or default_model(),
         url=args.url,
         levels=tuple(args.clients),
         requests=args.requests,
@@ -130,7 +131,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 
 def _add_bench_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", default="resnet50-attention", help="bundle to serve (default: %(default)s)"
+        "--model",
+        default=None,
+        help="bundle to serve (default: the best single model on dev, as for `caption`)",
     )
     p.add_argument("--url", help="a running server on loopback, e.g. http://127.0.0.1:8000")
     p.add_argument(
