@@ -8,51 +8,54 @@ from collections.abc import Sequence
 import pandas as pd
 import plotly.graph_objects as go
 
-from captioning.models.decoders import DECODER_KINDS
 from captioning.models.metrics import METRIC_LABELS
-from dashboard.tables import encoder_family
 
-# ResNet models in blues, VGG models in oranges; darker = richer decoder.
-FAMILY_SHADES = {
-    "resnet": ("#8DB8E3", "#4C8CCB", "#1F5A96", "#0B2F5C"),
-    "vgg": ("#F5BE82", "#EC9443", "#C0571B", "#7A3209"),
-}
-FALLBACK = ("#0F766E", "#7C3AED", "#DB2777", "#65A30D", "#0891B2", "#A16207", "#475569")
-
-
-def model_colors(models: Sequence[tuple[str, str, str]]) -> dict[str, str]:
-    """``{name: colour}`` for ``(name, encoder, decoder)`` triples, stable across pages."""
-    colors: dict[str, str] = {}
-    spare = iter(FALLBACK * 4)
-    for name, encoder, decoder in models:
-        shades = FAMILY_SHADES.get(encoder_family(encoder))
-        if shades and decoder in DECODER_KINDS[: len(shades)] and not encoder.endswith("-tv"):
-            colors[name] = shades[DECODER_KINDS.index(decoder)]
-        else:
-            colors[name] = next(spare)
-    return colors
+# Qualitative palette (D3's category10): ten hues that stay apart on white and for most colour
+# vision; bundle k in display order gets colour k, on every page.
+PALETTE = (
+    "#1F77B4",
+    "#FF7F0E",
+    "#2CA02C",
+    "#D62728",
+    "#9467BD",
+    "#8C564B",
+    "#E377C2",
+    "#7F7F7F",
+    "#BCBD22",
+    "#17BECF",
+)
+FALLBACK = PALETTE[7]  # a line whose bundle has no colour
 
 
-MEMBER_TINTS = (0.0, 0.35, 0.6, 0.8)  # a soup's member lines: its colour blended toward white
+def model_colors(names: Sequence[str]) -> dict[str, str]:
+    """``{name: colour}`` for the bundles ``names`` in display order (``state.bundles()``): the
+    same name gets the same colour on every page; after ten, colours repeat."""
+    return {name: PALETTE[k % len(PALETTE)] for k, name in enumerate(dict.fromkeys(names))}
 
 
-def _tint(color: str, amount: float) -> str:
-    """``#rrggbb`` blended toward white by ``amount`` (0 = unchanged)."""
+MEMBER_SHADES = (-0.45, 0.6)  # a soup's member lines: its colour, darkest to lightest
+
+
+def shade(color: str, amount: float) -> str:
+    """``#rrggbb`` blended toward white by ``amount`` > 0, toward black by ``amount`` < 0."""
     rgb = [int(color[i : i + 2], 16) for i in (1, 3, 5)]
-    return "#" + "".join(f"{round(c + (255 - c) * amount):02X}" for c in rgb)
+    target = 255 if amount > 0 else 0
+    return "#" + "".join(f"{round(c + (target - c) * abs(amount)):02X}" for c in rgb)
 
 
 def line_colors(history: pd.DataFrame, colors: dict[str, str]) -> dict[str, str]:
     """``colors`` extended to the lines of ``history`` (``tables.read_history``) that are not a
-    bundle of their own, a soup's members: tints of their bundle's colour, one per line in
-    order."""
-    out, seen = dict(colors), {}
+    bundle of their own, a soup's members: shades of their bundle's colour, evenly spread from
+    dark to light in line order."""
+    out = dict(colors)
     lines = history[["model", "bundle"]].astype(str).drop_duplicates()
-    for line, bundle in lines.itertuples(index=False):
-        if line in out or bundle not in colors:
-            continue
-        k = seen[bundle] = seen.get(bundle, -1) + 1
-        out[line] = _tint(colors[bundle], MEMBER_TINTS[k % len(MEMBER_TINTS)])
+    members = lines[(lines["model"] != lines["bundle"]) & lines["bundle"].isin(list(colors))]
+    dark, light = MEMBER_SHADES
+    for bundle, group in members.groupby("bundle", sort=False):
+        n = len(group)
+        for k, line in enumerate(group["model"]):
+            amount = 0.0 if n == 1 else dark + (light - dark) * k / (n - 1)
+            out[line] = shade(colors[str(bundle)], amount)
     return out
 
 
@@ -124,12 +127,15 @@ def history_chart(
 
     With several columns (train and dev loss) the line style tells them apart: solid for
     train, dashed for dev. Markers tell the stage: circles for cross-entropy epochs, squares
-    for fine-tuning epochs, diamonds for SCST epochs.
+    for fine-tuning epochs, diamonds for SCST epochs. Where ``history`` has ``runs``
+    (``tables.bundle_lines``), the hover says how many runs a point averages.
     """
     fig = go.Figure()
     colors = line_colors(history, colors)
     for model, g in history.groupby("model", sort=False):
         g = g.sort_values("epoch")
+        runs = g["runs"] if "runs" in g else pd.Series(1, index=g.index)
+        note = [f" (mean of {n} runs)" if n > 1 else "" for n in runs]
         for col in columns:
             if col not in g or g[col].isna().all():
                 continue
@@ -145,7 +151,8 @@ def history_chart(
                     "width": 2,
                 },
                 marker={"size": 7, "symbol": _stage_symbols(g)},
-                hovertemplate=f"{columns[col]}: %{{y:.4g}}<extra>{model}</extra>",
+                customdata=note,
+                hovertemplate=f"{columns[col]}: %{{y:.4g}}%{{customdata}}<extra>{model}</extra>",
             )
     _layout(fig, title=title, ytitle=ytitle, height=320)
     fig.update_layout(showlegend=False)
@@ -155,13 +162,26 @@ def history_chart(
     return fig
 
 
+KEY_CLASS = "line-key"  # each entry of ``color_key``: a <span> of this class
+
+
+def _swatch(color: str) -> str:
+    """A short line with a dot, as a chart draws a line (inline SVG)."""
+    return (
+        "<svg width='22' height='10' aria-hidden='true' style='vertical-align:middle'>"
+        f"<line x1='0' y1='5' x2='22' y2='5' stroke='{color}' stroke-width='2.5'/>"
+        f"<circle cx='11' cy='5' r='3.5' fill='{color}'/></svg>"
+    )
+
+
 def color_key(history: pd.DataFrame, colors: dict[str, str]) -> str:
-    """The lines of ``history`` as a one-paragraph key: a dot of each line's colour and its
-    name (HTML for ``st.markdown(..., unsafe_allow_html=True)``)."""
+    """The lines of ``history`` as a one-paragraph key, the legend of all charts drawn from it:
+    each line's colour and name in a ``KEY_CLASS`` span (HTML for ``st.markdown(...,
+    unsafe_allow_html=True)``)."""
     colors = line_colors(history, colors)
     lines = dict.fromkeys(history["model"].astype(str))
     return " &nbsp; ".join(
-        f"<span style='white-space:nowrap'><span style='color:{colors.get(line, FALLBACK[-1])}'>"
-        f"●</span>&nbsp;{html.escape(line)}</span>"
+        f"<span class='{KEY_CLASS}' style='white-space:nowrap'>"
+        f"{_swatch(colors.get(line, FALLBACK))}&nbsp;{html.escape(line)}</span>"
         for line in lines
     )

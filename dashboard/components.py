@@ -271,3 +271,29 @@ def references_list(refs: list[str]) -> None:
         st.markdown("\n".join(f"{i}. {r}" for i, r in enumerate(refs, start=1)))
     else:
         st.caption("No reference captions for this image.")
+
+
+ROW_PX = 35  # st.dataframe's row height (and its header's)
+
+
+def table_height(rows: int) -> int:
+    """An ``st.dataframe`` height that shows ``rows`` rows and the header without an inner
+    scroll bar."""
+    return (rows + 1) * ROW_PX + 3
+
+
+MARKDOWN_SPECIALS = str.maketrans({c: "\\" + c for c in "\\`*_[]<>~$|"})
+
+
+def escape_markdown(text: str) -> str:
+    """``text`` with Markdown's special characters escaped, to show it as written."""
+    return text.translate(MARKDOWN_SPECIALS)
+
+
+CHAR_PX = 7.5  # a character of st.dataframe's text, on average
+
+
+def text_width(texts: list[str], most: int = 420) -> int:
+    """A column width (px) that shows the longest of ``texts`` whole, at most ``most``."""
+    longest = max((len(t) for t in texts), default=0)
+    return min(most, round(longest * CHAR_PX) + 24)

@@ -27,11 +27,16 @@ PREDICTION_COLUMNS = (
     "split",
     "beam",
     "default",
+    "precision",
+    "runtime",
     "image",
     "caption",
     "logprob",
+    "confidence",
     *BLEU_COLUMNS,
 )
+"""``default``: made with the bundle's own default decoding; ``confidence``: how sure the model
+is of its caption (0-1, from its own word probabilities), NaN where the file records none."""
 CHART_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "meteor")
 HISTORY_COLUMNS = (
     "epoch",
@@ -54,10 +59,13 @@ SUMMARY_METRICS = ("bleu4", "cider", "distinct", "repeat_trigram")  # the Explor
 SORTS = {
     "score, high to low": ("score", False),
     "score, low to high": ("score", True),
+    "confidence, high to low": ("confidence", False),
+    "confidence, low to high": ("confidence", True),
     "log-prob, high to low": ("logprob", False),
     "log-prob, low to high": ("logprob", True),
     "image name": ("image", True),
 }
+FULL_CONFIDENCE = (0.0, 1.0)
 
 
 def encoder_family(encoder: str) -> str:
@@ -104,7 +112,11 @@ def read_predictions(bundles: Sequence[BundleInfo]) -> pd.DataFrame:
                 split=result.setting.split,
                 beam=result.beam,
                 default=result.default,
+                precision=result.setting.precision,
+                runtime=result.setting.runtime,
             )
+            if "confidence" not in df:
+                df["confidence"] = float("nan")
             frames.append(df[list(PREDICTION_COLUMNS)])
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype=_dtype(c)) for c in PREDICTION_COLUMNS})
@@ -112,14 +124,27 @@ def read_predictions(bundles: Sequence[BundleInfo]) -> pd.DataFrame:
 
 
 def _dtype(column: str) -> str:
-    if column in ("logprob", *BLEU_COLUMNS):
+    if column in ("logprob", "confidence", *BLEU_COLUMNS):
         return "float64"
     return {"beam": "int64", "default": "bool"}.get(column, "object")
 
 
+def has_confidence(df: pd.DataFrame) -> bool:
+    """Whether any row of ``df`` (``read_predictions``) records the model's confidence."""
+    return "confidence" in df and bool(df["confidence"].notna().any())
+
+
+def sort_options(df: pd.DataFrame) -> list[str]:
+    """The ``SORTS`` that apply to ``df``: the confidence sorts only when it has confidences."""
+    if has_confidence(df):
+        return list(SORTS)
+    return [k for k, (key, _) in SORTS.items() if key != "confidence"]
+
+
 @dataclass
 class PredictionFilter:
-    """What the Explore page shows: splits, models, a score range, words and the sort."""
+    """What the Explore page shows: splits, models, a score range, words, the sort, a confidence
+    range and whether only each model's default decoding."""
 
     splits: Sequence[str] = ()
     models: Sequence[str] = ()
@@ -127,13 +152,23 @@ class PredictionFilter:
     score_range: tuple[float, float] = (0.0, 100.0)
     words: str = ""
     sort: str = "score, high to low"
+    confidence_range: tuple[float, float] = FULL_CONFIDENCE
+    default_only: bool = False
 
 
 def filter_predictions(df: pd.DataFrame, f: PredictionFilter) -> pd.DataFrame:
-    """Rows matching ``f`` (empty ``splits``/``models`` mean all), sorted, index reset."""
+    """Rows matching ``f`` (empty ``splits``/``models`` mean all), sorted, index reset.
+
+    A confidence range narrower than ``FULL_CONFIDENCE`` keeps only rows with a confidence in
+    it; the full range keeps rows without one too. Rows without the sort's value come last.
+    """
     col = f"bleu{f.order}"
     lo, hi = f.score_range
     keep = df[col].between(lo, hi)
+    if tuple(f.confidence_range) != FULL_CONFIDENCE:
+        keep &= df["confidence"].between(*f.confidence_range)
+    if f.default_only:
+        keep &= df["default"].astype(bool)
     if f.splits:
         keep &= df["split"].isin(list(f.splits))
     if f.models:
@@ -152,30 +187,52 @@ def filter_predictions(df: pd.DataFrame, f: PredictionFilter) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def captions_for_image(df: pd.DataFrame, image: str, split: str | None = None) -> pd.DataFrame:
-    """Every model's caption of ``image`` (one row per model and beam), the models in the order
-    they first appear in ``df`` (``read_predictions``: display order), then by beam."""
+def captions_for_image(
+    df: pd.DataFrame, image: str, split: str | None = None, *, default_only: bool = False
+) -> pd.DataFrame:
+    """Every model's caption of ``image`` (one row per model and setting; with
+    ``default_only`` one per model, at its default decoding), the models in the order they
+    first appear in ``df`` (``read_predictions``: display order), then by beam."""
     order = {m: i for i, m in enumerate(dict.fromkeys(df["model"]))}
     rows = df[df["image"] == image]
     if split is not None:
         rows = rows[rows["split"] == split]
+    if default_only:
+        rows = rows[rows["default"].astype(bool)]
     rows = rows.assign(_k=rows["model"].map(order)).sort_values(["_k", "beam"], kind="stable")
     return rows.drop(columns="_k").reset_index(drop=True)
+
+
+def setting_labels(rows: pd.DataFrame) -> list[str]:
+    """A label per row of ``captions_for_image``: the model, with its beam when the rows' beams
+    differ, and its precision and runtime too when a model has several rows."""
+    many_beams = rows["beam"].nunique() > 1
+    repeated = rows["model"].duplicated(keep=False)
+    out = []
+    for (_, r), again in zip(rows.iterrows(), repeated, strict=True):
+        if again:
+            out.append(f"{r['model']} (beam {r['beam']} · {r['precision']} {r['runtime']})")
+        else:
+            out.append(f"{r['model']} (beam {r['beam']})" if many_beams else str(r["model"]))
+    return out
 
 
 def disagreements(df: pd.DataFrame, order: int = 4, top: int = 25) -> pd.DataFrame:
     """Images whose ResNet and VGG captions (same decoder and split) differ most in BLEU-n.
 
     Each model is taken at its own default decoding (the ``default`` rows), so models tuned to
-    different beams still pair. Columns: ``split, decoder, image, resnet_model, resnet_beam,
-    resnet_caption, resnet_bleu, vgg_model, vgg_beam, vgg_caption, vgg_bleu, gap`` (``gap`` =
-    resnet minus vgg), largest |gap| first.
+    different beams still pair. Columns: ``split, decoder, image``, then for each side
+    (``resnet_``, ``vgg_``) ``model, beam, caption, bleu, confidence``, then ``gap`` (resnet
+    minus vgg), largest |gap| first. One image can pair several models of one family with the
+    same model of the other (``resnet50-merge`` and ``resnet50-merge-ft`` with ``vgg16-merge``).
     """
     col = f"bleu{order}"
     df = df[df["default"].astype(bool)]
+    if "confidence" not in df:
+        df = df.assign(confidence=float("nan"))
     fam = df["encoder"].map(encoder_family)
     keys = ["split", "decoder", "image"]
-    cols = [*keys, "model", "beam", "caption", col]
+    cols = [*keys, "model", "beam", "caption", col, "confidence"]
     res, vgg = df.loc[fam == "resnet", cols], df.loc[fam == "vgg", cols]
     pairs = res.merge(vgg, on=keys, suffixes=("_r", "_v"))
     out = pd.DataFrame(
@@ -185,14 +242,18 @@ def disagreements(df: pd.DataFrame, order: int = 4, top: int = 25) -> pd.DataFra
             "resnet_beam": pairs["beam_r"],
             "resnet_caption": pairs["caption_r"],
             "resnet_bleu": pairs[f"{col}_r"],
+            "resnet_confidence": pairs["confidence_r"],
             "vgg_model": pairs["model_v"],
             "vgg_beam": pairs["beam_v"],
             "vgg_caption": pairs["caption_v"],
             "vgg_bleu": pairs[f"{col}_v"],
+            "vgg_confidence": pairs["confidence_v"],
         }
     )
     out["gap"] = out["resnet_bleu"] - out["vgg_bleu"]
-    out = out.assign(_abs=out["gap"].abs()).sort_values(["_abs", "image"], ascending=[False, True])
+    out = out.assign(_abs=out["gap"].abs()).sort_values(
+        ["_abs", "image", "resnet_model", "vgg_model"], ascending=[False, True, True, True]
+    )
     return out.drop(columns="_abs").head(top).reset_index(drop=True)
 
 
@@ -255,6 +316,45 @@ def read_history(bundles: Sequence[BundleInfo]) -> pd.DataFrame:
     return out[cols]
 
 
+def soups(history: pd.DataFrame) -> list[str]:
+    """The bundles of ``read_history`` rows drawn as member lines (a soup's runs), in order."""
+    lines = history[["model", "bundle"]].astype(str)
+    return list(dict.fromkeys(lines.loc[lines["model"] != lines["bundle"], "bundle"]))
+
+
+def bundle_lines(history: pd.DataFrame) -> pd.DataFrame:
+    """``read_history`` rows as one line per bundle, with ``runs``: the runs each point averages.
+
+    A soup's member lines become one line named after the soup: per epoch, the mean of the
+    members that ran it, with the first of their stages. Other bundles' lines are unchanged
+    (``runs`` 1).
+    """
+    history = history.assign(runs=1)
+    soup_rows = history["bundle"].isin(soups(history))
+    if not soup_rows.any():
+        return history.reset_index(drop=True)
+    numbers = [c for c in HISTORY_COLUMNS if c not in ("epoch", "stage")]
+    rows = history[soup_rows].assign(
+        **{c: pd.to_numeric(history.loc[soup_rows, c], errors="coerce") for c in numbers}
+    )
+    groups = rows.groupby(["bundle", "epoch"], sort=False)
+    merged = groups[numbers].mean().join(groups["stage"].first())
+    merged["runs"] = groups["model"].nunique()
+    merged = merged.reset_index()
+    merged["model"] = merged["bundle"]
+    out = pd.concat([history[~soup_rows], merged[history.columns]], ignore_index=True)
+    order = {b: i for i, b in enumerate(dict.fromkeys(history["bundle"]))}
+    out = out.assign(_k=out["bundle"].map(order)).sort_values("_k", kind="stable")
+    return out.drop(columns="_k").reset_index(drop=True)
+
+
+def shown_history(history: pd.DataFrame, bundles: Sequence[str], members: bool) -> pd.DataFrame:
+    """The lines of ``bundles`` the Training page draws: each soup member's own line when
+    ``members``, else one line per bundle (``bundle_lines``)."""
+    chosen = history[history["bundle"].isin(list(bundles))]
+    return chosen.assign(runs=1).reset_index(drop=True) if members else bundle_lines(chosen)
+
+
 SUMMARY_COLUMNS = (
     "model",
     "epochs",
@@ -278,6 +378,40 @@ def training_summary(bundles: Sequence[BundleInfo]) -> pd.DataFrame:
     ]
     numbers = {c: "float64" for c in SUMMARY_COLUMNS[4:]}
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS)).astype(numbers)
+
+
+def shown_summary(
+    summary: pd.DataFrame, history: pd.DataFrame, bundles: Sequence[str], members: bool
+) -> pd.DataFrame:
+    """The ``training_summary`` rows of ``bundles``, as ``shown_history`` draws their lines.
+
+    Without ``members`` a soup's member rows become one row named after the soup: ``stages``
+    "soup of N runs", its last epoch, and the mean seconds per epoch and samples per second of
+    its members' epochs. It has no best epoch or dev scores (NaN): its weights are the
+    average of its members', from no epoch of theirs.
+    """
+    lines = history[["model", "bundle"]].astype(str).drop_duplicates()
+    bundle_of = dict(zip(lines["model"], lines["bundle"], strict=True))
+    rows = summary[summary["model"].map(bundle_of).isin(list(bundles))]
+    if members:
+        return rows.reset_index(drop=True)
+    out = []
+    for bundle in dict.fromkeys(rows["model"].map(bundle_of)):
+        mine = rows[rows["model"].map(bundle_of) == bundle]
+        if bundle not in soups(history):
+            out.append(mine)
+            continue
+        epochs = history[history["bundle"] == bundle]
+        numbers = {
+            c: pd.to_numeric(epochs[k], errors="coerce").mean()
+            for c, k in (("s / epoch", "epoch_seconds"), ("samples / s", "samples_per_s"))
+        }
+        soup = {"model": bundle, "epochs": int(mine["epochs"].max())}
+        soup |= {"stages": f"soup of {len(mine)} runs", "best epoch": None, **numbers}
+        out.append(pd.DataFrame([soup], columns=list(SUMMARY_COLUMNS)))
+    if not out:
+        return rows.iloc[0:0].reset_index(drop=True)
+    return pd.concat(out, ignore_index=True).astype({c: "float64" for c in SUMMARY_COLUMNS[4:]})
 
 
 def dev_decoding(bundles: Sequence[BundleInfo]) -> str:

@@ -1,14 +1,19 @@
 """The dashboard in a real browser: a Streamlit server on the tiny world, driven by Playwright.
 
-Uses Debian's ``/usr/bin/chromium`` (never a downloaded browser). Eight sessions upload photos
-at once; hostile files go through the real uploader; every page renders at 1400×1000 and
-420×900. Screenshots (``<page>-<size>.png``, the first screen, and ``-full.png``, the whole page)
-go to a temporary folder, or to ``$CAPTIONING_SCREENSHOTS`` when set.
+Uses Debian's ``/usr/bin/chromium`` (never a downloaded browser). The server's models are the
+tiny world's four bundles and a soup of two runs. Eight sessions upload photos at once; hostile
+files go through the real uploader; every page renders at 1400×1000 and 420×900 without
+growing wider than the window; the Training page's key, charts and summary and the Explore
+page's disagreements are laid out to be read at both sizes. Screenshots (``<page>-<size>.png``,
+the first screen, and ``-full.png``, the whole page) go to a temporary folder, or to
+``$CAPTIONING_SCREENSHOTS`` when set.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +24,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from captioning.bundle.soup import make_soup
+from dashboard import charts
 from tests import hostile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +49,11 @@ SESSIONS = 8
 SERVER_START_S = 120
 WAIT_MS = 90_000
 MAX_FULL_HEIGHT = 6000
+SOUP = "resnet50-attention-soup"  # of resnet50-attention and a second run, "run-b"
+BUNDLES = ["resnet50-inject", "resnet50-attention", SOUP, "vgg16-inject", "vgg16-attention"]
+KEY_ENTRY = f".st-key-training-key .{charts.KEY_CLASS}"
+SUMMARY = ".st-key-training-summary [data-testid='stDataFrame']"
+GAP_CARD = "[class*='st-key-gap-pair-']"
 
 pytestmark = pytest.mark.slow  # a real server and browser on the tiny world
 
@@ -77,13 +89,30 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_world, tmp_path_factory):
+def models(tiny_world, tmp_path_factory) -> Path:
+    """The tiny world's bundles and ``SOUP``: resnet50-attention averaged with a second run of
+    it (a copy whose history scores 10 % lower), so the soup has two member lines."""
+    root = tmp_path_factory.mktemp("browser-world")
+    out = root / "models"
+    shutil.copytree(tiny_world.models, out, ignore=shutil.ignore_patterns("train_state"))
+    run_b = root / "run-b"
+    shutil.copytree(out / "resnet50-attention", run_b)
+    history = json.loads((run_b / "history.json").read_text())
+    for epoch in history:
+        epoch.update({k: v * 0.9 for k, v in epoch.items() if k.startswith("dev_")})
+    (run_b / "history.json").write_text(json.dumps(history))
+    make_soup(out / SOUP, [str(out / "resnet50-attention"), str(run_b)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tiny_world, models, tmp_path_factory):
     """``python -m streamlit run dashboard/app.py`` on a free loopback port; yields its URL."""
     port = free_port()
     env = {
         **os.environ,
         "CAPTIONING_DATA": str(tiny_world.data),
-        "CAPTIONING_MODELS": str(tiny_world.models),
+        "CAPTIONING_MODELS": str(models),
         "CAPTIONING_CACHE": str(tiny_world.cache),
         "OMP_NUM_THREADS": "1",
     }
@@ -273,7 +302,7 @@ def test_every_page_renders(server, page, size, shots):
             assert page.locator(".js-plotly-plot").count() == 4
         if name == "compare":
             page.locator(".st-key-compare-model-vgg16-attention").wait_for()
-            assert page.locator("[class*='st-key-compare-model-']").count() == 4
+            assert page.locator("[class*='st-key-compare-model-']").count() == len(BUNDLES)
             width = page.locator(".st-key-compare-model-resnet50-inject").bounding_box()["width"]
             assert width <= w  # cards fit the window, at 420 px too
         if name == "explore":
@@ -281,4 +310,102 @@ def test_every_page_renders(server, page, size, shots):
         wait_idle(page)  # the run has drawn everything below the first element waited for
         assert_no_exception(page)
         page.wait_for_timeout(800)  # let charts and images settle before the screenshot
+        assert_fits_the_window(page, name)
         screenshot(page, shots, name, size)
+
+
+def assert_fits_the_window(pg, name: str) -> None:
+    """Nothing makes the page wider than the window (no sideways scrolling of the page)."""
+    width, window = pg.evaluate("() => [document.documentElement.scrollWidth, innerWidth]")
+    assert width <= window, f"{name}: the page is {width} px wide in a {window} px window"
+
+
+def box(pg, selector: str, k: int = 0) -> dict:
+    """The bounding box of the ``k``-th element ``selector`` matches."""
+    return pg.locator(selector).nth(k).bounding_box()
+
+
+def overlap(a: dict, b: dict) -> bool:
+    """Whether two bounding boxes intersect."""
+    return not (
+        a["x"] + a["width"] <= b["x"]
+        or b["x"] + b["width"] <= a["x"]
+        or a["y"] + a["height"] <= b["y"]
+        or b["y"] + b["height"] <= a["y"]
+    )
+
+
+def summary_rows(pg) -> int:
+    """Rows the Training summary draws (its header excluded); asserts it needs no inner
+    scrolling, so every row is on screen."""
+    table = pg.locator(SUMMARY)
+    table.scroll_into_view_if_needed()  # the grid draws its rows once on screen
+    table.locator("table tr").nth(1).wait_for(state="attached")
+    inner = table.evaluate(
+        "e => [e.querySelector('.dvn-scroller').scrollHeight, "
+        "e.querySelector('.dvn-scroller').clientHeight]"
+    )
+    assert inner[0] <= inner[1], f"the summary scrolls inside: {inner}"
+    return table.evaluate("e => e.querySelectorAll('table tr').length") - 1
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_training_key_names_each_bundle_and_the_soups_runs_on_demand(server, page, size, shots):
+    w, h = SIZES[size]
+    page.set_viewport_size({"width": w, "height": h})
+    open_page(page, f"{server}/training")
+    page.locator(".js-plotly-plot").first.wait_for()
+    key = page.locator(KEY_ENTRY)
+    key.last.wait_for()  # the key is HTML, drawn once the markdown renderer has loaded
+    assert [k.strip() for k in key.all_inner_texts()] == BUNDLES  # one line per bundle
+    assert page.locator(".js-plotly-plot .legendtext").count() == 0  # one key, no legends
+    key_box = box(page, ".st-key-training-key")
+    plots = page.locator(".js-plotly-plot")
+    for k in range(plots.count()):
+        plot = plots.nth(k).bounding_box()
+        assert key_box["y"] + key_box["height"] <= plot["y"]  # above every chart
+        assert plot["height"] <= h  # a chart fits the screen, at 420 px too
+        assert not overlap(key_box, box(page, ".js-plotly-plot .xtitle", k))
+    assert summary_rows(page) == len(BUNDLES)
+
+    page.locator(".st-key-training-members label").click()
+    wait_idle(page)
+    members = [f"{SOUP} · resnet50-attention", f"{SOUP} · run-b"]
+    page.locator(KEY_ENTRY, has_text=members[1]).wait_for()
+    entries = [k.strip() for k in key.all_inner_texts()]
+    assert entries == [*BUNDLES[:2], *members, *BUNDLES[3:]]  # the soup's runs in its place
+    assert page.locator(".js-plotly-plot .legendtext").count() == 0
+    page.wait_for_timeout(800)
+    assert summary_rows(page) == len(BUNDLES) + 1
+    assert_no_exception(page)
+    assert_fits_the_window(page, "training")
+    screenshot(page, shots, "training-members", size)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_explore_disagreements_name_both_models_and_show_whole_captions(server, page, size, shots):
+    w, h = SIZES[size]
+    page.set_viewport_size({"width": w, "height": h})
+    open_page(page, f"{server}/explore")
+    page.get_by_role("tab", name="Where the models disagree").click()
+    cards = page.locator(GAP_CARD)
+    cards.first.wait_for()
+    assert cards.count() >= 2
+    for k in range(cards.count()):
+        for family in ("resnet50-", "vgg16-"):  # each side's model, in bold (HTML markdown)
+            cards.nth(k).locator("strong", has_text=family).wait_for()
+        text = cards.nth(k).inner_text()
+        decoder = "inject" if "inject decoder" in text else "attention"
+        assert f"resnet50-{decoder}" in text and f"vgg16-{decoder}" in text, text
+        for caption in cards.nth(k).locator("p", has_text="“").all():  # each side's caption
+            fits = caption.evaluate("e => e.scrollWidth <= e.clientWidth")
+            assert fits, caption.inner_text()
+            assert caption.inner_text().strip().endswith("”")  # whole, not cut
+    cards.first.locator("button").click()
+    wait_idle(page)
+    page.locator("[data-testid='stImage']").first.wait_for()
+    assert page.get_by_text("Reference captions").count() >= 1
+    assert_no_exception(page)
+    assert_fits_the_window(page, "explore")
+    page.wait_for_timeout(800)
+    screenshot(page, shots, "explore-disagreements", size)

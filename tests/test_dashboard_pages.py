@@ -9,17 +9,21 @@ world is trained once per session, and captioners are cached per process
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from captioning.bundle import reports
 from captioning.bundle.catalog import list_bundles
+from captioning.bundle.soup import make_soup
 from captioning.data import load_flickr8k
 from captioning.inference.captioner import Captioner
+from dashboard import charts
 from tests import hostile
 from tests.test_reports import SCORES, make_bundle, record, setting, write_history
 
@@ -70,6 +74,23 @@ def frame(at: AppTest, column: str):
 
 def figures(at: AppTest) -> list[dict]:
     return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def model_captions(at: AppTest) -> list[tuple[str, str]]:
+    """Explore's list of every model's caption of the image shown: (model label, caption)."""
+    out = []
+    for m in at.main.get_by_key("explore-captions").markdown:
+        head, caption = m.value.split("  \n")
+        label = head.split("**")[1].replace("\\", "")  # the bold model label, unescaped
+        out.append((label, caption))
+    return out
+
+
+def values(array: list | dict) -> list:
+    """A Plotly JSON array as a list: plain, or typed (``{"dtype", "bdata"}``, base64)."""
+    if isinstance(array, dict):
+        return np.frombuffer(base64.b64decode(array["bdata"]), dtype=array["dtype"]).tolist()
+    return list(array)
 
 
 def select_row(at: AppTest, table) -> None:
@@ -133,7 +154,33 @@ def test_training_page_draws_every_line_and_its_summary(small_models):
     assert list(frame(at, "best epoch").value["model"]) == ["vgg16-attention"]
     at.multiselect(key="training-models").set_value([]).run()
     assert_clean(at)
-    assert not at.get("plotly_chart") and "Select at least one model." in texts(at)
+    assert not at.get("plotly_chart") and "Select at least one bundle." in texts(at)
+    assert at.toggle(key="training-members").disabled  # no soup among the bundles
+
+
+def test_training_page_draws_a_soup_as_one_line_and_its_members_on_demand(small_models):
+    runs = small_models.parent / "runs"
+    for k, name in enumerate(("run-a", "run-b")):
+        make_bundle(runs, name, decoder="attention")
+        rows = [{"epoch": e, "dev_cider": 40.0 + e + 2 * k, "train_loss": 2.0} for e in (1, 2)]
+        write_history(runs / name, rows, best_epoch=2)
+    make_soup(small_models / "resnet50-soup", [str(runs / "run-a"), str(runs / "run-b")])
+    at = page_alone("training")
+    assert not at.toggle(key="training-members").disabled
+    names = {t["name"] for t in figures(at)[0]["data"]}
+    assert names == {*MODEL_ORDER, "resnet50-soup"}
+    cider = next(t for t in figures(at)[2]["data"] if t["name"] == "resnet50-soup")
+    assert values(cider["y"]) == [42.0, 43.0]  # the mean of its two runs
+    summary = frame(at, "best epoch").value.set_index("model")
+    assert summary.loc["resnet50-soup", "stages"] == "soup of 2 runs"
+    assert len(summary) == len(MODEL_ORDER) + 1
+    at.toggle(key="training-members").set_value(True).run()
+    assert_clean(at)
+    members = {"resnet50-soup · run-a", "resnet50-soup · run-b"}
+    assert {t["name"] for t in figures(at)[0]["data"]} == {*MODEL_ORDER, *members}
+    assert set(frame(at, "best epoch").value["model"]) == {*MODEL_ORDER, *members}
+    key = next(m.value for m in at.markdown if charts.KEY_CLASS in m.value)
+    assert key.count(f"class='{charts.KEY_CLASS}'") == len(MODEL_ORDER) + 2
 
 
 def test_explore_page_filters_and_scores_without_the_data_set(small_models):
@@ -154,6 +201,31 @@ def test_explore_page_filters_and_scores_without_the_data_set(small_models):
     summary = frame(at, "distinct").value
     assert list(summary["model"]) == MODEL_ORDER and list(summary["distinct"]) == [50.0] * 4
     assert at.segmented_control(key="explore-summary-split").value == "test"
+    assert "explore-confidence" not in [s.key for s in at.slider]  # no file records one
+    assert not any(o.startswith("confidence") for o in at.selectbox(key="explore-sort").options)
+
+
+def test_explore_page_filters_and_sorts_by_confidence_when_the_files_have_it(
+    small_models, monkeypatch
+):
+    if "confidence" not in reports.PREDICTION_FLOATS:  # the library reads the column
+        monkeypatch.setattr(
+            reports, "PREDICTION_FLOATS", (*reports.PREDICTION_FLOATS, "confidence")
+        )
+    for k, csv in enumerate(sorted(small_models.glob("*/predictions_*.csv"))):
+        lines = csv.read_text().splitlines()
+        rows = [f"{line},{(k + i) % 10 / 10}" for i, line in enumerate(lines[1:])]
+        csv.write_text("\n".join([lines[0] + ",confidence", *rows]) + "\n")
+    at = page_alone("explore")
+    table = frame(at, "caption").value
+    assert table["confidence"].notna().all() and len(table) == 12
+    at.selectbox(key="explore-sort").set_value("confidence, high to low").run()
+    assert_clean(at)
+    assert frame(at, "caption").value["confidence"].is_monotonic_decreasing
+    at.slider(key="explore-confidence").set_value((0.5, 1.0)).run()
+    assert_clean(at)
+    kept = frame(at, "caption").value
+    assert 0 < len(kept) < len(table) and (kept["confidence"] >= 0.5).all()
 
 
 def test_explore_page_row_selection_without_the_data_set(small_models):
@@ -163,16 +235,24 @@ def test_explore_page_row_selection_without_the_data_set(small_models):
     select_row(at, table)
     assert f"##### {first['image']} · {first['split']} split" in texts(at)
     assert "Set `CAPTIONING_DATA` to see the image" in texts(at)
-    captions = at.table[0].value  # every model's caption, from the predictions files
-    assert list(captions.index) == MODEL_ORDER
+    captions = model_captions(at)  # every model's caption, from the predictions files
+    assert [model for model, _ in captions] == MODEL_ORDER
+    assert all(caption == "“a dog”" for _, caption in captions)
 
 
-def test_explore_page_disagreements_pair_resnet_and_vgg(small_models):
+def test_explore_page_disagreements_name_both_models_of_each_pair(small_models):
     at = page_alone("explore")
-    gaps = frame(at, "gap").value
-    assert set(gaps["decoder"]) == {"inject", "attention"} and (gaps["gap"] == 20.0).all()
-    select_row(at, frame(at, "gap"))
+    cards = [c for c in at.container if (c.key or "").startswith("gap-pair-")]
+    assert len(cards) == 2  # the inject and the attention pair of the dev image (dev first)
+    for card in cards:
+        text = "\n".join(m.value for m in card.markdown)
+        decoder = "inject" if "inject decoder" in text else "attention"
+        assert f"resnet50-{decoder}" in text and f"vgg16-{decoder}" in text
+        assert "gap **+20.0**" in text
+    at.button(key=cards[0].key.replace("gap-pair-", "gap-show-")).click().run()
+    assert_clean(at)
     assert "Set `CAPTIONING_DATA` to see the image" in texts(at)
+    assert [m for m, _ in model_captions(at)] == MODEL_ORDER  # every model's caption of it
 
 
 # ---------------------------------------------------------------- slow: the tiny world
@@ -436,8 +516,7 @@ def test_explore_page_with_the_data_set_shows_the_image_and_its_references(app):
     assert f"##### {first['image']} · {first['split']} split" in texts(at)
     assert "Reference captions" in texts(at)
     assert len(at.image) == 1
-    captions = at.table[0].value
-    assert set(MODEL_ORDER) <= {m.split(" (")[0] for m in captions.index}
+    assert set(MODEL_ORDER) <= {m.split(" (")[0] for m, _ in model_captions(at)}
 
 
 @pytest.mark.slow

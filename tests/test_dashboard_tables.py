@@ -16,7 +16,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from captioning.bundle import reports
 from captioning.bundle.catalog import BundleInfo, list_bundles
+from captioning.bundle.soup import make_soup
 from dashboard import attention, charts, components, limits, tables
 from tests.test_reports import SCORES, make_bundle, record, setting, write_history
 
@@ -64,12 +66,110 @@ def test_predictions_come_in_display_order_and_filter(four):
     words = tables.filter_predictions(df, tables.PredictionFilter(words="dog"))
     assert len(words) == len(df)
     assert tables.filter_predictions(df, tables.PredictionFilter(words="cat")).empty
+    assert set(df["precision"]) == {"fp32"} and set(df["runtime"]) == {"torch"}
+    assert df["confidence"].isna().all() and not tables.has_confidence(df)  # files record none
+    assert not any(s.startswith("confidence") for s in tables.sort_options(df))
 
 
 def test_predictions_of_no_bundle_are_an_empty_typed_table():
     df = tables.read_predictions([])
     assert df.empty and list(df.columns) == list(tables.PREDICTION_COLUMNS)
     assert df["bleu4"].dtype == "float64" and df["default"].dtype == "bool"
+
+
+def predictions_frame(rows: list[tuple]) -> pd.DataFrame:
+    """``read_predictions``-like rows from ``(model, image, bleu4, confidence, default)``."""
+    return pd.DataFrame(
+        [
+            {
+                "model": m,
+                "encoder": m.split("-")[0],
+                "decoder": m.split("-")[1],
+                "split": "test",
+                "beam": 3,
+                "default": default,
+                "precision": "fp32",
+                "runtime": "torch",
+                "image": i,
+                "caption": f"caption {k}",
+                "logprob": -float(k),
+                "confidence": c,
+                **dict.fromkeys(tables.BLEU_COLUMNS, b),
+            }
+            for k, (m, i, b, c, default) in enumerate(rows)
+        ],
+        columns=list(tables.PREDICTION_COLUMNS),
+    )
+
+
+def test_predictions_filter_and_sort_by_confidence():
+    df = predictions_frame(
+        [
+            ("resnet50-inject", "a.jpg", 40.0, 0.9, True),
+            ("resnet50-inject", "b.jpg", 30.0, 0.2, True),
+            ("vgg16-inject", "a.jpg", 20.0, 0.55, True),
+            ("vgg16-inject", "b.jpg", 10.0, float("nan"), True),  # a file without confidences
+        ]
+    )
+    assert tables.has_confidence(df)
+    assert {"confidence, high to low", "confidence, low to high"} <= set(tables.sort_options(df))
+    f = tables.PredictionFilter(sort="confidence, high to low")
+    out = tables.filter_predictions(df, f)
+    assert list(out["confidence"].iloc[:3]) == [0.9, 0.55, 0.2] and pd.isna(out["confidence"][3])
+    low = tables.filter_predictions(df, tables.PredictionFilter(sort="confidence, low to high"))
+    assert list(low["confidence"].iloc[:3]) == [0.2, 0.55, 0.9]  # without one: still last
+    mid = tables.PredictionFilter(confidence_range=(0.5, 1.0))
+    assert list(tables.filter_predictions(df, mid)["confidence"]) == [0.9, 0.55]
+    unsure = tables.PredictionFilter(confidence_range=(0.0, 0.5), models=["resnet50-inject"])
+    assert list(tables.filter_predictions(df, unsure)["image"]) == ["b.jpg"]
+    everything = tables.filter_predictions(df, tables.PredictionFilter())
+    assert len(everything) == 4  # the full range keeps the row without a confidence
+
+
+def test_predictions_read_a_confidence_the_file_records(tmp_path, monkeypatch):
+    """A predictions CSV with a ``confidence`` column (as the library reads it) keeps it; a
+    model whose file has none gets NaN."""
+    if "confidence" not in reports.PREDICTION_FLOATS:
+        monkeypatch.setattr(
+            reports, "PREDICTION_FLOATS", (*reports.PREDICTION_FLOATS, "confidence")
+        )
+    sure = make_bundle(tmp_path, "resnet50-inject")
+    other = make_bundle(tmp_path, "vgg16-inject", encoder="vgg16")
+    record(other, setting())
+    record(sure, setting())
+    name = setting().predictions_name()
+    lines = (sure / name).read_text().splitlines()
+    lines = [lines[0] + ",confidence"] + [
+        f"{line},{c}" for line, c in zip(lines[1:], ("0.75", "0.25"), strict=True)
+    ]
+    (sure / name).write_text("\n".join(lines) + "\n")
+    df = tables.read_predictions(list_bundles(tmp_path))
+    assert tables.has_confidence(df) and df["confidence"].dtype == "float64"
+    by_model = df.groupby("model")["confidence"].apply(list).to_dict()
+    assert by_model["resnet50-inject"] == [0.75, 0.25]
+    assert all(pd.isna(c) for c in by_model["vgg16-inject"])
+
+
+def test_predictions_at_each_models_default_decoding_only(tmp_path):
+    b = make_bundle(tmp_path, "resnet50-inject", beam=5)
+    record(b, setting(beam=5), bleu=70.0)
+    record(b, setting(beam=5, precision="int8", runtime="openvino"), bleu=60.0)
+    record(b, setting(beam=3), bleu=10.0)
+    (info,) = list_bundles(tmp_path)
+    df = tables.read_predictions([info])
+    assert len(df) == 6
+    default = tables.filter_predictions(df, tables.PredictionFilter(default_only=True))
+    assert len(default) == 2 and set(default["beam"]) == {5}
+    chosen = reports.default_result(info, "test").setting  # one of the two beam-5 settings
+    assert set(zip(default["precision"], default["runtime"], strict=True)) == {
+        (chosen.precision, chosen.runtime)
+    }
+    rows = tables.captions_for_image(df, "e.jpg", "test", default_only=True)
+    assert len(rows) == 1 and tables.setting_labels(rows) == ["resnet50-inject"]
+    every = tables.captions_for_image(df, "e.jpg", "test")
+    labels = tables.setting_labels(every)
+    assert len(set(labels)) == 3  # each setting of the model told apart
+    assert "resnet50-inject (beam 5 · int8 openvino)" in labels
 
 
 def test_captions_for_an_image_follow_the_display_order(four):
@@ -112,6 +212,27 @@ def test_disagreements_pair_resnet_and_vgg_of_one_decoder():
     assert list(gaps["gap"]) == [40.0, -5.0]
     assert set(gaps["decoder"]) == {"inject"}  # no ResNet attention model to pair with
     assert tables.disagreements(df.assign(default=False)).empty  # only default decodings pair
+
+
+def test_disagreements_name_both_models_when_one_model_pairs_twice():
+    """``resnet50-merge`` and ``resnet50-merge-ft`` both pair with ``vgg16-merge``."""
+    df = predictions_frame(
+        [
+            ("resnet50-merge", "a.jpg", 60.0, 0.8, True),
+            ("resnet50-merge-ft", "a.jpg", 60.0, float("nan"), True),
+            ("vgg16-merge", "a.jpg", 20.0, 0.4, True),
+        ]
+    )
+    gaps = tables.disagreements(df)
+    assert list(zip(gaps["resnet_model"], gaps["vgg_model"], strict=True)) == [
+        ("resnet50-merge", "vgg16-merge"),
+        ("resnet50-merge-ft", "vgg16-merge"),
+    ]
+    assert list(gaps["gap"]) == [40.0, 40.0]
+    assert gaps["resnet_confidence"][0] == 0.8 and pd.isna(gaps["resnet_confidence"][1])
+    assert list(gaps["vgg_confidence"]) == [0.4, 0.4]
+    bare = tables.disagreements(df.drop(columns="confidence"))  # frames without the column
+    assert bare["resnet_confidence"].isna().all() and len(bare) == 2
 
 
 def test_disagreements_pair_each_model_on_its_own_default(tmp_path):
@@ -197,31 +318,79 @@ def test_history_of_a_finetuned_warm_start_marks_its_stage(tmp_path):
     assert list(tables.read_history([info])["stage"]) == ["finetune"]
 
 
-def test_a_soups_history_is_a_line_per_member_in_tints_of_its_colour(tmp_path):
-    """A soup's ``history.json`` (``captioning.bundle.soup``): its members' epochs, each tagged."""
-    b = make_bundle(tmp_path, "soup", decoder="attention")
-    rows = [
-        {"epoch": e, "dev_cider": 40.0 + e + k, "member": m}
-        for k, m in enumerate(("a", "b"))
-        for e in (1, 2)
-    ]
-    rows[0]["dev_bleu4"], rows[1]["dev_bleu4"] = 20.0, 10.0  # a's BLEU-4 is best at epoch 1
-    write_history(b, rows, best_epoch=None, select_metric=None)
-    (info,) = list_bundles(tmp_path)
-    hist = tables.read_history([info])
-    assert list(dict.fromkeys(hist["model"])) == ["soup · a", "soup · b"]
-    summary = tables.training_summary([info]).set_index("model")
-    assert summary.loc["soup · a", "best epoch"] == 2  # a member's best: its best dev CIDEr-D
-    assert summary.loc["soup · a", "dev CIDEr-D"] == 42.0
-    colors = {"soup": "#1F5A96"}
-    fig = charts.history_chart(hist, {"dev_cider": "dev CIDEr-D"}, colors, title="t", ytitle="y")
-    assert [t.name for t in fig.data] == ["soup · a", "soup · b"]
-    first, second = (t.line.color for t in fig.data)
-    assert first == "#1F5A96" and second != first  # the soup's colour, then a lighter tint
-    assert all(int(second[i : i + 2], 16) > int(first[i : i + 2], 16) for i in (1, 3, 5))
-    key = charts.color_key(hist, colors)
-    assert key.index("soup · a") < key.index("soup · b") and f"color:{second}" in key
+@pytest.fixture
+def soup_world(tmp_path) -> list[BundleInfo]:
+    """A plain bundle and a soup (``make_soup``) of three runs: ``a`` and ``b`` ran epochs 1-2
+    (10 and 20 s each), ``c`` one SCST epoch 3."""
+    runs, models = tmp_path / "runs", tmp_path / "models"
+    for k, name in enumerate("ab"):
+        make_bundle(runs, name, decoder="attention")
+        rows = [{"epoch": e, "dev_cider": 40.0 + e + 2 * k, "epoch_seconds": 10.0 * (k + 1)}
+                for e in (1, 2)]  # fmt: skip
+        write_history(runs / name, rows, best_epoch=2)
+    make_bundle(runs, "c", decoder="attention")
+    scst = [{"epoch": 3, "stage": "scst", "dev_cider": 50.0, "reward": 0.5, "epoch_seconds": 30.0}]
+    write_history(runs / "c", scst, best_epoch=3)
+    make_soup(models / "soup", [str(runs / name) for name in "abc"])
+    make_bundle(models, "plain")
+    write_history(
+        models / "plain", [{"epoch": e, "dev_cider": 30.0 + e} for e in (1, 2)], best_epoch=2
+    )
+    return list_bundles(models)
+
+
+def test_a_soup_is_one_line_the_mean_of_its_runs_and_its_members_on_demand(soup_world):
+    hist = tables.read_history(soup_world)
+    assert list(dict.fromkeys(hist["model"])) == ["plain", "soup · a", "soup · b", "soup · c"]
+    assert tables.soups(hist) == ["soup"]
+    lines = tables.shown_history(hist, ["plain", "soup"], members=False)
+    assert list(dict.fromkeys(lines["model"])) == ["plain", "soup"]
+    soup = lines[lines["model"] == "soup"].set_index("epoch")
+    assert list(soup["dev_cider"]) == [42.0, 43.0, 50.0]  # a and b averaged, then c alone
+    assert list(soup["runs"]) == [2, 2, 1] and list(soup["stage"]) == ["xe", "xe", "scst"]
+    assert soup.loc[3, "reward"] == pytest.approx(50.0)
+    assert (lines.loc[lines["model"] == "plain", "runs"] == 1).all()
+    members = tables.shown_history(hist, ["soup"], members=True)
+    assert list(dict.fromkeys(members["model"])) == ["soup · a", "soup · b", "soup · c"]
+    assert tables.shown_history(hist, ["plain"], members=False)["model"].eq("plain").all()
+    assert tables.soups(hist[hist["bundle"] == "plain"]) == []
+
+
+def test_a_soups_summary_row_has_no_best_epoch_and_its_members_rows_do(soup_world):
+    hist = tables.read_history(soup_world)
+    summary = tables.training_summary(soup_world)
+    both = tables.shown_summary(summary, hist, ["plain", "soup"], members=False)
+    assert list(both["model"]) == ["plain", "soup"]
+    soup = both.set_index("model").loc["soup"]
+    assert soup["stages"] == "soup of 3 runs" and soup["epochs"] == 3
+    assert pd.isna(soup["best epoch"]) and pd.isna(soup["dev CIDEr-D"])
+    assert soup["s / epoch"] == pytest.approx((2 * 10 + 2 * 20 + 30) / 5)  # its 5 epochs
+    assert both.set_index("model").loc["plain", "dev CIDEr-D"] == 32.0
+    members = tables.shown_summary(summary, hist, ["soup"], members=True)
+    assert list(members["model"]) == ["soup · a", "soup · b", "soup · c"]
+    assert list(members["best epoch"]) == [2, 2, 3]  # each run's own, from its bundle's config
+    assert tables.shown_summary(summary, hist, [], members=False).empty
+
+
+def test_soup_members_are_shades_of_the_soups_colour_and_one_key_names_every_line(soup_world):
+    hist = tables.read_history(soup_world)
+    colors = charts.model_colors(["plain", "soup"])
+    members = tables.shown_history(hist, ["plain", "soup"], members=True)
+    fig = charts.history_chart(members, {"dev_cider": "dev CIDEr-D"}, colors, title="t", ytitle="y")
+    assert [t.name for t in fig.data] == ["plain", "soup · a", "soup · b", "soup · c"]
+    shades = [t.line.color for t in fig.data[1:]]
+    assert len(set(shades)) == 3 and colors["soup"] not in shades
+    lightness = [sum(int(c[i : i + 2], 16) for i in (1, 3, 5)) for c in shades]
+    assert lightness == sorted(lightness)  # darkest to lightest, in member order
     assert fig.layout.showlegend is False  # the key stands for a legend
+    key = charts.color_key(members, colors)
+    assert key.count(f"class='{charts.KEY_CLASS}'") == 4
+    assert key.index("soup · a") < key.index("soup · b") and shades[1] in key
+    lines = tables.shown_history(hist, ["plain", "soup"], members=False)
+    assert charts.color_key(lines, colors).count(f"class='{charts.KEY_CLASS}'") == 2
+    fig = charts.history_chart(lines, {"dev_cider": "dev CIDEr-D"}, colors, title="t", ytitle="y")
+    assert [t.line.color for t in fig.data] == [colors["plain"], colors["soup"]]
+    assert list(fig.data[1].customdata) == [" (mean of 2 runs)", " (mean of 2 runs)", ""]
 
 
 def test_history_of_no_bundle_is_an_empty_table():
@@ -311,17 +480,14 @@ def test_model_grid_lines_up_decoders_across_encoders():
     assert [len(cells) for _, cells in twice] == [2]
 
 
-def test_model_colors_group_by_encoder():
-    colors = charts.model_colors(
-        [
-            ("r-i", "resnet50", "inject"),
-            ("v-a", "vgg16", "attention"),
-            ("x", "resnet50-tv", "merge"),
-        ]
-    )
-    assert colors["r-i"] in charts.FAMILY_SHADES["resnet"]
-    assert colors["v-a"] in charts.FAMILY_SHADES["vgg"]
-    assert colors["x"] in charts.FALLBACK
+def test_model_colors_are_distinct_and_follow_the_display_order():
+    names = [f"m{k}" for k in range(12)]
+    colors = charts.model_colors(names)
+    assert [colors[n] for n in names[:10]] == list(charts.PALETTE)
+    assert len(set(charts.PALETTE)) == 10 and colors["m10"] == charts.PALETTE[0]
+    assert charts.model_colors(["b", "a", "b"]) == {"b": charts.PALETTE[0], "a": charts.PALETTE[1]}
+    assert charts.shade("#204060", 0.5) == "#90A0B0"
+    assert charts.shade("#204060", -0.5) == "#102030" and charts.shade("#204060", 0.0) == "#204060"
 
 
 # ---------------------------------------------------------------- attention overlay, limits

@@ -23,7 +23,7 @@ st.markdown(
 )
 
 bundles = components.require_bundles()
-colors = charts.model_colors([(b.name, b.encoder, b.decoder) for b in bundles])
+colors = charts.model_colors([b.name for b in bundles])
 
 
 def caption_card(bundle: BundleInfo, picked: components.PickedImage, beam: int) -> None:

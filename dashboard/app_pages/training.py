@@ -1,4 +1,4 @@
-"""Training page: loss, dev BLEU-4, dev CIDEr-D and learning rate per epoch, models overlaid."""
+"""Training page: loss, dev BLEU-4, dev CIDEr-D and learning rate per epoch, one line per bundle."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ st.markdown(
     "epochs (●) with its own: SCST epochs (◆), whose reward is the mean CIDEr-D of the "
     "captions it sampled for the train images, or epochs that fine-tune the encoder's last "
     "block with the decoder (■). A weight-averaged soup "
-    "(`python -m captioning soup A B --out C`) shows one line per member it averaged, in tints "
-    "of its colour."
+    "(`python -m captioning soup A B --out C`) is drawn as the mean of the runs it averaged; "
+    "*Show soup members* draws each run in a shade of the soup's colour."
 )
 
 bundles = components.require_bundles()
@@ -24,14 +24,25 @@ if history.empty:
     st.info("No bundle has a training history (history.json) yet.", icon=":material/show_chart:")
     st.stop()
 
-colors = charts.model_colors([(b.name, b.encoder, b.decoder) for b in bundles])
-available = list(dict.fromkeys(history["model"]))
-chosen = st.multiselect("Models", available, default=available, key="training-models")
+colors = charts.model_colors([b.name for b in bundles])
+available = list(dict.fromkeys(history["bundle"]))
+pick, toggle = st.columns([4, 1], vertical_alignment="bottom")
+chosen = pick.multiselect("Bundles", available, default=available, key="training-models")
+soups = tables.soups(history[history["bundle"].isin(chosen)])
+members = toggle.toggle(
+    "Show soup members",
+    key="training-members",
+    disabled=not soups,
+    help="A soup's line is the mean of the runs it averaged; on: a line per run."
+    if soups
+    else "None of the bundles shown is a soup.",
+)
 if not chosen:
-    st.info("Select at least one model.")
+    st.info("Select at least one bundle.")
     st.stop()
-shown = history[history["model"].isin(chosen)]
-st.markdown(charts.color_key(shown, colors), unsafe_allow_html=True)
+shown = tables.shown_history(history, chosen, members and bool(soups))
+with st.container(key="training-key"):
+    st.markdown(charts.color_key(shown, colors), unsafe_allow_html=True)
 decoding = tables.dev_decoding([b for b in bundles if b.name in set(shown["bundle"])])
 
 specs = [
@@ -53,21 +64,27 @@ for row in (specs[i : i + 2] for i in range(0, len(specs), 2)):
         col.plotly_chart(fig, key=f"training-{next(iter(columns))}")
 
 st.subheader("Summary", anchor=False)
-summary = state.training_summary()
-st.dataframe(
-    summary[summary["model"].isin(chosen)],
-    hide_index=True,
-    height="content",
-    column_config={
-        "best epoch": st.column_config.NumberColumn(format="%d"),
-        "dev BLEU-4": st.column_config.NumberColumn(format="%.1f"),
-        "dev CIDEr-D": st.column_config.NumberColumn(format="%.1f"),
-        "s / epoch": st.column_config.NumberColumn(format="%.1f"),
-        "samples / s": st.column_config.NumberColumn(format="%.0f"),
-    },
-)
+summary = tables.shown_summary(state.training_summary(), history, chosen, members and bool(soups))
+with st.container(key="training-summary"):
+    st.dataframe(
+        summary,
+        hide_index=True,
+        height=components.table_height(len(summary)),
+        placeholder="—",
+        key=f"training-table-{'members' if members else 'bundles'}",  # columns sized anew
+        column_config={
+            "model": st.column_config.TextColumn(
+                width=components.text_width(list(summary["model"]))
+            ),
+            "best epoch": st.column_config.NumberColumn(format="%d"),
+            "dev BLEU-4": st.column_config.NumberColumn(format="%.1f"),
+            "dev CIDEr-D": st.column_config.NumberColumn(format="%.1f"),
+            "s / epoch": st.column_config.NumberColumn(format="%.1f"),
+            "samples / s": st.column_config.NumberColumn(format="%.0f"),
+        },
+    )
 st.caption(
     "Best epoch = the epoch the bundle's weights come from, as its config records it; a soup's "
-    "member line shows the epoch its run kept (the best dev CIDEr-D). Test-split scores are on "
-    "Compare."
+    "member row shows the epoch its run kept (the best dev CIDEr-D). A soup's own row has "
+    "none: its weights are the average of its members'. Test-split scores are on Compare."
 )
