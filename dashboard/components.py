@@ -290,6 +290,42 @@ def escape_markdown(text: str) -> str:
     return text.translate(MARKDOWN_SPECIALS)
 
 
+BROKEN_PHOTO_SVG = (  # a crossed-out picture: the thumbnail of a file that was not captioned
+    '<svg xmlns="http://www.w3.org/2000/svg" width="96" height="96" viewBox="0 0 96 96">'
+    '<rect x="14" y="22" width="68" height="52" rx="6" fill="#F3F6F6" stroke="#B42318" '
+    'stroke-width="4"/><path d="M22 66l16-18 12 12 8-8 16 14" fill="none" stroke="#9AA5B1" '
+    'stroke-width="4"/><path d="M20 80L76 16" stroke="#B42318" stroke-width="5" '
+    'stroke-linecap="round"/></svg>'
+)
+
+
+def data_url(jpeg: bytes | None) -> str:
+    """A JPEG as a ``data:`` URL for ``st.column_config.ImageColumn``; None (no photo) gives
+    the crossed-out picture ``BROKEN_PHOTO_SVG``."""
+    import base64
+
+    if jpeg is None:
+        return "data:image/svg+xml;base64," + base64.b64encode(BROKEN_PHOTO_SVG.encode()).decode()
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+
+
+def upload_table(rows: list):
+    """``UploadRow``s as a ``pandas.DataFrame``: photo (a data URL), file, caption, confidence
+    (in %), log-prob and error."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "photo": [data_url(r.thumbnail) for r in rows],
+            "file": [r.file for r in rows],
+            "caption": [r.caption for r in rows],
+            "confidence": [None if r.confidence is None else 100 * r.confidence for r in rows],
+            "log-prob": [r.logprob for r in rows],
+            "error": [r.error for r in rows],
+        }
+    )
+
+
 CHAR_PX = 7.5  # a character of st.dataframe's text, on average
 
 
