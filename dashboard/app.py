@@ -23,5 +23,6 @@ pages = [
     st.Page(PAGES_DIR / "compare.py", title="Compare", icon=":material/view_column:"),
     st.Page(PAGES_DIR / "training.py", title="Training", icon=":material/show_chart:"),
     st.Page(PAGES_DIR / "explore.py", title="Explore", icon=":material/table_view:"),
+    st.Page(PAGES_DIR / "batch.py", title="Batch", icon=":material/photo_library:"),
 ]
 st.navigation(pages, position="top").run()

@@ -20,6 +20,7 @@ from captioning.data.images import ACCEPTED_FORMATS, IMAGE_EXTENSIONS, ImageLoad
 from dashboard import state
 from dashboard.tables import pretty_encoder
 
+PHOTO_UPLOAD_MB = 10  # one photo on the Caption and Compare pages (Batch takes more)
 UPLOAD_TYPES = [ext.lstrip(".") for ext in IMAGE_EXTENSIONS]
 SOURCES = {"sample": "Sample photo", "upload": "Upload", "dataset": "Flickr8k image"}
 DISPLAY_BOX = (760, 520)  # photos are shown at most this large (width, height)
@@ -158,7 +159,9 @@ def _pick_upload(key: str) -> PickedImage | None:
         "Upload a photo",
         type=UPLOAD_TYPES,
         key=f"{key}-upload",
-        help=f"{', '.join(ACCEPTED_FORMATS.values())} (a GIF's first frame), up to 10 MB.",
+        max_upload_size=PHOTO_UPLOAD_MB,
+        help=f"{', '.join(ACCEPTED_FORMATS.values())} (a GIF's first frame), up to "
+        f"{PHOTO_UPLOAD_MB} MB.",
     )
     if up is None:
         st.caption("Drop a photo above to caption it.")

@@ -21,6 +21,7 @@ from captioning.core.paths import SAMPLES_DIR, models_dir_default
 from captioning.data import CaptionDataset, DataError, load_flickr8k, resolve_data_dir
 from captioning.data.images import IMAGE_EXTENSIONS
 from captioning.inference.captioner import Captioner, CaptionResult, dedicate_cores
+from captioning.inference.labels import ClassifierLabels
 from dashboard import limits, tables
 
 
@@ -81,22 +82,40 @@ def runtime_label(bundle: BundleInfo) -> str:
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def _caption(path: str, stamp: int, digest: str, beam: int, _data: bytes) -> CaptionResult:
+def _caption(
+    path: str, stamp: int, digest: str, beam: int, prefix: str, _data: bytes
+) -> CaptionResult:
     cap = _captioner(path, stamp)
     with limits.inference_slot() as waited_s:
-        result = cap.caption(_data, beam_size=beam)
+        result = cap.caption(_data, beam_size=beam, prefix=prefix or None)
     result.timings["queue_ms"] = waited_s * 1000
     return result
 
 
-def caption(bundle: BundleInfo, data: bytes, digest: str, beam: int) -> CaptionResult:
+def caption(
+    bundle: BundleInfo, data: bytes, digest: str, beam: int, prefix: str = ""
+) -> CaptionResult:
     """Caption the image file ``data`` (identified by ``digest``) with ``bundle``, exactly as the
-    CLI would; cached per image and beam. Waits for a free inference slot.
+    CLI would, starting with ``prefix`` if given; cached per image, beam and prefix. Waits for a
+    free inference slot. Raises PrefixError for a prefix the bundle cannot start with.
 
     A cached result keeps the timings measured when it was computed; ``timings["queue_ms"]`` is
     the time it waited for a slot.
     """
-    return _caption(str(bundle.path), _bundle_stamp(bundle), digest, beam, data)
+    return _caption(str(bundle.path), _bundle_stamp(bundle), digest, beam, prefix.strip(), data)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _labels(path: str, stamp: int, digest: str, k: int, _data: bytes) -> ClassifierLabels:
+    cap = _captioner(path, stamp)
+    with limits.inference_slot():
+        return cap.labels(_data, k)
+
+
+def labels(bundle: BundleInfo, data: bytes, digest: str, k: int = 3) -> ClassifierLabels:
+    """The bundle's encoder's own top-``k`` ImageNet labels of the image (a second opinion), or
+    why it has none; cached per image. Waits for a free inference slot."""
+    return _labels(str(bundle.path), _bundle_stamp(bundle), digest, k, data)
 
 
 def digest_bytes(data: bytes) -> str:
@@ -162,3 +181,26 @@ def scores(split: str) -> pd.DataFrame:
 def training_summary() -> pd.DataFrame:
     """Every history line's summary (see ``tables.training_summary``)."""
     return _folder_table("training_summary")
+
+
+def upload_items(files: list) -> list:
+    """The ``UploadItem``s of the files of an ``st.file_uploader`` (``uploads.expand_uploads``),
+    kept in the session while the same files stay uploaded. Raises UploadError over a limit."""
+    from captioning.inference.uploads import expand_uploads
+
+    key = tuple((f.file_id, f.name, f.size) for f in files)
+    held = st.session_state.get("_upload-items")
+    if held is not None and held[0] == key:
+        return held[1]
+    items = expand_uploads([(f.name, f.getvalue()) for f in files])
+    st.session_state["_upload-items"] = (key, items)
+    return items
+
+
+def caption_uploads(bundle: BundleInfo, items: list, beam: int):
+    """Caption ``items`` with the bundle's captioner, yielding one ``UploadRow`` per item in
+    order (``uploads.caption_uploads``). Each chunk of photos runs inside an inference slot of
+    its own, so another session's photo waits for one chunk at most."""
+    from captioning.inference.uploads import caption_uploads as caption_chunks
+
+    return caption_chunks(captioner(bundle), items, beam, slot=limits.inference_slot)

@@ -284,15 +284,15 @@ def test_caption_page_opens_on_the_best_dev_model_and_captions_the_sample(app, t
     assert at.title[0].value == "Caption a photo"
     assert caption_text(at).startswith("“")
     labels = [m.label for m in at.metric]
-    assert {"Encode", "Decode", "Log-prob"} <= set(labels)
+    assert {"Encode", "Decode", "Confidence", "Log-prob"} <= set(labels)
     assert all(m.value.endswith(" ms") for m in at.metric if m.label in ("Encode", "Decode"))
-    nbest = at.dataframe[0].value
-    assert list(nbest.columns) == ["rank", "caption", "log-prob", "per token"]
+    nbest = at.table[0].value
+    assert list(nbest.columns) == ["#", "caption", "log-prob", "per token"]
     bundles = list_bundles(tiny_world.models)
     dev = {b.name: reports.default_summary(b, "dev")["cider"] for b in bundles}
     assert len(set(dev.values())) > 1  # the tiny models differ, so the choice means something
     assert at.selectbox(key="caption-model").value == max(dev, key=dev.get)
-    assert reports.best_bundle(bundles).name == max(dev, key=dev.get)
+    assert reports.best_single_bundle(bundles).name == max(dev, key=dev.get)
     assert "Where the model looks" in [s.value for s in at.subheader]
     assert len(at.image) >= 2  # the photo and its attention overlay
 
@@ -335,7 +335,7 @@ def test_caption_page_beam_and_model_without_attention(app):
     at.slider(key="caption-beam").set_value(1).run()
     assert_clean(at)
     assert caption_text(at).startswith("“")
-    assert len(at.dataframe[0].value) == 1  # greedy: a single hypothesis
+    assert len(at.table[0].value) == 1  # greedy: a single hypothesis
     assert "Where the model looks" not in [s.value for s in at.subheader]
     assert "has no attention" in texts(at)
 
