@@ -11,6 +11,7 @@ the first screen, and ``-full.png``, the whole page) go to a temporary folder, o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -105,9 +107,10 @@ def models(tiny_world, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def server(tiny_world, models, tmp_path_factory):
-    """``python -m streamlit run dashboard/app.py`` on a free loopback port; yields its URL."""
+@contextlib.contextmanager
+def dashboard(tiny_world, models: Path, log: Path) -> Iterator[str]:
+    """``python -m streamlit run dashboard/app.py`` on the bundles in ``models`` and the tiny
+    world's data, on a free loopback port; yields its URL and stops it afterwards."""
     port = free_port()
     env = {
         **os.environ,
@@ -116,20 +119,9 @@ def server(tiny_world, models, tmp_path_factory):
         "CAPTIONING_CACHE": str(tiny_world.cache),
         "OMP_NUM_THREADS": "1",
     }
-    log = tmp_path_factory.mktemp("streamlit") / "server.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        "dashboard/app.py",
-        "--server.port",
-        str(port),
-        "--server.headless",
-        "true",
-        "--browser.gatherUsageStats",
-        "false",
-    ]
+    cmd = [sys.executable, "-m", "streamlit", "run", "dashboard/app.py"]
+    cmd += ["--server.port", str(port), "--server.headless", "true"]
+    cmd += ["--browser.gatherUsageStats", "false"]
     with log.open("w") as out:  # the address comes from .streamlit/config.toml: loopback only
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -143,6 +135,13 @@ def server(tiny_world, models, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_world, models, tmp_path_factory):
+    """The dashboard on the tiny world plus a soup (``models``); yields its URL."""
+    with dashboard(tiny_world, models, tmp_path_factory.mktemp("streamlit") / "server.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

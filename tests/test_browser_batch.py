@@ -10,9 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -23,11 +20,9 @@ from tests.test_browser import (
     SIZES,
     UPLOAD_INPUT,
     assert_no_exception,
-    free_port,
     new_page,
     open_page,
     screenshot,
-    wait_healthy,
     wait_idle,
 )
 
@@ -46,30 +41,9 @@ shots = test_browser.shots  # where screenshots go
 @pytest.fixture(scope="module")
 def server(tiny_world, tmp_path_factory):
     """The dashboard on the tiny world's bundles, on a free loopback port; yields its URL."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "CAPTIONING_DATA": str(tiny_world.data),
-        "CAPTIONING_MODELS": str(tiny_world.models),
-        "CAPTIONING_CACHE": str(tiny_world.cache),
-        "OMP_NUM_THREADS": "1",
-    }
     log = tmp_path_factory.mktemp("streamlit-batch") / "server.log"
-    cmd = [sys.executable, "-m", "streamlit", "run", "dashboard/app.py"]
-    cmd += ["--server.port", str(port), "--server.headless", "true"]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc, log)
+    with test_browser.dashboard(tiny_world, tiny_world.models, log) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def jpeg(name: str) -> bytes:

@@ -246,7 +246,7 @@ PARSED = [
     (["soup", "a", "b", "--out", "o"], "greedy", False),
     (["models"], "split", "test"),
     (["serve", "--model", "m"], "host", "127.0.0.1"),
-    (["bench-serve"], "model", "resnet50-attention"),
+    (["bench-serve"], "model", None),  # resolved to the best single model on dev
     (["bench-serve"], "clients", [1, 8, 32]),
 ]
 

@@ -541,3 +541,28 @@ def test_inference_slots_bound_concurrency():
     for t in threads:
         t.join()
     assert peak[0] == limits.SLOTS >= 1
+
+
+def test_inference_slots_are_handed_out_in_arrival_order():
+    slots, order, lock = limits.FairSlots(1), [], threading.Lock()
+    slots.acquire()  # the slot is taken: everyone below queues
+
+    def wait_turn(name: str, queued: threading.Event) -> None:
+        queued.set()
+        with slots, lock:
+            order.append(name)
+
+    threads = []
+    for name in ("first", "second", "third"):
+        queued = threading.Event()
+        t = threading.Thread(target=wait_turn, args=(name, queued))
+        t.start()
+        queued.wait()
+        time.sleep(0.05)  # it is waiting before the next one arrives
+        threads.append(t)
+    slots.release()
+    with slots, lock:  # the releasing caller asks again at once: it queues behind the three
+        order.append("again")
+    for t in threads:
+        t.join(10)
+    assert order == ["first", "second", "third", "again"]

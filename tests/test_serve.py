@@ -103,11 +103,10 @@ class ToneCaptioner:
         return out
 
 
-@pytest.fixture(scope="module")
-def tone_bundle(tmp_path_factory) -> Path:
-    """A bundle folder with a readable config (weights are never loaded from it)."""
-    path = tmp_path_factory.mktemp("models") / "tone"
-    path.mkdir()
+def make_tone_bundle(folder: Path) -> Path:
+    """A bundle folder ``folder/tone`` with a readable config (weights are never loaded)."""
+    path = folder / "tone"
+    path.mkdir(exist_ok=True)
     config = {
         "format": BUNDLE_FORMAT,
         "encoder": "resnet50",
@@ -120,6 +119,11 @@ def tone_bundle(tmp_path_factory) -> Path:
     (path / "decoder.safetensors").write_bytes(b"")
     (path / "vocab.json").write_text("[]")
     return path
+
+
+@pytest.fixture(scope="module")
+def tone_bundle(tmp_path_factory) -> Path:
+    return make_tone_bundle(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture

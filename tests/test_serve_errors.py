@@ -18,10 +18,9 @@ with warnings.catch_warnings():  # starlette 1.x: "install httpx2 instead"; http
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
     from fastapi.testclient import TestClient
 
-from captioning.bundle.format import BUNDLE_FORMAT  # noqa: E402
 from captioning.serving.app import ServeConfig, create_app  # noqa: E402
 from captioning.serving.schemas import ErrorResponse  # noqa: E402
-from tests.test_serve import ToneCaptioner  # noqa: E402
+from tests.test_serve import ToneCaptioner, make_tone_bundle  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 JPEG = (REPO / "artifacts" / "samples" / "chelsea.jpg").read_bytes()
@@ -30,17 +29,7 @@ JPEG = (REPO / "artifacts" / "samples" / "chelsea.jpg").read_bytes()
 def tone_app(folder: Path, **cfg) -> tuple[FastAPI, ToneCaptioner]:
     """The API on ``ToneCaptioner`` (a stand-in model that names an image's tone), with a
     bundle folder in ``folder`` that holds only its config."""
-    bundle = folder / "tone"
-    bundle.mkdir(exist_ok=True)
-    config = {
-        "format": BUNDLE_FORMAT,
-        "encoder": "resnet50",
-        "decoder": "attention",
-        "encoder_sha256": "0" * 64,
-        "decoder_config": {},
-        "decode_defaults": {"beam_size": 3},
-    }
-    (bundle / "config.json").write_text(json.dumps(config))
+    bundle = make_tone_bundle(folder)
     tone = ToneCaptioner(bundle)
     return create_app(ServeConfig(model=str(bundle), **cfg), captioner=tone), tone
 

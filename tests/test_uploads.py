@@ -326,10 +326,12 @@ def test_each_chunk_takes_the_slot_once(captioner):
 
 @pytest.mark.slow
 def test_a_waiting_caller_gets_the_slot_after_one_chunk(captioner):
-    """A single photo that asks while a batch holds the slot goes before the batch's next chunk
-    (a semaphore alone would let the batch take it again at once)."""
+    """A single photo that asks while a batch holds the dashboard's first-come-first-served slot
+    goes before the batch's next chunk."""
+    from dashboard.limits import FairSlots
+
     items = expand_uploads(photo_uploads() * 4)  # 16 photos, 4 chunks
-    sem, log = threading.BoundedSemaphore(1), []
+    sem, log = FairSlots(1), []
     batch_in, single_waits = threading.Event(), threading.Event()
 
     def let_the_single_photo_queue():

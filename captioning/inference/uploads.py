@@ -23,7 +23,6 @@ import csv
 import io
 import json
 import math
-import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -41,9 +40,6 @@ MB = 1024 * 1024
 CHUNK = 16  # images captioned per slot acquisition
 THUMB_SIDE = 96  # px, the longer side of a row's thumbnail
 THUMB_QUALITY = 80
-# After each chunk the slot stays free this long, so that a caller already waiting for it (woken,
-# but needing the GIL for up to the 5 ms switch interval) takes it first.
-HANDOFF_S = 0.01
 READ_BLOCK = MB  # zip entries are read in blocks of this many bytes
 ZIP_EXTENSION = ".zip"
 ARCHIVE_EXTENSIONS = (
@@ -357,12 +353,11 @@ def caption_uploads(
     """Caption ``items`` with the ``Captioner`` ``cap``; one ``UploadRow`` per item, in order.
 
     Threads decode the photos of the next chunks (and draw their thumbnails) while a chunk of
-    at most ``chunk`` photos is encoded and beam-searched inside one ``slot()``. Between chunks
-    the slot is left free for ``HANDOFF_S`` (a semaphore does not queue: an immediate
-    re-acquisition would win over a caller already waiting), so another caller of the same slots
-    waits for one chunk at most. The photos are decoded and captioned as ``caption`` does; only
-    the best caption is searched for (``n_best=1``). A confidence the model does not give is
-    None.
+    at most ``chunk`` photos is encoded and beam-searched inside one ``slot()``, released between
+    chunks: with first-come-first-served slots (the dashboard's ``limits.inference_slot``),
+    another caller of the same slots waits for one chunk at most. The photos are decoded and
+    captioned as ``caption`` does; only the best caption is searched for (``n_best=1``). A
+    confidence the model does not give is None.
     """
     cfg = cap.decode_config(beam, n_best=1)  # a bad setting fails before any image
     thumbs: dict[int, bytes] = {}
@@ -378,9 +373,8 @@ def caption_uploads(
     for batch in prefetch(enumerate(items), chunk, workers=workers, load=load):
         results = []
         if batch.pixels is not None:
-            with slot():
+            with slot():  # released between chunks: a fair slot lets a waiting caller in
                 results = cap.caption_pixels(batch.pixels, cfg.beam_size, n_best=cfg.n_best)
-            time.sleep(HANDOFF_S)
         done = iter(results)
         for pos, (index, item) in enumerate(batch.sources):
             if pos in batch.errors:
