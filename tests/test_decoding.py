@@ -75,9 +75,9 @@ def best_normalised_caption(table: torch.Tensor, max_len: int, alpha: float) -> 
 
 
 # "a" is likely first and may end at once; "b d" starts less likely but every word after is sure.
-# Measured on HEAD before the rewrite (finished beams kept their slot, pruning on raw log-prob):
-# beam 2, alpha 1, max_len 5 returned [a] (score -0.477): at step 1 "a <end>" and "a c" filled
-# both slots and "b d" was pruned. Its normalised score, -0.436, is the best of all captions.
+# A beam search where finished captions keep their slot and pruning uses the raw log-prob returns
+# [a] here (score -0.477) at beam 2, alpha 1, max_len 5: at step 1 "a <end>" and "a c" fill both
+# slots and "b d" is pruned. Its normalised score, -0.436, is the best of all captions.
 SHORT_WINS_TABLE = make_table(
     {
         START_ID: {A: 0.7, B: 0.3},
