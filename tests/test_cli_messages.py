@@ -264,3 +264,14 @@ def test_a_file_of_no_known_layout_lists_the_layouts(tmp_path, capsys):
     lines = error_lines(capsys)
     assert lines[0] == f"error: {file} is not a caption file of a known layout"
     assert all(layout in lines[1] for layout in LAYOUTS)
+
+
+def test_batch_refuses_int8_on_torch_before_starting_ray(tmp_path, capsys):
+    from captioning.cli import EXIT_USER_ERROR, main
+
+    argv = ["batch", str(tmp_path), "--model", "resnet50-attention", "--out", str(tmp_path / "out")]
+    argv += ["--runtime", "torch"]
+    assert main([*argv, "--precision", "int8"]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "int8 runs on OpenVINO" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing started, nothing written

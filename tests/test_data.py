@@ -254,8 +254,8 @@ def test_resolve_data_dir_argument_env_and_errors(tmp_path, monkeypatch):
     assert resolve_data_dir(None) == tmp_path / "from-env"
     assert resolve_data_dir(tmp_path) == tmp_path  # the argument wins over the environment
 
-    with pytest.raises(DataError, match=r"nowhere \(from --data\) does not exist"):
-        resolve_data_dir(tmp_path / "nowhere")
+    with pytest.raises(DataError, match=r"nowhere \(from --data\) does not exist\.$"):
+        resolve_data_dir(tmp_path / "nowhere")  # no "Pass --data": it was passed
     (tmp_path / "file").write_text("")
     with pytest.raises(DataError, match="not a directory"):
         resolve_data_dir(tmp_path / "file")

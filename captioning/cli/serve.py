@@ -23,6 +23,8 @@ from captioning.cli.args import (
 def cmd_batch(args: argparse.Namespace) -> int:
     from captioning.serving.ray_batch import BatchConfig, run_batch
 
+    if args.runtime == "torch" and "int8" in args.precision:  # before any actor starts
+        raise ValueError("int8 runs on OpenVINO; use --runtime openvino (or auto)")
     cfg = config_from(BatchConfig, args, overrides=decode_overrides(args))
     report = run_batch(cfg)
     print(json.dumps(report.to_dict()))

@@ -93,8 +93,9 @@ def resolve_data_dir(arg: str | Path | None, *, allow_file: bool = False) -> Pat
         path, source = Path(os.environ[DATA_ENV]).expanduser(), f"${DATA_ENV}"
     else:
         raise DataError(f"no data directory given. {FIX_HELP}")
+    fix = f" {FIX_HELP}" if source != "--data" else ""  # a given --data needs no reminder of it
     if not path.exists():
-        raise DataError(f"data directory {path} (from {source}) does not exist. {FIX_HELP}")
+        raise DataError(f"data directory {path} (from {source}) does not exist.{fix}")
     if not path.is_dir() and not (allow_file and path.is_file()):
-        raise DataError(f"data directory {path} (from {source}) is not a directory. {FIX_HELP}")
+        raise DataError(f"data directory {path} (from {source}) is not a directory.{fix}")
     return path
