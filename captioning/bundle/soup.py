@@ -28,7 +28,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from captioning.bundle.catalog import resolve_bundle
+from captioning.bundle.catalog import resolve_bundles
 from captioning.bundle.ensemble import member_weights, shared_vocabulary, single_model_configs
 from captioning.bundle.format import (
     BLOCK_FILE,
@@ -64,7 +64,7 @@ def _check_members(paths: Sequence[Path], configs: Sequence[dict]) -> None:
 
 def _member_paths(out: Path, members: Sequence[str]) -> list[Path]:
     """The members' bundle directories; BundleError if one repeats or ``out`` is one of them."""
-    paths = [resolve_bundle(m) for m in members]
+    paths = resolve_bundles(members)  # one error naming every missing member
     if out.resolve() in {p.resolve() for p in paths}:
         raise BundleError(f"--out {out} is one of the members; write the soup elsewhere")
     if len({p.resolve() for p in paths}) != len(paths):
