@@ -113,7 +113,7 @@ def test_cli_caption_json_and_skips(world_env, tmp_path):
     assert [Path(x["image"]).name for x in lines] == ["cat.png"]
     assert lines[0]["caption"] and "broken.jpg" in out.stderr
     ok = cli("caption", "--model", "resnet50-attention", "--csv", str(good))
-    assert ok.returncode == 0 and ok.stdout.splitlines()[0] == "image,caption,logprob"
+    assert ok.returncode == 0 and ok.stdout.splitlines()[0] == "image,caption,logprob,confidence"
 
 
 @pytest.mark.slow
@@ -151,7 +151,7 @@ def test_cli_models_evaluate_bench(world_env, tmp_path):
     (pred,) = tmp_path.glob("predictions_test_beam2_*.csv")
     assert f"wrote {pred}" in ev.stdout
     csv_lines = pred.read_text().splitlines()
-    assert csv_lines[0] == "image,caption,logprob,bleu1,bleu2,bleu3,bleu4"
+    assert csv_lines[0] == "image,caption,logprob,confidence,cider,bleu1,bleu2,bleu3,bleu4"
     assert len(csv_lines) == 9
     bench = cli(
         "bench",
