@@ -17,6 +17,7 @@ from captioning.core.paths import models_dir_default
 from captioning.core.settings import DATA_ENV, MODELS_ENV, setting
 from captioning.data import FIX_HELP, CaptionDataset
 from captioning.data.images import ACCEPTED_FORMATS, IMAGE_EXTENSIONS, ImageLoadError, load_image
+from captioning.models.decoding import MAX_BEAM
 from dashboard import state
 from dashboard.tables import pretty_encoder
 
@@ -104,6 +105,22 @@ def attention_note(bundle: BundleInfo) -> str | None:
         f"{bundle.name} is an ensemble: the maps show where its member {member} "
         "looked while the ensemble wrote the caption."
     )
+
+
+def model_and_beam(bundles: list[BundleInfo], key: str) -> tuple[BundleInfo, int]:
+    """A model picker (opening on the best single model on dev) beside a beam-size slider
+    (opening on that model's default beam), with the model's blurb below; the pick."""
+    by_name = {b.name: b for b in bundles}
+    c_model, c_beam = st.columns([3, 2])
+    best = reports.best_single_bundle(bundles).name  # dev, never test, chooses
+    name = c_model.selectbox(
+        "Model", list(by_name), index=list(by_name).index(best), key=f"{key}-model"
+    )
+    bundle = by_name[name]
+    default_beam = reports.default_decoding(bundle).beam_size
+    beam = c_beam.slider("Beam size", 1, MAX_BEAM, default_beam, key=f"{key}-beam")
+    st.caption(model_blurb(bundle))
+    return bundle, beam
 
 
 def model_blurb(bundle: BundleInfo) -> str:

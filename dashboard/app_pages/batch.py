@@ -7,10 +7,8 @@ import time
 
 import streamlit as st
 
-from captioning.bundle import reports
 from captioning.bundle.format import BundleError
 from captioning.inference import uploads
-from captioning.models.decoding import MAX_BEAM
 from dashboard import components, state
 
 LIMITS = uploads.UploadLimits()
@@ -30,15 +28,7 @@ st.markdown(
 )
 
 bundles = components.require_bundles()
-by_name = {b.name: b for b in bundles}
-
-c_model, c_beam = st.columns([3, 2])
-best = reports.best_single_bundle(bundles).name  # as on the Caption page
-name = c_model.selectbox("Model", list(by_name), index=list(by_name).index(best), key="batch-model")
-bundle = by_name[name]
-default_beam = reports.default_decoding(bundle).beam_size
-beam = c_beam.slider("Beam size", 1, MAX_BEAM, default_beam, key="batch-beam")
-st.caption(components.model_blurb(bundle))
+bundle, beam = components.model_and_beam(bundles, "batch")  # as on the Caption page
 
 files = st.file_uploader(
     "Photos, or a .zip of photos",

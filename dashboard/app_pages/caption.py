@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from captioning.bundle import reports
 from captioning.bundle.format import BundleError
 from captioning.data.images import ImageLoadError
 from captioning.inference.captioner import PrefixError
-from captioning.models.decoding import MAX_BEAM
 from dashboard import components, state, tables
 from dashboard.attention import attention_overlay, fit
 
@@ -48,7 +46,6 @@ st.markdown(
 st.caption(DOMAIN)
 
 bundles = components.require_bundles()
-by_name = {b.name: b for b in bundles}
 
 left, right = st.columns([5, 6], gap="large")
 with left:
@@ -57,15 +54,7 @@ with left:
         st.image(picked.display(), caption=picked.name)
 
 with right:
-    c_model, c_beam = st.columns([3, 2])
-    best = reports.best_single_bundle(bundles).name  # the best single model's dev CIDEr-D
-    name = c_model.selectbox(
-        "Model", list(by_name), index=list(by_name).index(best), key="caption-model"
-    )
-    bundle = by_name[name]
-    default_beam = reports.default_decoding(bundle).beam_size
-    beam = c_beam.slider("Beam size", 1, MAX_BEAM, default_beam, key="caption-beam")
-    st.caption(components.model_blurb(bundle))
+    bundle, beam = components.model_and_beam(bundles, "caption")
     prefix = st.text_input(
         "Start the caption with (optional)",
         key="caption-prefix",
